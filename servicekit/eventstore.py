@@ -1,0 +1,142 @@
+"""Wiring of the eventsourcing library on PostgreSQL, shared by every event-sourced service.
+
+Each service owns one database. Configuration is explicit: we build the library's
+environment from a database URL rather than letting it read os.environ.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import ProcessRecorder, Tracking
+from psycopg import sql
+
+from servicekit import context
+
+
+class TracedAggregate(Aggregate):
+    """An aggregate whose events remember the request (or message) that caused them.
+
+    `metadata` holds the request id, correlation and causation ids and the W3C traceparent,
+    so that a relay publishing the event much later still links it to its cause.
+    """
+
+    class Event(Aggregate.Event):
+        metadata: dict[str, str]
+
+    class Created(Event, Aggregate.Created):
+        pass
+
+    def trigger_event(self, event_class: type[Any], **kwargs: Any) -> None:
+        kwargs.setdefault("metadata", context.current().as_metadata())
+        super().trigger_event(event_class, **kwargs)
+
+    @classmethod
+    def _create(cls, event_class: type[Any], **kwargs: Any) -> Any:
+        kwargs.setdefault("metadata", context.current().as_metadata())
+        return super()._create(event_class, **kwargs)
+
+
+def connection_kwargs(database_url: str) -> dict[str, Any]:
+    """Host, port, user, password and database name of a postgresql:// URL."""
+    parts = urlsplit(database_url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        msg = f"not a postgresql:// URL: {database_url!r}"
+        raise ValueError(msg)
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "user": unquote(parts.username or "postgres"),
+        "password": unquote(parts.password or ""),
+        "dbname": (parts.path or "/").lstrip("/") or "postgres",
+    }
+
+
+def eventsourcing_env(
+    database_url: str,
+    *,
+    create_table: bool = False,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    lock_timeout: int = 5,
+    connect_timeout: int = 5,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The eventsourcing library's configuration for a database URL.
+
+    Tables are created once by `esctl db init`, never by running services (several
+    processes creating them at once race), hence `create_table=False` by default.
+    """
+    kw = connection_kwargs(database_url)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": kw["dbname"],
+        "POSTGRES_HOST": kw["host"],
+        "POSTGRES_PORT": str(kw["port"]),
+        "POSTGRES_USER": kw["user"],
+        "POSTGRES_PASSWORD": kw["password"],
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": str(max_overflow),
+        "POSTGRES_LOCK_TIMEOUT": str(lock_timeout),
+        "POSTGRES_CONNECT_TIMEOUT": str(connect_timeout),
+        "POSTGRES_PRE_PING": "y",
+        "CREATE_TABLE": "y" if create_table else "n",
+    }
+    env.update(extra or {})
+    return env
+
+
+def ensure_database(database_url: str) -> bool:
+    """Create the URL's database if it does not exist. True when it was created."""
+    kw = connection_kwargs(database_url)
+    dbname = kw.pop("dbname")
+    admin = psycopg.connect(**kw, dbname="postgres", autocommit=True, connect_timeout=5)
+    with admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+        if exists.fetchone():
+            return False
+        try:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        except psycopg.errors.DuplicateDatabase:
+            return False
+        return True
+
+
+def drop_database(database_url: str) -> None:
+    """Drop the URL's database (tests use it on databases they created themselves)."""
+    kw = connection_kwargs(database_url)
+    dbname = kw.pop("dbname")
+    admin = psycopg.connect(**kw, dbname="postgres", autocommit=True, connect_timeout=5)
+    with admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+        )
+
+
+class EventSourcedApplication(Application):
+    """An eventsourcing Application whose saves can carry a tracking position.
+
+    Consumers that turn incoming messages into new events (user_svc creating a profile from
+    `auth.account.registered`) record the producer's position in the same transaction as the
+    new events, so a redelivered message is recognised and changes nothing.
+    """
+
+    env: ClassVar[dict[str, str]] = {}
+
+    def construct_recorder(self) -> ProcessRecorder:
+        return self.factory.process_recorder()
+
+    def save_tracked(self, *aggregates: Aggregate, tracking: Tracking) -> None:
+        processing = ProcessingEvent(tracking)
+        processing.collect_events(*aggregates)
+        recordings = self._record(processing)
+        self._take_snapshots(processing)
+        self._notify(recordings)
+
+    def tracked_position(self, producer: str) -> int:
+        assert isinstance(self.recorder, ProcessRecorder)
+        return self.recorder.max_tracking_id(producer) or 0

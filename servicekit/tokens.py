@@ -1,0 +1,178 @@
+"""Local verification of access tokens against auth_svc's public keys (JWKS).
+
+No shared secret: only RS256 with a key whose `kid` auth_svc publishes is accepted, which
+rules out `alg: none` and RS256/HS256 confusion. Unknown `kid`s trigger one JWKS refetch,
+rate-limited so that garbage tokens cannot make us hammer auth_svc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import jwt
+from jwt.algorithms import RSAAlgorithm
+from pydantic import ValidationError
+
+from servicekit.problems import Problem
+from shared_contracts.tokens import ACCESS_TOKEN_ALGORITHM, AccessTokenClaims
+
+KID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PublicKey = Any
+KeyLookup = Callable[[str], Awaitable[PublicKey | None]]
+
+
+class InvalidToken(Problem):
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class JwksKeys:
+    """Public keys fetched from a JWKS URL, cached, refetched on an unknown `kid` or when old."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_age_seconds: float = 300.0,
+        min_refetch_seconds: float = 1.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url
+        self.max_age = max_age_seconds
+        self.min_refetch = min_refetch_seconds
+        self._client = client or httpx.AsyncClient(timeout=5.0)
+        self._keys: dict[str, PublicKey] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, kid: str) -> PublicKey | None:
+        now = time.monotonic()
+        if kid in self._keys and now - self._fetched_at < self.max_age:
+            return self._keys[kid]
+        if now - self._fetched_at >= self.min_refetch:
+            async with self._lock:
+                if time.monotonic() - self._fetched_at >= self.min_refetch:
+                    await self._refetch()
+        return self._keys.get(kid)
+
+    def known(self, kid: str) -> bool:
+        return kid in self._keys
+
+    async def _refetch(self) -> None:
+        try:
+            response = await self._client.get(self.url)
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError):
+            # Keep serving the keys we have; a later call will try again.
+            self._fetched_at = time.monotonic()
+            return
+        self._keys = parse_jwks(document)
+        self._fetched_at = time.monotonic()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def parse_jwks(document: dict[str, Any]) -> dict[str, PublicKey]:
+    keys: dict[str, PublicKey] = {}
+    for jwk in document.get("keys", []):
+        kid = jwk.get("kid")
+        if jwk.get("kty") != "RSA" or not isinstance(kid, str) or not KID_PATTERN.match(kid):
+            continue
+        if jwk.get("alg", ACCESS_TOKEN_ALGORITHM) != ACCESS_TOKEN_ALGORITHM:
+            continue
+        keys[kid] = RSAAlgorithm.from_jwk(jwk)
+    return keys
+
+
+class TokenVerifier:
+    """Verifies bearer tokens; remembers recently verified ones until they expire."""
+
+    def __init__(
+        self,
+        keys: KeyLookup,
+        *,
+        issuer: str,
+        audience: str,
+        leeway_seconds: int = 5,
+        cache_size: int = 10_000,
+    ) -> None:
+        self._keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway_seconds
+        self._cache: OrderedDict[str, AccessTokenClaims] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def verify(self, token: str) -> AccessTokenClaims:
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.exp + self.leeway > time.time():
+                self._cache.move_to_end(token)
+                return cached
+            del self._cache[token]
+        claims = await self._verify(token)
+        self._cache[token] = claims
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return claims
+
+    def forget(self) -> None:
+        """Drop remembered tokens (after key removal, for instance)."""
+        self._cache.clear()
+
+    async def _verify(self, token: str) -> AccessTokenClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("The token is malformed.") from None
+        if header.get("alg") != ACCESS_TOKEN_ALGORITHM:
+            raise InvalidToken("The token's algorithm is not accepted.")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not KID_PATTERN.match(kid):
+            raise InvalidToken("The token has no valid key id.")
+        key = await self._keys(kid)
+        if key is None:
+            raise InvalidToken("The token was signed by an unknown key.")
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[ACCESS_TOKEN_ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iat", "sub", "iss", "aud", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("The token has expired.") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidToken("The token is not meant for this service.") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("The token is not valid yet.") from None
+        except jwt.PyJWTError:
+            raise InvalidToken("The token is invalid.") from None
+        try:
+            return AccessTokenClaims.model_validate(payload)
+        except ValidationError:
+            raise InvalidToken("The token's claims are invalid.") from None
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer ...` header, or 401."""
+    if not authorization:
+        raise InvalidToken("Missing bearer token.")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidToken("Expected 'Authorization: Bearer <token>'.")
+    return token.strip()

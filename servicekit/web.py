@@ -1,0 +1,170 @@
+"""The HTTP shell every service shares: request ids, body limit, problems, health, metrics.
+
+Middlewares are plain ASGI (not BaseHTTPMiddleware) to keep the hot path cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from servicekit import context
+from servicekit.problems import install_problem_handlers, problem_response
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests by route template and status", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "HTTP request latency by route template",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID = 200
+
+
+class RequestContextMiddleware:
+    """Keep or make the request id, bind it for logs and events, echo it, count the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        traceparent = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                request_id = value.decode("latin-1")[:MAX_REQUEST_ID]
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
+        request_id = request_id or context.new_request_id()
+        token = context.set_context(
+            context.CallContext(
+                request_id=request_id,
+                correlation_id=request_id,
+                causation_id=request_id,
+                traceparent=traceparent,
+            )
+        )
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER, request_id.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - started)
+            context.reset_context(token)
+
+
+class BodySizeLimitMiddleware:
+    """Answer 413 for bodies over the limit, whether announced or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(
+            413, "Content too large", f"The request body exceeds {self.max_bytes} bytes."
+        )
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(
+    *,
+    title: str,
+    version: str = "0.1.0",
+    readiness_checks: Sequence[tuple[str, ReadinessCheck]] = (),
+    max_body_bytes: int = 64 * 1024,
+    **fastapi_kwargs: Any,
+) -> FastAPI:
+    """A FastAPI app with the shared edges: problem+json, request ids, body limit, probes."""
+    app = FastAPI(title=title, version=version, **fastapi_kwargs)
+    install_problem_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    add_health_routes(app, readiness_checks)
+    return app
+
+
+def add_health_routes(app: FastAPI, readiness_checks: Sequence[tuple[str, ReadinessCheck]]) -> None:
+    @app.get("/health/live", include_in_schema=False)
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready", include_in_schema=False)
+    async def ready() -> JSONResponse:
+        failures: dict[str, str] = {}
+        for name, check in readiness_checks:
+            try:
+                await check()
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                failures[name] = type(exc).__name__
+        if failures:
+            return problem_response(
+                503, "Service unavailable", "Not ready", extra={"checks": failures}
+            )
+        return JSONResponse({"status": "ok", "checks": [n for n, _ in readiness_checks]})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
