@@ -22,7 +22,8 @@ class CallContext:
 
 
 _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar(
-    "call_context", default=CallContext()
+    "call_context",
+    default=CallContext(),  # noqa: B039 - frozen dataclass
 )
 
 

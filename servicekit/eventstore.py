@@ -117,7 +117,7 @@ def drop_database(database_url: str) -> None:
         )
 
 
-class EventSourcedApplication(Application):
+class EventSourcedApplication(Application[Any]):
     """An eventsourcing Application whose saves can carry a tracking position.
 
     Consumers that turn incoming messages into new events (user_svc creating a profile from
@@ -131,7 +131,7 @@ class EventSourcedApplication(Application):
         return self.factory.process_recorder()
 
     def save_tracked(self, *aggregates: Aggregate, tracking: Tracking) -> None:
-        processing = ProcessingEvent(tracking)
+        processing: ProcessingEvent[Any] = ProcessingEvent(tracking)
         processing.collect_events(*aggregates)
         recordings = self._record(processing)
         self._take_snapshots(processing)

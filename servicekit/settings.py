@@ -8,7 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 def shared(name: str, default: str) -> str:
     """A field read from an unprefixed variable (shared by all services), e.g. AMQP_URL."""
-    return Field(default=default, validation_alias=AliasChoices(name))  # type: ignore[no-any-return]
+    return Field(default=default, validation_alias=AliasChoices(name))
 
 
 class ServiceSettings(BaseSettings):

@@ -20,7 +20,9 @@ from servicekit.problems import install_problem_handlers, problem_response
 ReadinessCheck = Callable[[], Awaitable[None]]
 
 HTTP_REQUESTS = Counter(
-    "http_requests_total", "HTTP requests by route template and status", ["method", "route", "status"]
+    "http_requests_total",
+    "HTTP requests by route template and status",
+    ["method", "route", "status"],
 )
 HTTP_LATENCY = Histogram(
     "http_request_duration_seconds",

@@ -6,7 +6,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ACCESS_TOKEN_ALGORITHM = "RS256"
+ACCESS_TOKEN_ALGORITHM = "RS256"  # noqa: S105 - an algorithm name, not a secret
 DEFAULT_ISSUER = "auth_svc"
 DEFAULT_AUDIENCE = "eskit"
 

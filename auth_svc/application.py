@@ -1,0 +1,293 @@
+"""The auth application: registration, login, refresh tokens, password changes.
+
+Synchronous (the eventsourcing library is): call it from plain `def` routes. Every command
+loads an Account, runs a domain method and saves; a concurrent write to the same Account
+(eventsourcing IntegrityError) reloads and runs the command again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from auth_svc.domain import (
+    Account,
+    AuthError,
+    ConcurrentUpdate,
+    EmailAlreadyRegistered,
+    EmailRegistration,
+    InvalidCredentials,
+    InvalidRefreshToken,
+    WrongPassword,
+    normalise_email,
+    registration_id,
+)
+from auth_svc.passwords import PasswordCheck, Passwords
+from auth_svc.settings import AuthSettings
+from servicekit.eventstore import EventSourcedApplication
+
+T = TypeVar("T")
+
+COMMAND_ATTEMPTS = 5
+SNAPSHOT_EVERY = 50  # every login appends an event; replay at most this many
+
+
+class TokenSigner(Protocol):
+    def sign(self, claims: dict[str, Any]) -> str: ...
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    expires_in: int
+    refresh_token: str
+
+
+# --- refresh tokens: opaque to clients, self-locating for us -------------------------------
+
+_REFRESH_TOKEN_VERSION = 1
+_REFRESH_SECRET_BYTES = 32  # 256 bits of randomness
+_REFRESH_TOKEN_BYTES = 1 + 16 + 16 + _REFRESH_SECRET_BYTES
+
+
+def new_refresh_token(account_id: uuid.UUID, family_id: uuid.UUID) -> str:
+    raw = (
+        bytes([_REFRESH_TOKEN_VERSION])
+        + account_id.bytes
+        + family_id.bytes
+        + secrets.token_bytes(_REFRESH_SECRET_BYTES)
+    )
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def parse_refresh_token(token: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """(account id, family id) of a well-formed refresh token, else InvalidRefreshToken."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        raise InvalidRefreshToken from None
+    if len(raw) != _REFRESH_TOKEN_BYTES or raw[0] != _REFRESH_TOKEN_VERSION:
+        raise InvalidRefreshToken
+    return uuid.UUID(bytes=raw[1:17]), uuid.UUID(bytes=raw[17:33])
+
+
+def refresh_token_hash(token: str) -> str:
+    """Only this is ever stored: the token has 256 random bits, so a fast hash suffices."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthService(EventSourcedApplication):
+    """Commands and queries of auth_svc. The notification log is `auth_events`."""
+
+    name = "auth"
+    snapshotting_intervals = {Account: SNAPSHOT_EVERY}
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        settings: AuthSettings | None = None,
+        signer: TokenSigner | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        super().__init__(env=env)
+        self.settings = settings or AuthSettings()
+        self._signer = signer
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._passwords: Passwords | None = None
+
+    @property
+    def passwords(self) -> Passwords:
+        # Built lazily: a relay reading the log never pays for the dummy hash.
+        if self._passwords is None:
+            self._passwords = Passwords(self.settings)
+        return self._passwords
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def register(self, email: str, password: str, display_name: str | None = None) -> uuid.UUID:
+        """The new account's id (the user id). EmailAlreadyRegistered when taken."""
+        if self.account_id_for(email) is not None:
+            raise EmailAlreadyRegistered
+        now = self._clock()
+        account = Account.register(
+            email=email,
+            password_hash=self.passwords.hash(password),
+            display_name=display_name,
+            now=now,
+        )
+        registration = EmailRegistration.claim(account, now=now)
+        try:
+            self.save(account, registration)
+        except IntegrityError:
+            # Someone registered the same address between our check and our save.
+            raise EmailAlreadyRegistered from None
+        return account.id
+
+    def login(self, email: str, password: str) -> TokenPair:
+        account_id = self.account_id_for(email)
+        if account_id is None:
+            self.passwords.verify_nothing(password)
+            raise InvalidCredentials
+        family_id = uuid.uuid4()
+        refresh_token = new_refresh_token(account_id, family_id)
+        check = self._memoised_check(password)
+        settings = self.settings
+
+        def log_in(account: Account) -> str:
+            now = self._clock()
+            account.ensure_can_log_in(now)
+            result = check(account.password_hash)
+            if not result.matches:
+                account.record_failed_login(
+                    now=now,
+                    threshold=settings.lockout_threshold,
+                    lockout_seconds=settings.lockout_seconds,
+                )
+                raise InvalidCredentials
+            if result.needs_rehash:
+                account.rehash_password(self.passwords.hash(password), now=now)
+            account.record_login(
+                family_id=family_id,
+                refresh_token_hash=refresh_token_hash(refresh_token),
+                refresh_expires_at=now + timedelta(seconds=settings.refresh_token_ttl_seconds),
+                now=now,
+            )
+            return account.email
+
+        email = self._update(account_id, log_in, missing=InvalidCredentials)
+        return self._token_pair(account_id, email, refresh_token)
+
+    def refresh(self, refresh_token: str) -> TokenPair:
+        """Spend `refresh_token` for a new pair; a spent one revokes its whole family."""
+        account_id, family_id = parse_refresh_token(refresh_token)
+        next_token = new_refresh_token(account_id, family_id)
+
+        def rotate(account: Account) -> str:
+            now = self._clock()
+            account.rotate_refresh_token(
+                family_id=family_id,
+                presented_hash=refresh_token_hash(refresh_token),
+                new_hash=refresh_token_hash(next_token),
+                new_expires_at=now + timedelta(seconds=self.settings.refresh_token_ttl_seconds),
+                now=now,
+            )
+            return account.email
+
+        email = self._update(account_id, rotate, missing=InvalidRefreshToken)
+        return self._token_pair(account_id, email, next_token)
+
+    def logout(self, refresh_token: str) -> None:
+        """Revoke the token's family. Unknown or spent tokens change nothing visible."""
+        try:
+            account_id, family_id = parse_refresh_token(refresh_token)
+
+            def log_out(account: Account) -> None:
+                account.log_out(
+                    family_id=family_id,
+                    presented_hash=refresh_token_hash(refresh_token),
+                    now=self._clock(),
+                )
+
+            self._update(account_id, log_out, missing=InvalidRefreshToken)
+        except InvalidRefreshToken:
+            return
+
+    def change_password(self, user_id: uuid.UUID, current_password: str, new_password: str) -> None:
+        """Requires the current password; revokes every refresh token of the account."""
+        check = self._memoised_check(current_password)
+        new_hash = self.passwords.hash(new_password)
+
+        def change(account: Account) -> None:
+            if not check(account.password_hash).matches:
+                raise WrongPassword
+            account.change_password(new_hash, now=self._clock())
+
+        self._update(user_id, change, missing=InvalidCredentials)
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def account_id_for(self, email: str) -> uuid.UUID | None:
+        try:
+            registration: EmailRegistration = self.repository.get(
+                registration_id(normalise_email(email))
+            )
+        except AggregateNotFoundError:
+            return None
+        return registration.account_id
+
+    def get_account(self, user_id: uuid.UUID) -> Account:
+        account: Account = self.repository.get(user_id)
+        return account
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _update(
+        self,
+        account_id: uuid.UUID,
+        command: Callable[[Account], T],
+        *,
+        missing: type[AuthError],
+    ) -> T:
+        """Run `command` on the current Account and save; rerun on a concurrent write.
+
+        A refused command may still have recorded facts (a failed login, a lock, a revoked
+        family): those are saved before the refusal is raised.
+        """
+        for _ in range(COMMAND_ATTEMPTS):
+            try:
+                account: Account = self.repository.get(account_id)
+            except AggregateNotFoundError:
+                raise missing from None
+            try:
+                result = command(account)
+            except AuthError:
+                if account.pending_events:
+                    try:
+                        self.save(account)
+                    except IntegrityError:
+                        continue
+                raise
+            try:
+                self.save(account)
+            except IntegrityError:
+                continue
+            return result
+        raise ConcurrentUpdate
+
+    def _memoised_check(self, password: str) -> Callable[[str], PasswordCheck]:
+        """Verify once per stored hash, however often a command is retried."""
+        results: dict[str, PasswordCheck] = {}
+
+        def check(password_hash: str) -> PasswordCheck:
+            if password_hash not in results:
+                results[password_hash] = self.passwords.verify(password_hash, password)
+            return results[password_hash]
+
+        return check
+
+    def _token_pair(self, account_id: uuid.UUID, email: str, refresh_token: str) -> TokenPair:
+        if self._signer is None:
+            msg = "AuthService was built without a token signer"
+            raise RuntimeError(msg)
+        now = int(self._clock().timestamp())
+        ttl = self.settings.access_token_ttl_seconds
+        claims = {
+            "iss": self.settings.issuer,
+            "sub": str(account_id),
+            "aud": self.settings.audience,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": uuid.uuid4().hex,
+            "email": email,
+        }
+        return TokenPair(self._signer.sign(claims), ttl, refresh_token)

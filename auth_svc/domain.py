@@ -1,0 +1,333 @@
+"""Accounts and e-mail registrations: aggregates and their events. No I/O.
+
+Time is passed in (`now`) and becomes the event's timestamp, so the rules can be tested
+without a clock. Password hashing and token generation happen outside; the domain only sees
+hashes (the account's argon2 hash, sha256 hashes of refresh tokens).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import uuid
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from servicekit.eventstore import TracedAggregate
+
+# Fixed: an address always maps to the same registration id, in every process.
+EMAIL_NAMESPACE = uuid.UUID("0b7d0f38-54a4-4f6b-9a3c-8d1e2f3a4b5c")
+
+# Bounds on what one account remembers, so that its state (and snapshots) stay small.
+MAX_REFRESH_FAMILIES = 50  # oldest sessions are dropped beyond this
+MAX_SPENT_PER_FAMILY = 100  # older spent tokens are forgotten (then just "unknown")
+
+RevocationReason = Literal["reuse", "logout"]
+
+
+def normalise_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def registration_id(email: str) -> uuid.UUID:
+    return uuid.uuid5(EMAIL_NAMESPACE, normalise_email(email))
+
+
+# --- domain errors ----------------------------------------------------------------------
+
+
+class AuthError(Exception):
+    """A command the rules refuse. Translated to problem+json at the HTTP edge."""
+
+
+class EmailAlreadyRegistered(AuthError):
+    def __init__(self) -> None:
+        super().__init__("This e-mail address is already registered.")
+
+
+class InvalidCredentials(AuthError):
+    """Unknown e-mail or wrong password: deliberately indistinguishable."""
+
+    def __init__(self) -> None:
+        super().__init__("The e-mail address or password is wrong.")
+
+
+class WrongPassword(AuthError):
+    def __init__(self) -> None:
+        super().__init__("The current password is wrong.")
+
+
+class AccountLocked(AuthError):
+    def __init__(self, until: datetime, now: datetime) -> None:
+        super().__init__("Too many failed logins: the account is locked for a while.")
+        self.until = until
+        self.retry_after_seconds = max(1, math.ceil((until - now).total_seconds()))
+
+
+class InvalidRefreshToken(AuthError):
+    """Unknown, expired, malformed or revoked refresh token."""
+
+    def __init__(self) -> None:
+        super().__init__("The refresh token is invalid or has expired.")
+
+
+class RefreshTokenReused(InvalidRefreshToken):
+    """A spent refresh token came back: its whole family was revoked."""
+
+
+class ConcurrentUpdate(AuthError):
+    def __init__(self) -> None:
+        super().__init__("The account is being changed concurrently; please retry.")
+
+
+# --- aggregates ---------------------------------------------------------------------------
+
+
+class Account(TracedAggregate):
+    """A user's credentials, login attempts and refresh-token families.
+
+    A family is one login session: each refresh spends the current token and issues the
+    next one. `refresh_families[family_id]` holds the current token's hash and expiry and
+    the hashes already spent, so presenting a spent token is recognised as theft.
+    """
+
+    class Registered(TracedAggregate.Created):
+        email: str
+        password_hash: str
+        display_name: str | None
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.email = self.email
+            aggregate.password_hash = self.password_hash
+            aggregate.display_name = self.display_name
+
+    class LoginSucceeded(TracedAggregate.Event):
+        family_id: uuid.UUID
+        refresh_token_hash: str
+        refresh_expires_at: datetime
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.failed_logins = 0
+            aggregate.locked_until = None
+            aggregate.forget_expired_families(self.timestamp)
+            aggregate.refresh_families[str(self.family_id)] = {
+                "current": self.refresh_token_hash,
+                "expires_at": self.refresh_expires_at,
+                "spent": [],
+            }
+            while len(aggregate.refresh_families) > MAX_REFRESH_FAMILIES:
+                oldest = min(
+                    aggregate.refresh_families,
+                    key=lambda f: aggregate.refresh_families[f]["expires_at"],
+                )
+                del aggregate.refresh_families[oldest]
+
+    class LoginFailed(TracedAggregate.Event):
+        consecutive_failures: int
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.failed_logins = self.consecutive_failures
+
+    class Locked(TracedAggregate.Event):
+        locked_until: datetime
+        failed_attempts: int
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.locked_until = self.locked_until
+            aggregate.failed_logins = 0  # counting starts again once the lock expires
+
+    class PasswordChanged(TracedAggregate.Event):
+        password_hash: str
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.password_hash = self.password_hash
+            aggregate.refresh_families.clear()
+
+    class PasswordRehashed(TracedAggregate.Event):
+        """Same password, stronger hash parameters (private)."""
+
+        password_hash: str
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.password_hash = self.password_hash
+
+    class RefreshTokenRotated(TracedAggregate.Event):
+        family_id: uuid.UUID
+        spent_hash: str
+        refresh_token_hash: str
+        refresh_expires_at: datetime
+
+        def apply(self, aggregate: Account) -> None:
+            family = aggregate.refresh_families[str(self.family_id)]
+            family["spent"] = [*family["spent"], self.spent_hash][-MAX_SPENT_PER_FAMILY:]
+            family["current"] = self.refresh_token_hash
+            family["expires_at"] = self.refresh_expires_at
+            aggregate.forget_expired_families(self.timestamp)
+
+    class RefreshFamilyRevoked(TracedAggregate.Event):
+        family_id: uuid.UUID
+        reason: str  # RevocationReason
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.refresh_families.pop(str(self.family_id), None)
+
+    def __init__(self) -> None:
+        self.email = ""
+        self.password_hash = ""
+        self.display_name: str | None = None
+        self.failed_logins = 0
+        self.locked_until: datetime | None = None
+        # family id (str) -> {"current": hash, "expires_at": datetime, "spent": [hash, ...]}
+        self.refresh_families: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def register(
+        cls,
+        *,
+        email: str,
+        password_hash: str,
+        display_name: str | None,
+        now: datetime,
+    ) -> Account:
+        account: Account = cls._create(
+            cls.Registered,
+            id=uuid.uuid4(),
+            timestamp=now,
+            email=normalise_email(email),
+            password_hash=password_hash,
+            display_name=display_name,
+        )
+        return account
+
+    # --- queries --------------------------------------------------------------------------
+
+    def is_locked(self, now: datetime) -> bool:
+        return self.locked_until is not None and now < self.locked_until
+
+    def has_refresh_family(self, family_id: uuid.UUID) -> bool:
+        return str(family_id) in self.refresh_families
+
+    # --- login ------------------------------------------------------------------------------
+
+    def ensure_can_log_in(self, now: datetime) -> None:
+        """While locked, a login is refused before the password is even looked at."""
+        if self.locked_until is not None and now < self.locked_until:
+            raise AccountLocked(self.locked_until, now)
+
+    def record_failed_login(self, *, now: datetime, threshold: int, lockout_seconds: int) -> None:
+        self.ensure_can_log_in(now)
+        failures = self.failed_logins + 1
+        self.trigger_event(self.LoginFailed, timestamp=now, consecutive_failures=failures)
+        if failures >= threshold:
+            self.trigger_event(
+                self.Locked,
+                timestamp=now,
+                locked_until=now + timedelta(seconds=lockout_seconds),
+                failed_attempts=failures,
+            )
+
+    def record_login(
+        self,
+        *,
+        family_id: uuid.UUID,
+        refresh_token_hash: str,
+        refresh_expires_at: datetime,
+        now: datetime,
+    ) -> None:
+        self.ensure_can_log_in(now)
+        self.trigger_event(
+            self.LoginSucceeded,
+            timestamp=now,
+            family_id=family_id,
+            refresh_token_hash=refresh_token_hash,
+            refresh_expires_at=refresh_expires_at,
+        )
+
+    def rehash_password(self, password_hash: str, *, now: datetime) -> None:
+        self.trigger_event(self.PasswordRehashed, timestamp=now, password_hash=password_hash)
+
+    def change_password(self, password_hash: str, *, now: datetime) -> None:
+        """The caller has checked the current password. Every refresh token is revoked."""
+        self.trigger_event(self.PasswordChanged, timestamp=now, password_hash=password_hash)
+
+    # --- refresh tokens -------------------------------------------------------------------
+
+    def rotate_refresh_token(
+        self,
+        *,
+        family_id: uuid.UUID,
+        presented_hash: str,
+        new_hash: str,
+        new_expires_at: datetime,
+        now: datetime,
+    ) -> None:
+        """Spend the presented token and make `new_hash` the family's current one.
+
+        A spent token presented again means someone else holds a copy: the whole family is
+        revoked (the event is recorded, then RefreshTokenReused is raised).
+        """
+        family = self._current_family(family_id, presented_hash, now)
+        self.trigger_event(
+            self.RefreshTokenRotated,
+            timestamp=now,
+            family_id=family_id,
+            spent_hash=family["current"],
+            refresh_token_hash=new_hash,
+            refresh_expires_at=new_expires_at,
+        )
+
+    def log_out(self, *, family_id: uuid.UUID, presented_hash: str, now: datetime) -> None:
+        self._current_family(family_id, presented_hash, now)
+        self.trigger_event(
+            self.RefreshFamilyRevoked, timestamp=now, family_id=family_id, reason="logout"
+        )
+
+    def _current_family(
+        self, family_id: uuid.UUID, presented_hash: str, now: datetime
+    ) -> dict[str, Any]:
+        family = self.refresh_families.get(str(family_id))
+        if family is None:
+            raise InvalidRefreshToken
+        if presented_hash in family["spent"]:
+            self.trigger_event(
+                self.RefreshFamilyRevoked, timestamp=now, family_id=family_id, reason="reuse"
+            )
+            raise RefreshTokenReused
+        if not hmac.compare_digest(presented_hash, family["current"]):
+            raise InvalidRefreshToken
+        if family["expires_at"] <= now:
+            raise InvalidRefreshToken
+        return family
+
+    def forget_expired_families(self, now: datetime) -> None:
+        expired = [f for f, fam in self.refresh_families.items() if fam["expires_at"] <= now]
+        for family_id in expired:
+            del self.refresh_families[family_id]
+
+
+class EmailRegistration(TracedAggregate):
+    """Claims an e-mail address for one account: its id is derived from the address, so a
+    second registration of the address conflicts on save (optimistic concurrency)."""
+
+    class Claimed(TracedAggregate.Created):
+        email: str
+        account_id: uuid.UUID
+
+        def apply(self, aggregate: EmailRegistration) -> None:
+            aggregate.email = self.email
+            aggregate.account_id = self.account_id
+
+    def __init__(self) -> None:
+        self.email = ""
+        self.account_id = uuid.UUID(int=0)
+
+    @classmethod
+    def claim(cls, account: Account, *, now: datetime) -> EmailRegistration:
+        registration: EmailRegistration = cls._create(
+            cls.Claimed,
+            id=registration_id(account.email),
+            timestamp=now,
+            email=account.email,
+            account_id=account.id,
+        )
+        return registration

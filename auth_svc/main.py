@@ -1,0 +1,75 @@
+"""Composition root of auth_svc: database initialisation and the app factory.
+
+Run with `uvicorn --factory auth_svc.main:create_app`; nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from fastapi import FastAPI
+
+from auth_svc.api import install_error_handlers, router
+from auth_svc.application import AuthService
+from auth_svc.keys import KeyStore, init_signing_keys
+from auth_svc.settings import AuthSettings
+from servicekit import web
+from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
+from servicekit.tokens import TokenVerifier
+
+
+def init_db(settings: AuthSettings | None = None) -> None:
+    """Create the database, the event store's tables and the signing keys (run once:
+    `esctl db init`). Idempotent."""
+    settings = settings or AuthSettings()
+    ensure_database(settings.database_url)
+    AuthService(
+        env=eventsourcing_env(settings.database_url, create_table=True, pool_size=1)
+    ).close()
+    init_signing_keys(settings)
+
+
+def build_service(settings: AuthSettings, keys: KeyStore | None = None) -> AuthService:
+    env = eventsourcing_env(
+        settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size
+    )
+    return AuthService(env=env, settings=settings, signer=keys)
+
+
+def create_app(settings: AuthSettings | None = None) -> FastAPI:
+    settings = settings or AuthSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys = KeyStore(settings)
+        await asyncio.to_thread(keys.open)
+        service = await asyncio.to_thread(build_service, settings, keys)
+        app.state.key_store = keys
+        app.state.auth_service = service
+        app.state.token_verifier = TokenVerifier(
+            keys.lookup, issuer=settings.issuer, audience=settings.audience
+        )
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.close)
+            await asyncio.to_thread(keys.close)
+
+    async def database() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            **connection_kwargs(settings.database_url), connect_timeout=3
+        )
+        async with conn:
+            await conn.execute("SELECT 1")
+
+    app = web.create_app(
+        title="auth_svc",
+        readiness_checks=[("database", database)],
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,62 @@
+"""auth_svc's configuration: one typed object read from `AUTH_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from servicekit.settings import ServiceSettings
+from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+
+THIRTY_DAYS = 30 * 24 * 3600
+
+
+class AuthSettings(ServiceSettings):
+    """Every field is read from `AUTH_<FIELD>` (e.g. `AUTH_LOCKOUT_THRESHOLD`)."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore", populate_by_name=True)
+
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
+    port: int = Field(default=8101, description="Port the HTTP server listens on.")
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/auth",
+        description="PostgreSQL URL of auth_svc's own database (events and signing keys).",
+    )
+    db_pool_size: int = Field(
+        default=10, ge=1, description="Connections kept in the event store's pool."
+    )
+    argon2_time_cost: int = Field(
+        default=2, ge=1, description="argon2id iterations (OWASP minimum: 2 with 19 MiB)."
+    )
+    argon2_memory_kib: int = Field(
+        default=19456, ge=8, description="argon2id memory per hash in KiB (OWASP: 19456)."
+    )
+    argon2_parallelism: int = Field(default=1, ge=1, description="argon2id lanes.")
+    lockout_threshold: int = Field(
+        default=5, ge=1, description="Consecutive failed logins that lock an account."
+    )
+    lockout_seconds: int = Field(
+        default=900, ge=1, description="How long a locked account refuses logins."
+    )
+    access_token_ttl_seconds: int = Field(
+        default=900, ge=1, description="Lifetime of an access token (JWT)."
+    )
+    refresh_token_ttl_seconds: int = Field(
+        default=THIRTY_DAYS,
+        ge=1,
+        description="Lifetime of a refresh token; each rotation issues a new one as long.",
+    )
+    issuer: str = Field(default=DEFAULT_ISSUER, description="`iss` claim of access tokens.")
+    audience: str = Field(default=DEFAULT_AUDIENCE, description="`aud` claim of access tokens.")
+    keys_refresh_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often the signing key and JWKS are re-read from the database, "
+        "so a rotation done by another process is picked up.",
+    )
+    key_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        description="Extra time a retired key stays in the JWKS after its last token "
+        "expired (clock skew, caches).",
+    )

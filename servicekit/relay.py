@@ -1,0 +1,273 @@
+"""The relay: a producer's event store is its outbox.
+
+One relay per producer tails the producer's notification log, maps each stored event to its
+public contract (private events are skipped), publishes it with publisher confirms, and only
+then records the position in the producer's own database. Delivery is therefore at least
+once, in position order; a re-send carries the same deterministic `event_id`.
+
+Exactly one relay per producer is active at a time: it holds a PostgreSQL advisory lock on a
+dedicated connection, which is also the connection that LISTENs for new events. Replicas
+wait as standbys. Any broker or database failure drops leadership and connections; the relay
+reconnects with backoff and resumes from the recorded position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any
+
+import aio_pika
+import aiormq
+import psycopg
+from eventsourcing.application import Application
+from eventsourcing.persistence import Notification
+from prometheus_client import Counter, Gauge, Histogram
+
+from servicekit.aio import sleep_unless_stopped
+from servicekit.amqp import declare_producer_exchange
+from servicekit.eventstore import connection_kwargs
+from shared_contracts.envelope import Envelope, event_id_for
+from shared_contracts.events import ContractEvent
+
+log = logging.getLogger("servicekit.relay")
+
+ToContract = Callable[[Any], ContractEvent | None]
+
+RELAY_TABLE = "relay_positions"
+RELAY_TABLE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {RELAY_TABLE} ("
+    "producer text PRIMARY KEY, position bigint NOT NULL DEFAULT 0, "
+    "updated_at timestamptz NOT NULL DEFAULT now())"
+)
+
+PUBLISHED = Counter("relay_published_total", "Events published and confirmed", ["producer"])
+CONFIRM_LATENCY = Histogram(
+    "relay_confirm_seconds",
+    "Time from publishing a batch to its last confirm",
+    ["producer"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+BACKLOG = Gauge(
+    "relay_backlog_events", "Producer's latest position minus the relay's", ["producer"]
+)
+POSITION = Gauge("relay_position", "Last position confirmed and recorded", ["producer"])
+LEADER = Gauge("relay_is_leader", "1 while this replica is the active relay", ["producer"])
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    TimeoutError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPException,
+    asyncio.TimeoutError,
+)
+
+
+def create_relay_table(database_url: str) -> None:
+    with psycopg.connect(**connection_kwargs(database_url), autocommit=True) as conn:
+        conn.execute(RELAY_TABLE_DDL)
+
+
+def envelope_for(event: Any, position: int, contract: ContractEvent) -> Envelope:
+    """The public envelope of a stored event (a `TracedAggregate.Event`)."""
+    metadata: dict[str, str] = getattr(event, "metadata", {}) or {}
+    return Envelope(
+        event_id=event_id_for(event.originator_id, event.originator_version),
+        event_type=contract.event_type,
+        schema_version=contract.schema_version,
+        occurred_at=event.timestamp.astimezone(UTC),
+        producer=contract.producer,
+        aggregate_id=event.originator_id,
+        aggregate_version=event.originator_version,
+        position=position,
+        correlation_id=metadata.get("correlation_id"),
+        causation_id=metadata.get("causation_id"),
+        data=contract.model_dump(mode="json"),
+    )
+
+
+def message_for(envelope: Envelope, traceparent: str | None) -> aio_pika.Message:
+    headers: dict[str, Any] = {"x-position": envelope.position}
+    if traceparent:
+        headers["traceparent"] = traceparent
+    return aio_pika.Message(
+        body=envelope.model_dump_json().encode(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(envelope.event_id),
+        type=envelope.event_type,
+        timestamp=envelope.occurred_at,
+        app_id=envelope.producer,
+        correlation_id=envelope.correlation_id,
+        headers=headers,
+    )
+
+
+@dataclass
+class OutgoingBatch:
+    last_position: int
+    messages: list[tuple[str, aio_pika.Message]] = field(default_factory=list)
+
+
+@dataclass
+class RelayStatus:
+    role: str = "starting"  # starting | standby | leader | reconnecting | stopped
+    position: int = 0
+    last_error: str | None = None
+
+
+class Relay:
+    """Publishes one producer's public events. Construct, then `await run(stop)`."""
+
+    def __init__(
+        self,
+        app: Application[Any],
+        *,
+        producer: str,
+        exchange: str,
+        to_contract: ToContract,
+        amqp_url: str,
+        database_url: str,
+        batch_size: int = 500,
+        idle_wait_seconds: float = 1.0,
+        lock_retry_seconds: float = 1.0,
+        max_backoff_seconds: float = 10.0,
+    ) -> None:
+        self.app = app
+        self.producer = producer
+        self.exchange_name = exchange
+        self.to_contract = to_contract
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.batch_size = batch_size
+        self.idle_wait = idle_wait_seconds
+        self.lock_retry = lock_retry_seconds
+        self.max_backoff = max_backoff_seconds
+        self.status = RelayStatus()
+        self._channel_name: str = getattr(app.recorder, "channel_name", f"{app.name}_events")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await self._lead(stop)
+                backoff = 0.2
+            except TRANSIENT_ERRORS as exc:
+                self.status.role = "reconnecting"
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                LEADER.labels(self.producer).set(0)
+                log.warning(
+                    "relay lost its connection; retrying",
+                    extra={"producer": self.producer, "error": self.status.last_error},
+                )
+                await sleep_unless_stopped(stop, backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        self.status.role = "stopped"
+        LEADER.labels(self.producer).set(0)
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        kw = connection_kwargs(self.database_url)
+        async with await psycopg.AsyncConnection.connect(
+            **kw, autocommit=True, connect_timeout=5
+        ) as conn:
+            if not await self._become_leader(conn, stop):
+                return
+            await conn.execute(f'LISTEN "{self._channel_name}"')
+            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await declare_producer_exchange(channel, self.exchange_name)
+                position = await self._load_position(conn)
+                self.status.role = "leader"
+                self.status.last_error = None
+                LEADER.labels(self.producer).set(1)
+                log.info("relay is active", extra={"producer": self.producer, "position": position})
+                while not stop.is_set():
+                    batch = await asyncio.to_thread(self._next_batch, position)
+                    if batch.last_position == position:
+                        await self._wait_for_new_events(conn)
+                        continue
+                    await self._publish(exchange, batch.messages)
+                    await conn.execute(
+                        f"UPDATE {RELAY_TABLE} SET position = %s, updated_at = now() "  # noqa: S608
+                        "WHERE producer = %s",
+                        (batch.last_position, self.producer),
+                    )
+                    position = batch.last_position
+                    self.status.position = position
+                    POSITION.labels(self.producer).set(position)
+
+    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
+        while not stop.is_set():
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s))", (f"relay:{self.producer}",)
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return True
+            if self.status.role != "standby":
+                log.info("another relay is active; standing by", extra={"producer": self.producer})
+            self.status.role = "standby"
+            await sleep_unless_stopped(stop, self.lock_retry)
+        return False
+
+    async def _load_position(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        await conn.execute(
+            f"INSERT INTO {RELAY_TABLE} (producer) VALUES (%s) ON CONFLICT DO NOTHING",  # noqa: S608
+            (self.producer,),
+        )
+        cur = await conn.execute(
+            f"SELECT position FROM {RELAY_TABLE} WHERE producer = %s",  # noqa: S608
+            (self.producer,),
+        )
+        row = await cur.fetchone()
+        position = int(row[0]) if row else 0
+        self.status.position = position
+        POSITION.labels(self.producer).set(position)
+        return position
+
+    def _next_batch(self, position: int) -> OutgoingBatch:
+        """Read and map the next page of the notification log (runs in a thread)."""
+        notifications: Sequence[Notification] = self.app.recorder.select_notifications(
+            start=position, limit=self.batch_size, inclusive_of_start=False
+        )
+        batch = OutgoingBatch(last_position=position)
+        for notification in notifications:
+            event = self.app.mapper.to_domain_event(notification)
+            contract = self.to_contract(event)
+            batch.last_position = notification.id
+            if contract is None:
+                continue
+            envelope = envelope_for(event, notification.id, contract)
+            traceparent = (getattr(event, "metadata", {}) or {}).get("traceparent")
+            batch.messages.append((envelope.event_type, message_for(envelope, traceparent)))
+        latest = self.app.recorder.max_notification_id() or 0
+        BACKLOG.labels(self.producer).set(max(latest - batch.last_position, 0))
+        return batch
+
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, messages: list[tuple[str, aio_pika.Message]]
+    ) -> None:
+        if not messages:
+            return
+        started = time.perf_counter()
+        # Publishes are written to the channel in call order; confirms are awaited together.
+        await asyncio.gather(
+            *(
+                exchange.publish(message, routing_key=key, mandatory=False, timeout=30)
+                for key, message in messages
+            )
+        )
+        CONFIRM_LATENCY.labels(self.producer).observe(time.perf_counter() - started)
+        PUBLISHED.labels(self.producer).inc(len(messages))
+
+    async def _wait_for_new_events(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async for _ in conn.notifies(timeout=self.idle_wait, stop_after=1):
+            pass

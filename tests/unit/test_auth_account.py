@@ -1,0 +1,306 @@
+"""The Account and EmailRegistration rules, without a database or a clock."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from auth_svc.application import new_refresh_token, parse_refresh_token, refresh_token_hash
+from auth_svc.contracts import to_contract
+from auth_svc.domain import (
+    MAX_REFRESH_FAMILIES,
+    Account,
+    AccountLocked,
+    EmailRegistration,
+    InvalidRefreshToken,
+    RefreshTokenReused,
+    registration_id,
+)
+from shared_contracts.events import (
+    AccountLocked as AccountLockedContract,
+)
+from shared_contracts.events import (
+    AccountRegistered,
+    LoginFailed,
+    LoginSucceeded,
+    PasswordChanged,
+)
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+THRESHOLD = 3
+LOCK_SECONDS = 900
+
+
+def new_account(now: datetime = T0) -> Account:
+    return Account.register(
+        email="  Ada@Example.COM ", password_hash="$argon2id$hash-1", display_name="Ada", now=now
+    )
+
+
+def fail(account: Account, now: datetime) -> None:
+    account.record_failed_login(now=now, threshold=THRESHOLD, lockout_seconds=LOCK_SECONDS)
+
+
+def log_in(account: Account, now: datetime = T0, family: uuid.UUID | None = None) -> uuid.UUID:
+    family = family or uuid.uuid4()
+    account.record_login(
+        family_id=family, refresh_token_hash=f"h-{family}", refresh_expires_at=now + DAY, now=now
+    )
+    return family
+
+
+def event_names(account: Account) -> list[str]:
+    return [type(e).__name__ for e in account.collect_events()]
+
+
+def test_registration_normalises_the_email_and_records_one_event() -> None:
+    account = new_account()
+    assert account.email == "ada@example.com"
+    assert account.display_name == "Ada"
+    assert event_names(account) == ["Registered"]
+
+
+def test_the_email_registration_id_is_the_same_for_any_spelling_of_the_address() -> None:
+    account = new_account()
+    registration = EmailRegistration.claim(account, now=T0)
+    assert registration.id == registration_id("ADA@example.com ")
+    assert registration.account_id == account.id
+
+
+def test_events_take_the_time_they_are_given() -> None:
+    account = new_account()
+    log_in(account, now=T0 + DAY)
+    assert account.modified_on == T0 + DAY
+
+
+def test_a_login_is_one_event_carrying_the_new_refresh_family() -> None:
+    account = new_account()
+    account.collect_events()
+    family = log_in(account)
+    events = account.collect_events()
+    assert [type(e).__name__ for e in events] == ["LoginSucceeded"]
+    assert account.has_refresh_family(family)
+
+
+def test_each_failed_login_counts_consecutive_failures() -> None:
+    account = new_account()
+    fail(account, T0)
+    fail(account, T0)
+    assert account.failed_logins == 2
+    assert not account.is_locked(T0)
+
+
+def test_the_threshold_th_failure_locks_the_account_for_the_lockout_period() -> None:
+    account = new_account()
+    account.collect_events()
+    for _ in range(THRESHOLD):
+        fail(account, T0)
+    assert event_names(account) == ["LoginFailed"] * THRESHOLD + ["Locked"]
+    assert account.locked_until == T0 + timedelta(seconds=LOCK_SECONDS)
+    with pytest.raises(AccountLocked) as refused:
+        account.ensure_can_log_in(T0 + timedelta(seconds=100))
+    assert refused.value.retry_after_seconds == LOCK_SECONDS - 100
+
+
+def test_a_locked_account_refuses_even_the_right_password() -> None:
+    account = new_account()
+    for _ in range(THRESHOLD):
+        fail(account, T0)
+    with pytest.raises(AccountLocked):
+        log_in(account, now=T0 + timedelta(seconds=1))
+
+
+def test_a_locked_account_records_no_further_failures() -> None:
+    account = new_account()
+    for _ in range(THRESHOLD):
+        fail(account, T0)
+    account.collect_events()
+    with pytest.raises(AccountLocked):
+        fail(account, T0 + timedelta(seconds=1))
+    assert account.collect_events() == []
+
+
+def test_after_the_lock_expires_logins_work_and_the_count_starts_again() -> None:
+    account = new_account()
+    for _ in range(THRESHOLD):
+        fail(account, T0)
+    later = T0 + timedelta(seconds=LOCK_SECONDS)
+    account.ensure_can_log_in(later)
+    fail(account, later)
+    assert account.failed_logins == 1
+    assert not account.is_locked(later)
+
+
+def test_a_successful_login_resets_the_failure_count() -> None:
+    account = new_account()
+    fail(account, T0)
+    fail(account, T0)
+    log_in(account)
+    assert account.failed_logins == 0
+    fail(account, T0)
+    assert not account.is_locked(T0)
+
+
+def test_refresh_rotation_spends_the_presented_token() -> None:
+    account = new_account()
+    family = log_in(account)
+    account.rotate_refresh_token(
+        family_id=family,
+        presented_hash=f"h-{family}",
+        new_hash="h-2",
+        new_expires_at=T0 + 2 * DAY,
+        now=T0,
+    )
+    state = account.refresh_families[str(family)]
+    assert state["current"] == "h-2"
+    assert state["spent"] == [f"h-{family}"]
+
+
+def test_presenting_a_spent_refresh_token_revokes_its_family() -> None:
+    account = new_account()
+    family = log_in(account)
+    other = log_in(account)
+    account.rotate_refresh_token(
+        family_id=family,
+        presented_hash=f"h-{family}",
+        new_hash="h-2",
+        new_expires_at=T0 + DAY,
+        now=T0,
+    )
+    account.collect_events()
+    with pytest.raises(RefreshTokenReused):
+        account.rotate_refresh_token(
+            family_id=family,
+            presented_hash=f"h-{family}",
+            new_hash="h-3",
+            new_expires_at=T0 + DAY,
+            now=T0,
+        )
+    events = account.collect_events()
+    assert [type(e).__name__ for e in events] == ["RefreshFamilyRevoked"]
+    assert events[0].reason == "reuse"  # type: ignore[attr-defined]
+    assert not account.has_refresh_family(family)
+    assert account.has_refresh_family(other), "other sessions are untouched"
+    with pytest.raises(InvalidRefreshToken):  # even the thief's fresh token is dead now
+        account.rotate_refresh_token(
+            family_id=family, presented_hash="h-2", new_hash="h-4", new_expires_at=T0, now=T0
+        )
+
+
+def test_an_unknown_refresh_token_is_refused_without_revoking_anything() -> None:
+    account = new_account()
+    family = log_in(account)
+    account.collect_events()
+    with pytest.raises(InvalidRefreshToken) as refused:
+        account.rotate_refresh_token(
+            family_id=family, presented_hash="guess", new_hash="x", new_expires_at=T0, now=T0
+        )
+    assert not isinstance(refused.value, RefreshTokenReused)
+    assert account.collect_events() == []
+    assert account.has_refresh_family(family)
+
+
+def test_an_expired_refresh_token_is_refused() -> None:
+    account = new_account()
+    family = log_in(account)
+    with pytest.raises(InvalidRefreshToken):
+        account.rotate_refresh_token(
+            family_id=family,
+            presented_hash=f"h-{family}",
+            new_hash="x",
+            new_expires_at=T0 + 3 * DAY,
+            now=T0 + DAY,
+        )
+
+
+def test_expired_families_are_forgotten_at_the_next_login() -> None:
+    account = new_account()
+    old = log_in(account)
+    log_in(account, now=T0 + 2 * DAY)
+    assert not account.has_refresh_family(old)
+
+
+def test_an_account_keeps_a_bounded_number_of_sessions() -> None:
+    account = new_account()
+    first = log_in(account)
+    for i in range(MAX_REFRESH_FAMILIES):
+        log_in(account, now=T0 + timedelta(seconds=i + 1))
+    assert len(account.refresh_families) == MAX_REFRESH_FAMILIES
+    assert not account.has_refresh_family(first)
+
+
+def test_logout_revokes_only_the_presented_family() -> None:
+    account = new_account()
+    family = log_in(account)
+    other = log_in(account)
+    account.log_out(family_id=family, presented_hash=f"h-{family}", now=T0)
+    assert not account.has_refresh_family(family)
+    assert account.has_refresh_family(other)
+
+
+def test_a_password_change_revokes_every_refresh_token() -> None:
+    account = new_account()
+    log_in(account)
+    log_in(account)
+    account.change_password("$argon2id$hash-2", now=T0)
+    assert account.password_hash == "$argon2id$hash-2"
+    assert account.refresh_families == {}
+
+
+def test_a_rehash_replaces_the_hash_and_keeps_the_sessions() -> None:
+    account = new_account()
+    family = log_in(account)
+    account.rehash_password("$argon2id$stronger", now=T0)
+    assert account.password_hash == "$argon2id$stronger"
+    assert account.has_refresh_family(family)
+
+
+def test_refresh_tokens_locate_their_account_and_family_and_carry_256_random_bits() -> None:
+    account_id, family_id = uuid.uuid4(), uuid.uuid4()
+    token = new_refresh_token(account_id, family_id)
+    assert parse_refresh_token(token) == (account_id, family_id)
+    assert token != new_refresh_token(account_id, family_id)
+    assert len(token) >= 43 + 43  # ids plus 32 random bytes, base64url
+    assert len(refresh_token_hash(token)) == 64
+
+
+@pytest.mark.parametrize("garbage", ["", "abc", "!!!!", "A" * 87, "x" * 500])
+def test_malformed_refresh_tokens_are_invalid(garbage: str) -> None:
+    with pytest.raises(InvalidRefreshToken):
+        parse_refresh_token(garbage)
+
+
+def test_public_contracts_carry_no_secret() -> None:
+    account = new_account()
+    family = log_in(account)
+    for _ in range(THRESHOLD):
+        fail(account, T0 + timedelta(seconds=1))
+    account.rehash_password("$argon2id$stronger", now=T0)
+    account.change_password("$argon2id$hash-2", now=T0)
+    events = account.collect_events()
+    contracts = [to_contract(e) for e in events]
+    assert [type(c) for c in contracts if c is not None] == [
+        AccountRegistered,
+        LoginSucceeded,
+        *[LoginFailed] * THRESHOLD,
+        AccountLockedContract,
+        PasswordChanged,
+    ]
+    rendered = " ".join(c.model_dump_json() for c in contracts if c is not None)
+    assert "argon2" not in rendered
+    assert f"h-{family}" not in rendered
+    assert str(family) not in rendered
+
+
+def test_private_events_have_no_contract() -> None:
+    account = new_account()
+    family = log_in(account)
+    account.rehash_password("$argon2id$x", now=T0)
+    account.log_out(family_id=family, presented_hash=f"h-{family}", now=T0)
+    registration = EmailRegistration.claim(account, now=T0)
+    private = [*account.collect_events()[2:], *registration.collect_events()]
+    assert private
+    assert all(to_contract(e) is None for e in private)

@@ -1,0 +1,97 @@
+"""user_svc's composition root: database setup and the app factory.
+
+Run with `uvicorn --factory user_svc.main:create_app`. Tables are created once by
+`init_db` (`esctl db init`), never by a starting replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from servicekit import web
+from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
+from servicekit.logs import configure_logging
+from servicekit.tokens import JwksKeys, KeyLookup, TokenVerifier
+from user_svc.api import Profiles, render_profile, router
+from user_svc.application import ProfileService
+from user_svc.read_model import CacheFollower, ProfileCache
+from user_svc.settings import UserSettings
+
+SERVICE = "user_svc"
+# The cache's subscription pins one pooled connection to LISTEN and uses another to read
+# (notes/eventsourcing.md, trap 4): on top of the handlers' share of the pool.
+FOLLOWER_CONNECTIONS = 2
+
+
+def init_db(settings: UserSettings | None = None) -> None:
+    """Create the database and the event store's tables (idempotent; run once per deploy)."""
+    settings = settings or UserSettings()
+    ensure_database(settings.database_url)
+    env = eventsourcing_env(settings.database_url, create_table=True, pool_size=1)
+    ProfileService(env=env).close()
+
+
+def profile_service(settings: UserSettings) -> ProfileService:
+    return ProfileService(
+        env=eventsourcing_env(
+            settings.database_url,
+            pool_size=settings.db_pool_size + FOLLOWER_CONNECTIONS,
+            max_overflow=settings.db_max_overflow,
+            lock_timeout=settings.db_lock_timeout_seconds,
+        )
+    )
+
+
+def create_app(
+    settings: UserSettings | None = None, *, token_keys: KeyLookup | None = None
+) -> FastAPI:
+    """The user_svc app. `token_keys` replaces the JWKS lookup (tests sign their own tokens)."""
+    settings = settings or UserSettings()
+    configure_logging(SERVICE, level=settings.log_level, fmt=settings.log_format)
+    jwks: JwksKeys | None = None
+    if token_keys is None:
+        jwks = token_keys = JwksKeys(settings.jwks_url)
+    verifier = TokenVerifier(
+        token_keys,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        cache_size=settings.token_cache_size,
+    )
+
+    async def database_ready() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            **connection_kwargs(settings.database_url), connect_timeout=2, autocommit=True
+        )
+        async with conn:
+            await conn.execute("SELECT 1")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        profiles = await run_in_threadpool(profile_service, settings)
+        cache = ProfileCache(render_profile, max_entries=settings.profile_cache_size)
+        follower = CacheFollower(profiles, cache, retry_seconds=settings.cache_retry_seconds)
+        follower.start()
+        app.state.profiles = Profiles(service=profiles, cache=cache)
+        app.state.tokens = verifier
+        app.state.cache_follower = follower
+        try:
+            yield
+        finally:
+            await run_in_threadpool(follower.stop)
+            await run_in_threadpool(profiles.close)
+            if jwks is not None:
+                await jwks.aclose()
+
+    app = web.create_app(
+        title="user_svc",
+        description="User profiles: the caller's own and other users' public profiles.",
+        readiness_checks=[("database", database_ready)],
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    return app
