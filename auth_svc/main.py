@@ -18,6 +18,7 @@ from auth_svc.keys import KeyStore, init_signing_keys
 from auth_svc.settings import AuthSettings
 from servicekit import web
 from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
+from servicekit.relay import create_relay_table
 from servicekit.tokens import TokenVerifier
 
 
@@ -30,6 +31,7 @@ def init_db(settings: AuthSettings | None = None) -> None:
         env=eventsourcing_env(settings.database_url, create_table=True, pool_size=1)
     ).close()
     init_signing_keys(settings)
+    create_relay_table(settings.database_url)
 
 
 def build_service(settings: AuthSettings, keys: KeyStore | None = None) -> AuthService:

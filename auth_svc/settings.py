@@ -18,6 +18,9 @@ class AuthSettings(ServiceSettings):
 
     host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
     port: int = Field(default=8101, description="Port the HTTP server listens on.")
+    relay_port: int = Field(
+        default=8111, description="Port of the relay's health and metrics server."
+    )
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/auth",
         description="PostgreSQL URL of auth_svc's own database (events and signing keys).",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from servicekit.web import create_app
 
 log = logging.getLogger("servicekit.worker")
 
-WorkerTask = Callable[[asyncio.Event], Awaitable[None]]
+WorkerTask = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class NotReady(Exception):

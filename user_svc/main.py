@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from servicekit import web
 from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
 from servicekit.logs import configure_logging
+from servicekit.relay import create_relay_table
 from servicekit.tokens import JwksKeys, KeyLookup, TokenVerifier
 from user_svc.api import Profiles, render_profile, router
 from user_svc.application import ProfileService
@@ -34,6 +35,7 @@ def init_db(settings: UserSettings | None = None) -> None:
     ensure_database(settings.database_url)
     env = eventsourcing_env(settings.database_url, create_table=True, pool_size=1)
     ProfileService(env=env).close()
+    create_relay_table(settings.database_url)
 
 
 def profile_service(settings: UserSettings) -> ProfileService:

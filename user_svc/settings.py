@@ -20,6 +20,16 @@ class UserSettings(ServiceSettings):
         default="postgresql://postgres@127.0.0.1:5432/users",
         description="PostgreSQL URL of user_svc's own database (the profile event store).",
     )
+    relay_port: int = Field(
+        default=8112, description="Port of the relay's health and metrics server."
+    )
+    consumer_port: int = Field(
+        default=8113, description="Port of the consumer's health and metrics server."
+    )
+    consumer_prefetch: int = Field(default=100, description="AMQP prefetch of the consumer.")
+    consumer_delivery_limit: int = Field(
+        default=5, description="Failed deliveries before a message is dead-lettered."
+    )
     db_pool_size: int = Field(
         default=10,
         ge=1,

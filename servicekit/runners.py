@@ -1,0 +1,43 @@
+"""Process entry points for relays and consumers: configure logs, run beside a health server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from servicekit.consumer import Consumer
+from servicekit.logs import configure_logging
+from servicekit.relay import Relay
+from servicekit.settings import ServiceSettings
+from servicekit.worker import run_worker
+
+
+def serve_relay(relay: Relay, settings: ServiceSettings, *, port: int) -> None:
+    """Run `relay` until SIGINT/SIGTERM, with /health and /metrics on `port`."""
+    name = f"{relay.producer}.relay"
+    configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    asyncio.run(
+        run_worker(
+            name=name,
+            host=settings.host,
+            port=port,
+            task=relay.run,
+            is_ready=lambda: relay.status.role in ("leader", "standby"),
+            status=lambda: relay.status,
+        )
+    )
+
+
+def serve_consumer(consumer: Consumer, settings: ServiceSettings, *, port: int) -> None:
+    """Run `consumer` until SIGINT/SIGTERM, with /health and /metrics on `port`."""
+    name = f"{consumer.service}.consumer"
+    configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    asyncio.run(
+        run_worker(
+            name=name,
+            host=settings.host,
+            port=port,
+            task=consumer.run,
+            is_ready=lambda: consumer.status.role == "consuming",
+            status=lambda: consumer.status,
+        )
+    )
