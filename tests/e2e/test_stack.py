@@ -1,0 +1,195 @@
+"""The whole stack as processes (`esctl up`), driven with HTTP like a client, observed on the
+exchanges like any subscriber."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.amqp import subscribed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    auth: str
+    users: str
+    amqp_url: str
+
+
+@pytest.fixture(scope="module")
+def stack(make_database: Callable[[str], str], make_vhost: Callable[[], str]) -> Iterator[Stack]:
+    ports = {name: free_port() for name in ("auth", "user", "auth_relay", "user_relay", "cons")}
+    amqp_url = make_vhost()
+    env = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "AUTH_DATABASE_URL": make_database("auth"),
+        "USER_DATABASE_URL": make_database("users"),
+        "AUTH_PORT": str(ports["auth"]),
+        "USER_PORT": str(ports["user"]),
+        "AUTH_RELAY_PORT": str(ports["auth_relay"]),
+        "USER_RELAY_PORT": str(ports["user_relay"]),
+        "USER_CONSUMER_PORT": str(ports["cons"]),
+        "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth']}/auth/.well-known/jwks.json",
+        "AUTH_ARGON2_TIME_COST": "1",
+        "AUTH_ARGON2_MEMORY_KIB": "1024",
+        "AUTH_KEYS_REFRESH_SECONDS": "1",
+        "LOG_FORMAT": "json",
+    }
+    log_path = f"/tmp/eskit-e2e-{os.getpid()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "esctl.main", "up"], env=env, stdout=log, stderr=log
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+                if "eskit is running" in Path(log_path).read_text():
+                    break
+                time.sleep(0.3)
+            else:
+                pytest.fail("the stack did not start:\n" + Path(log_path).read_text()[-3000:])
+            yield Stack(
+                auth=f"http://127.0.0.1:{ports['auth']}",
+                users=f"http://127.0.0.1:{ports['user']}",
+                amqp_url=amqp_url,
+            )
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    os.unlink(log_path)
+
+
+def register_and_login(stack: Stack, email: str, password: str) -> dict[str, str]:
+    with httpx.Client() as client:
+        r = client.post(
+            f"{stack.auth}/auth/register",
+            json={"email": email, "password": password, "display_name": "Ada"},
+        )
+        assert r.status_code == 201, r.text
+        r = client.post(f"{stack.auth}/auth/login", json={"email": email, "password": password})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+async def test_a_full_scenario_publishes_contracts_and_never_leaks_a_secret(stack: Stack) -> None:
+    password = "correct horse battery"
+    email = f"ada-{time.time_ns()}@example.com"
+    async with (
+        subscribed(stack.amqp_url, "auth.events") as auth_events,
+        subscribed(stack.amqp_url, "user.events") as user_events,
+    ):
+        tokens = register_and_login(stack, email, password)
+        bearer = {"authorization": f"Bearer {tokens['access_token']}"}
+        registered = await auth_events.wait_for(2)
+        assert [b["event_type"] for b in registered[:2]] == [
+            "auth.account.registered",
+            "auth.account.login_succeeded",
+        ]
+        envelope = registered[0]
+        assert envelope["producer"] == "auth_svc"
+        assert envelope["schema_version"] == 1
+        assert envelope["data"]["email"] == email
+        user_id = envelope["data"]["user_id"]
+
+        async with httpx.AsyncClient() as client:
+            # The consumer created the profile from the event (GET would create it otherwise).
+            created = await user_events.wait_for(1)
+            assert created[0]["event_type"] == "user.profile.created"
+            assert created[0]["data"]["display_name"] == "Ada"
+            r = await client.get(f"{stack.users}/users/me", headers=bearer)
+            assert r.status_code == 200
+            assert r.json()["user_id"] == user_id
+            etag = r.headers["etag"]
+            r = await client.patch(
+                f"{stack.users}/users/me",
+                headers={**bearer, "if-match": etag},
+                json={"bio": "Analyst", "timezone": "Europe/London"},
+            )
+            assert r.status_code == 200, r.text
+            updated = await user_events.wait_for(2)
+            assert updated[1]["event_type"] == "user.profile.updated"
+            assert set(updated[1]["data"]["changed"]) == {"bio", "timezone"}
+
+            r = await client.post(
+                f"{stack.auth}/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+            )
+            assert r.status_code == 200
+            refreshed = r.json()
+            r = await client.post(
+                f"{stack.auth}/auth/password",
+                headers={"authorization": f"Bearer {refreshed['access_token']}"},
+                json={"current_password": password, "new_password": "another good one"},
+            )
+            assert r.status_code == 204
+            r = await client.post(
+                f"{stack.auth}/auth/logout", json={"refresh_token": refreshed["refresh_token"]}
+            )
+            assert r.status_code == 204
+            bad = await client.post(
+                f"{stack.auth}/auth/login", json={"email": email, "password": "wrong password"}
+            )
+            assert bad.status_code == 401
+        every = await auth_events.wait_for(5)
+        assert "auth.account.password_changed" in [b["event_type"] for b in every]
+        assert "auth.account.login_failed" in [b["event_type"] for b in every]
+
+    secrets = [
+        password,
+        "another good one",
+        "$argon2",
+        tokens["refresh_token"],
+        refreshed["refresh_token"],
+        "PRIVATE KEY",
+    ]
+    for message in auth_events.messages + user_events.messages:
+        text = message.body.decode() + json.dumps(message.headers or {}, default=str)
+        for secret in secrets:
+            assert secret not in text
+
+
+async def test_a_profile_is_created_once_whether_the_event_or_the_request_comes_first(
+    stack: Stack,
+) -> None:
+    tokens = register_and_login(stack, f"bo-{time.time_ns()}@example.com", "long enough pw")
+    bearer = {"authorization": f"Bearer {tokens['access_token']}"}
+    async with httpx.AsyncClient() as client:
+        first = await client.get(f"{stack.users}/users/me", headers=bearer)
+        assert first.status_code == 200
+        # Whatever happened first, there is exactly one profile, with the registered name.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = await client.get(f"{stack.users}/users/me", headers=bearer)
+            if r.json()["display_name"] == "Ada":
+                break
+            await _sleep(0.1)
+        assert r.json()["display_name"] == "Ada"
+        assert r.json()["user_id"] == first.json()["user_id"]
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)

@@ -1,0 +1,154 @@
+"""The shared consumer runtime: ordering, acks after the handler, skips and the DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+
+from servicekit.consumer import Consumer, Outcome
+from shared_contracts.envelope import Envelope, event_id_for
+from shared_contracts.names import dead_letter_queue
+
+EXCHANGE = "auth.events"
+
+
+def envelope(
+    position: int, *, event_type: str = "auth.account.registered", **over: Any
+) -> dict[str, Any]:
+    user = uuid.uuid4()
+    body = {
+        "event_id": str(event_id_for(user, 1)),
+        "event_type": event_type,
+        "schema_version": 1,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "producer": "auth_svc",
+        "aggregate_id": str(user),
+        "aggregate_version": 1,
+        "position": position,
+        "correlation_id": None,
+        "causation_id": None,
+        "data": {"user_id": str(user), "email": f"u{position}@example.com"},
+    }
+    body.update(over)
+    return body
+
+
+async def publish(
+    amqp_url: str, bodies: list[bytes | dict[str, Any]], key: str = "auth.account.registered"
+) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        for body in bodies:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            await exchange.publish(aio_pika.Message(raw), routing_key=key)
+
+
+async def dlq_depth(amqp_url: str, service: str) -> int:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            dead_letter_queue(service), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        return int(queue.declaration_result.message_count or 0)
+
+
+@asynccontextmanager
+async def consuming(
+    amqp_url: str, service: str, handle: Callable[[Envelope], Any]
+) -> AsyncIterator[Consumer]:
+    consumer = Consumer(
+        service=service,
+        amqp_url=amqp_url,
+        bindings={EXCHANGE: ["auth.account.*"]},
+        handle=handle,
+        delivery_limit=2,
+        retry_delay_seconds=0.05,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    for _ in range(100):
+        if consumer.status.role == "consuming":
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+@pytest.fixture
+def service() -> str:
+    return f"test_{uuid.uuid4().hex[:8]}"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_messages_are_handled_in_order_and_poison_goes_to_the_dlq(
+    amqp_url: str, service: str
+) -> None:
+    seen: list[int] = []
+
+    async def handle(env: Envelope) -> Outcome:
+        if env.data.get("email") == "boom@example.com":
+            raise RuntimeError("handler cannot apply this one")
+        seen.append(env.position)
+        return "applied"
+
+    async with consuming(amqp_url, service, handle):
+        await publish(
+            amqp_url,
+            [
+                envelope(1),
+                b"{not json",
+                envelope(2, data={"user_id": "not-a-uuid"}),  # fails its schema
+                envelope(3),
+                envelope(4, event_type="auth.account.brand_new"),  # unknown: skipped
+                envelope(5, schema_version=9),  # newer version: skipped
+                envelope(6, data={"user_id": str(uuid.uuid4()), "email": "boom@example.com"}),
+                envelope(7),
+            ],
+        )
+        await until(lambda: 7 in seen)
+    assert seen == [1, 3, 7]
+    for _ in range(50):
+        if await dlq_depth(amqp_url, service) == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert await dlq_depth(amqp_url, service) == 3  # not JSON, bad schema, handler failures
+
+
+async def test_a_message_is_not_acked_until_its_handler_succeeds(
+    amqp_url: str, service: str
+) -> None:
+    attempts: list[int] = []
+
+    async def flaky(env: Envelope) -> Outcome:
+        attempts.append(env.position)
+        if len(attempts) == 1:
+            raise RuntimeError("transient")
+        return "applied"
+
+    async with consuming(amqp_url, service, flaky):
+        await publish(amqp_url, [envelope(10)])
+        await until(lambda: len(attempts) == 2)
+    assert attempts == [10, 10]
+    assert await dlq_depth(amqp_url, service) == 0
