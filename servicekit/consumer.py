@@ -153,32 +153,52 @@ class Consumer:
         except ValidationError as exc:
             await self._dead_letter(message, "data failed its schema", exc)
             return
-        try:
-            with context.bound(
-                correlation_id=envelope.correlation_id,
-                causation_id=str(envelope.event_id),
-                request_id=envelope.correlation_id,
-                traceparent=_header(message, "traceparent"),
-            ):
-                outcome = await self.handle(envelope)
-        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
-            MESSAGES.labels(self.service, "retried").inc()
-            log.warning(
-                "handler failed; the message will be retried",
-                extra={
-                    "event_id": str(envelope.event_id),
-                    "event_type": envelope.event_type,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "delivery_count": _header(message, "x-delivery-count"),
-                },
-            )
-            await asyncio.sleep(self.retry_delay)
-            await message.nack(requeue=True)
+        handled = await self._handle_with_retries(message, envelope)
+        if handled is None:
             return
-        MESSAGES.labels(self.service, outcome).inc()
+        MESSAGES.labels(self.service, handled).inc()
         assert self.status.last_position is not None
         self.status.last_position[envelope.producer] = envelope.position
         await message.ack()
+
+    async def _handle_with_retries(
+        self, message: AbstractIncomingMessage, envelope: Envelope
+    ) -> Outcome | None:
+        """Run the handler, retrying in place so that later messages never overtake this one.
+
+        Requeueing through the broker would let the next message be applied first, and a
+        projection that tracks positions would then skip this one as a duplicate. After
+        `delivery_limit` failed attempts the message is dead-lettered. The broker's own
+        delivery limit still catches a message that crashes the process every time.
+        """
+        delay = self.retry_delay
+        error: Exception = RuntimeError("no attempt made")
+        for attempt in range(1, self.delivery_limit + 1):
+            try:
+                with context.bound(
+                    correlation_id=envelope.correlation_id,
+                    causation_id=str(envelope.event_id),
+                    request_id=envelope.correlation_id,
+                    traceparent=_header(message, "traceparent"),
+                ):
+                    return await self.handle(envelope)
+            except Exception as exc:  # noqa: BLE001 - any handler failure is retried
+                error = exc
+                MESSAGES.labels(self.service, "retried").inc()
+                log.warning(
+                    "handler failed",
+                    extra={
+                        "event_id": str(envelope.event_id),
+                        "event_type": envelope.event_type,
+                        "attempt": attempt,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    },
+                )
+                if attempt < self.delivery_limit:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff)
+        await self._dead_letter(message, "handler failed repeatedly", error)
+        return None
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, exc: Exception

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -45,7 +46,7 @@ async def subscribed(
 ) -> AsyncIterator[Received]:
     """Bind a private queue to `exchange` (declaring it if needed) and collect what arrives."""
     connection = await aio_pika.connect(amqp_url)
-    async with connection:
+    try:
         channel = await connection.channel()
         declared = await channel.declare_exchange(
             exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -60,3 +61,7 @@ async def subscribed(
 
         await queue.consume(on_message)
         yield received
+    finally:
+        # A fault test may have closed this connection under us: that is not a failure.
+        with contextlib.suppress(Exception):
+            await connection.close()
