@@ -79,12 +79,13 @@ class Consumer:
             try:
                 await self._consume(stop)
                 backoff = 0.2
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - a worker must outlive any single failure
                 self.status.role = "reconnecting"
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "consumer lost its connection; retrying",
                     extra={"consumer": self.service, "error": self.status.last_error},
+                    exc_info=not isinstance(exc, TRANSIENT_ERRORS),
                 )
                 await sleep_unless_stopped(stop, backoff)
                 backoff = min(backoff * 2, self.max_backoff)

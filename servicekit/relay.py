@@ -65,6 +65,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     aio_pika.exceptions.AMQPException,
     asyncio.TimeoutError,
 )
@@ -159,13 +160,14 @@ class Relay:
             try:
                 await self._lead(stop)
                 backoff = 0.2
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - a worker must outlive any single failure
                 self.status.role = "reconnecting"
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 LEADER.labels(self.producer).set(0)
                 log.warning(
                     "relay lost its connection; retrying",
                     extra={"producer": self.producer, "error": self.status.last_error},
+                    exc_info=not isinstance(exc, TRANSIENT_ERRORS),
                 )
                 await sleep_unless_stopped(stop, backoff)
                 backoff = min(backoff * 2, self.max_backoff)
