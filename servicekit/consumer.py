@@ -79,7 +79,7 @@ class Consumer:
             try:
                 await self._consume(stop)
                 backoff = 0.2
-            except Exception as exc:  # noqa: BLE001 - a worker must outlive any single failure
+            except Exception as exc:
                 self.status.role = "reconnecting"
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(

@@ -160,7 +160,7 @@ class Relay:
             try:
                 await self._lead(stop)
                 backoff = 0.2
-            except Exception as exc:  # noqa: BLE001 - a worker must outlive any single failure
+            except Exception as exc:
                 self.status.role = "reconnecting"
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 LEADER.labels(self.producer).set(0)
