@@ -28,7 +28,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(contracts_app, name="contracts")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 REST_SERVICES = ("auth_svc", "user_svc")
 PRODUCERS = ("auth_svc", "user_svc")
