@@ -35,6 +35,25 @@ REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID = 200
 
 
+_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _series(method: str, template: str, status: int) -> tuple[Any, Any]:
+    """The metric children of one (method, route template, status): looked up once, reused.
+
+    Labels come from route templates, never raw paths, so this stays small.
+    """
+    key = (method, template, status)
+    found = _SERIES.get(key)
+    if found is None:
+        found = (
+            HTTP_REQUESTS.labels(method, template, str(status)),
+            HTTP_LATENCY.labels(method, template),
+        )
+        _SERIES[key] = found
+    return found
+
+
 class RequestContextMiddleware:
     """Keep or make the request id, bind it for logs and events, echo it, count the request."""
 
@@ -79,8 +98,9 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "GET")
-            HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - started)
+            counter, histogram = _series(method, template, status)
+            counter.inc()
+            histogram.observe(time.perf_counter() - started)
             context.reset_context(token)
 
 
