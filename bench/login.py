@@ -1,0 +1,102 @@
+"""POST /auth/login throughput against raw argon2id verifications per second with the same
+parameters on the same cores (target >= 0.8). Interleaved A B A B."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from argon2 import PasswordHasher
+
+from bench.harness import free_port, median, process, temp_database, uvicorn_argv, write_result
+
+SECONDS = 8
+THREADS = 8
+ROUNDS = 2
+PASSWORD = "benchmark password"
+
+
+def raw_argon2(hasher: PasswordHasher) -> float:
+    stored = hasher.hash(PASSWORD)
+    done = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + SECONDS
+
+    def work() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            hasher.verify(stored, PASSWORD)
+            with lock:
+                done += 1
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        for _ in range(THREADS):
+            pool.submit(work)
+    return done / SECONDS
+
+
+def logins(auth: str, emails: list[str]) -> float:
+    done = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + SECONDS
+
+    def work(email: str) -> None:
+        nonlocal done
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < deadline:
+                r = client.post(f"{auth}/auth/login", json={"email": email, "password": PASSWORD})
+                r.raise_for_status()
+                with lock:
+                    done += 1
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(work, emails))
+    return done / SECONDS
+
+
+def main() -> None:
+    from auth_svc.main import init_db
+    from auth_svc.settings import AuthSettings
+
+    settings = AuthSettings()
+    hasher = PasswordHasher(
+        time_cost=settings.argon2_time_cost,
+        memory_cost=settings.argon2_memory_kib,
+        parallelism=settings.argon2_parallelism,
+    )
+    with temp_database("auth") as db:
+        init_db(AuthSettings(database_url=db))
+        port = free_port()
+        auth = f"http://127.0.0.1:{port}"
+        env = {"AUTH_DATABASE_URL": db, "LOG_LEVEL": "WARNING"}
+        with process(uvicorn_argv("auth_svc.main:create_app", port), env, f"{auth}/health/ready"):
+            emails = [f"bench{i}@example.com" for i in range(THREADS)]
+            for email in emails:
+                httpx.post(
+                    f"{auth}/auth/register", json={"email": email, "password": PASSWORD}, timeout=30
+                ).raise_for_status()
+            raw, login = [], []
+            for _ in range(ROUNDS):
+                raw.append(raw_argon2(hasher))
+                login.append(logins(auth, emails))
+    result = {
+        "benchmark": f"POST /auth/login ({THREADS} clients) vs raw argon2id verify ({THREADS} threads)",
+        "argon2": {
+            "t": settings.argon2_time_cost,
+            "m_kib": settings.argon2_memory_kib,
+            "p": settings.argon2_parallelism,
+        },
+        "baseline_verifies_per_s": median(raw),
+        "logins_per_s": median(login),
+        "ratio": round(median(login) / median(raw), 3),
+        "target": "ratio >= 0.8",
+    }
+    write_result("login", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
