@@ -16,7 +16,7 @@ from bench.harness import free_port, median, process, temp_database, uvicorn_arg
 SECONDS = 8
 THREADS = 8
 ROUNDS = 2
-PASSWORD = "benchmark password"
+PASSWORD = "benchmark password"  # noqa: S105 - a throwaway account in a temp database
 
 
 def raw_argon2(hasher: PasswordHasher) -> float:
@@ -83,7 +83,9 @@ def main() -> None:
                 raw.append(raw_argon2(hasher))
                 login.append(logins(auth, emails))
     result = {
-        "benchmark": f"POST /auth/login ({THREADS} clients) vs raw argon2id verify ({THREADS} threads)",
+        "benchmark": (
+            f"POST /auth/login ({THREADS} clients) vs raw argon2id verify ({THREADS} threads)"
+        ),
         "argon2": {
             "t": settings.argon2_time_cost,
             "m_kib": settings.argon2_memory_kib,
