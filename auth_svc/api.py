@@ -34,7 +34,7 @@ from auth_svc.domain import (
     WrongPassword,
 )
 from auth_svc.keys import KeyStore
-from servicekit.problems import PROBLEM_JSON, problem_response
+from servicekit.problems import problem_response, problem_responses
 from servicekit.tokens import InvalidToken, TokenVerifier
 from shared_contracts.tokens import AccessTokenClaims
 
@@ -103,21 +103,8 @@ class JsonWebKeySet(BaseModel):
     keys: list[dict[str, Any]]
 
 
-class ProblemDetail(BaseModel):
-    """application/problem+json (RFC 9457)."""
-
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
-    request_id: str | None = None
-
-
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        code: {"model": ProblemDetail, "content": {PROBLEM_JSON: {}}, "description": desc}
-        for code, desc in ((c, _DESCRIPTIONS.get(c, "Error")) for c in (*codes, 400, 413, 422))
-    }
+    return problem_responses({c: _DESCRIPTIONS.get(c, "Error") for c in (*codes, 400, 413, 422)})
 
 
 _DESCRIPTIONS = {

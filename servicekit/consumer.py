@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from servicekit import context
-from servicekit.aio import sleep_unless_stopped
+from servicekit.aio import supervise
 from servicekit.amqp import declare_consumer_queues
 from servicekit.relay import TRANSIENT_ERRORS
 from shared_contracts.envelope import Envelope
@@ -74,22 +74,20 @@ class Consumer:
         self.status = ConsumerStatus(last_position={})
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-                backoff = 0.2
-            except Exception as exc:
-                self.status.role = "reconnecting"
-                self.status.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "consumer lost its connection; retrying",
-                    extra={"consumer": self.service, "error": self.status.last_error},
-                    exc_info=not isinstance(exc, TRANSIENT_ERRORS),
-                )
-                await sleep_unless_stopped(stop, backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+        await supervise(
+            stop,
+            self._consume,
+            on_failure=self._lost,
+            expected=TRANSIENT_ERRORS,
+            log=log,
+            what=f"consumer {self.service}",
+            max_backoff=self.max_backoff,
+        )
         self.status.role = "stopped"
+
+    def _lost(self, exc: Exception) -> None:
+        self.status.role = "reconnecting"
+        self.status.last_error = f"{type(exc).__name__}: {exc}"
 
     async def _consume(self, stop: asyncio.Event) -> None:
         connection = await aio_pika.connect(self.amqp_url, timeout=10)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servicekit import context
@@ -41,6 +42,28 @@ class Problem(Exception):
             self.title = title
         self.headers = headers or {}
         self.extra = extra or {}
+
+
+class ProblemDetail(BaseModel):
+    """An RFC 9457 problem, served as application/problem+json."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+
+
+def problem_responses(described: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the problems a route answers with."""
+    return {
+        status: {
+            "model": ProblemDetail,
+            "description": text,
+            "content": {PROBLEM_JSON: {}},
+        }
+        for status, text in described.items()
+    }
 
 
 def problem_response(

@@ -28,7 +28,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import Notification
 from prometheus_client import Counter, Gauge, Histogram
 
-from servicekit.aio import sleep_unless_stopped
+from servicekit.aio import sleep_unless_stopped, supervise
 from servicekit.amqp import declare_producer_exchange
 from servicekit.eventstore import connection_kwargs
 from shared_contracts.envelope import Envelope, event_id_for
@@ -155,23 +155,21 @@ class Relay:
         self._channel_name: str = getattr(app.recorder, "channel_name", f"{app.name}_events")
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                await self._lead(stop)
-                backoff = 0.2
-            except Exception as exc:
-                self.status.role = "reconnecting"
-                self.status.last_error = f"{type(exc).__name__}: {exc}"
-                LEADER.labels(self.producer).set(0)
-                log.warning(
-                    "relay lost its connection; retrying",
-                    extra={"producer": self.producer, "error": self.status.last_error},
-                    exc_info=not isinstance(exc, TRANSIENT_ERRORS),
-                )
-                await sleep_unless_stopped(stop, backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+        await supervise(
+            stop,
+            self._lead,
+            on_failure=self._lost,
+            expected=TRANSIENT_ERRORS,
+            log=log,
+            what=f"relay {self.producer}",
+            max_backoff=self.max_backoff,
+        )
         self.status.role = "stopped"
+        LEADER.labels(self.producer).set(0)
+
+    def _lost(self, exc: Exception) -> None:
+        self.status.role = "reconnecting"
+        self.status.last_error = f"{type(exc).__name__}: {exc}"
         LEADER.labels(self.producer).set(0)
 
     async def _lead(self, stop: asyncio.Event) -> None:

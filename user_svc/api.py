@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from servicekit.problems import Problem
+from servicekit.problems import Problem, problem_responses
 from servicekit.tokens import InvalidToken, TokenVerifier
 from shared_contracts.tokens import AccessTokenClaims
 from user_svc.application import ProfileService, StaleProfileVersion
@@ -85,25 +85,8 @@ class ProfilePatch(BaseModel):
         return valid_value(info.field_name, value)
 
 
-class ProblemOut(BaseModel):
-    """An RFC 9457 problem (served as application/problem+json)."""
-
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
-    request_id: str | None = None
-
-
 def _problems(**described: str) -> dict[int | str, dict[str, Any]]:
-    schema = ProblemOut.model_json_schema()
-    return {
-        int(status.removeprefix("p")): {
-            "description": text,
-            "content": {"application/problem+json": {"schema": schema}},
-        }
-        for status, text in described.items()
-    }
+    return problem_responses({int(key.removeprefix("p")): text for key, text in described.items()})
 
 
 _TOKEN_PROBLEMS = {"p401": "Missing, expired or invalid bearer token"}
