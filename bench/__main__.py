@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["bench.users_me", "bench.login", "bench.relay_backlog"]
+BENCHMARKS = ["bench.users_me", "bench.login", "bench.patch_profile", "bench.relay_backlog"]
 
 
 def main() -> None:

@@ -45,6 +45,9 @@ def profile_service(settings: UserSettings) -> ProfileService:
             pool_size=settings.db_pool_size + FOLLOWER_CONNECTIONS,
             max_overflow=settings.db_max_overflow,
             lock_timeout=settings.db_lock_timeout_seconds,
+            # Writes load the aggregate first: keep recent ones in memory and only read the
+            # events appended since (fast-forward), instead of replaying each whole stream.
+            extra={"AGGREGATE_CACHE_MAXSIZE": "10000", "AGGREGATE_CACHE_FASTFORWARD": "y"},
         )
     )
 

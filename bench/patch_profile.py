@@ -1,0 +1,134 @@
+"""PATCH /users/me throughput (64 users, 8 connections) against raw `app.save()` of one
+profile update event from 8 threads, on the same database server, in one run.
+
+Target: >= 0.6. Runs interleaved A B A B.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from bench.harness import free_port, median, process, temp_database, uvicorn_argv, write_result
+from servicekit.eventstore import eventsourcing_env
+
+SECONDS = 6
+THREADS = 8
+USERS = 64
+ROUNDS = 2
+
+LUA = """
+tokens = {%s}
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = '{"bio": "bio ' .. counter .. '"}'
+  return wrk.format("PATCH", "/users/me", {
+    ["Authorization"] = "Bearer " .. tokens[(counter %% #tokens) + 1],
+    ["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def raw_saves(db: str) -> float:
+    from user_svc.application import ProfileService
+    from user_svc.domain import Profile
+
+    app = ProfileService(env=eventsourcing_env(db, pool_size=THREADS))
+    profiles = [Profile.create(uuid.uuid4(), email=None) for _ in range(USERS)]
+    app.save(*profiles)
+    done = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + SECONDS
+
+    def work(mine: list[Profile]) -> None:
+        nonlocal done
+        i = 0
+        while time.monotonic() < deadline:
+            profile = mine[i % len(mine)]
+            profile.update({"bio": f"bio {i}"})
+            app.save(profile)
+            i += 1
+            with lock:
+                done += 1
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(work, [profiles[t::THREADS] for t in range(THREADS)]))
+    app.close()
+    return done / SECONDS
+
+
+def main() -> None:
+    import subprocess
+
+    from auth_svc.main import init_db as init_auth
+    from auth_svc.settings import AuthSettings
+    from user_svc.main import init_db as init_users
+    from user_svc.settings import UserSettings
+
+    with temp_database("auth") as auth_db, temp_database("users") as users_db:
+        init_auth(AuthSettings(database_url=auth_db))
+        init_users(UserSettings(database_url=users_db))
+        ports = {"auth": free_port(), "user": free_port()}
+        auth = f"http://127.0.0.1:{ports['auth']}"
+        users = f"http://127.0.0.1:{ports['user']}"
+        env = {
+            "AUTH_DATABASE_URL": auth_db,
+            "USER_DATABASE_URL": users_db,
+            "AUTH_ARGON2_TIME_COST": "1",
+            "AUTH_ARGON2_MEMORY_KIB": "1024",
+            "USER_JWKS_URL": f"{auth}/auth/.well-known/jwks.json",
+            "LOG_LEVEL": "WARNING",
+        }
+        with (
+            process(
+                uvicorn_argv("auth_svc.main:create_app", ports["auth"]), env, f"{auth}/health/ready"
+            ),
+            process(
+                uvicorn_argv("user_svc.main:create_app", ports["user"]),
+                env,
+                f"{users}/health/ready",
+            ),
+        ):
+            tokens = []
+            for i in range(USERS):
+                body = {"email": f"p{i}@example.com", "password": "benchmark password"}
+                httpx.post(f"{auth}/auth/register", json=body, timeout=30).raise_for_status()
+                tokens.append(httpx.post(f"{auth}/auth/login", json=body).json()["access_token"])
+            for token in tokens:
+                httpx.get(f"{users}/users/me", headers={"Authorization": f"Bearer {token}"})
+            script = Path(tempfile.mkstemp(suffix=".lua")[1])
+            script.write_text(LUA % ", ".join(f'"{t}"' for t in tokens))
+            raw, patched = [], []
+            for _ in range(ROUNDS):
+                raw.append(raw_saves(users_db))
+                out = subprocess.run(
+                    ["wrk", "-t2", f"-c{THREADS}", f"-d{SECONDS}s", "-s", str(script), users],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                patched.append(float(out.split("Requests/sec:")[1].split()[0]))
+            script.unlink()
+    result = {
+        "benchmark": (
+            f"PATCH /users/me ({THREADS} connections) vs raw app.save() ({THREADS} threads)"
+        ),
+        "baseline_saves_per_s": median(raw),
+        "patches_per_s": median(patched),
+        "ratio": round(median(patched) / median(raw), 3),
+        "target": "ratio >= 0.6",
+    }
+    write_result("patch_profile", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
