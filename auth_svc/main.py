@@ -36,7 +36,12 @@ def init_db(settings: AuthSettings | None = None) -> None:
 
 def build_service(settings: AuthSettings, keys: KeyStore | None = None) -> AuthService:
     env = eventsourcing_env(
-        settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        # Every login appends to its account: keep recent accounts in memory and read only
+        # the events appended since (fast-forward) instead of replaying from a snapshot.
+        extra={"AGGREGATE_CACHE_MAXSIZE": "10000", "AGGREGATE_CACHE_FASTFORWARD": "y"},
     )
     return AuthService(env=env, settings=settings, signer=keys)
 
