@@ -15,6 +15,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError, Tracking
 
 from servicekit import context
+from servicekit.consumer import Outcome
 from servicekit.eventstore import EventSourcedApplication
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
@@ -84,7 +85,7 @@ class ProfileService(EventSourcedApplication):
         profile = self._load(user_id)
         return ProfileView.of(profile) if profile is not None else None
 
-    def on_account_registered(self, envelope: Envelope) -> None:
+    def on_account_registered(self, envelope: Envelope) -> Outcome:
         """Create (or complete) the profile of a newly registered account.
 
         The producer's position is recorded with the new events in one transaction, so a
@@ -97,7 +98,7 @@ class ProfileService(EventSourcedApplication):
         ):
             for _ in range(MAX_ATTEMPTS):
                 if self.tracked_position(producer) >= envelope.position:
-                    return
+                    return "duplicate"
                 profile = self._load(registered.user_id)
                 if profile is None:
                     profile = Profile.create(
@@ -111,7 +112,7 @@ class ProfileService(EventSourcedApplication):
                     self.save_tracked(profile, tracking=Tracking(producer, envelope.position))
                 except IntegrityError:
                     continue  # A request saved this profile meanwhile, or a redelivery won.
-                return
+                return "applied"
         raise _contention(registered.user_id)
 
     def _load(self, user_id: uuid.UUID) -> Profile | None:

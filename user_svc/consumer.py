@@ -18,10 +18,7 @@ SERVICE = "user_svc"
 
 def profiles_from_registrations(settings: UserSettings, profiles: ProfileService) -> Consumer:
     async def handle(envelope: Envelope) -> Outcome:
-        if envelope.position <= await run_in_threadpool(profiles.tracked_position, "auth_svc"):
-            return "duplicate"
-        await run_in_threadpool(profiles.on_account_registered, envelope)
-        return "applied"
+        return await run_in_threadpool(profiles.on_account_registered, envelope)
 
     return Consumer(
         service=SERVICE,

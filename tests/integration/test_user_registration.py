@@ -94,11 +94,11 @@ def test_new_events_record_the_message_that_caused_them(service: ProfileService)
 def test_a_redelivered_registration_changes_nothing(service: ProfileService) -> None:
     user_id = uuid.uuid4()
     envelope = registered(user_id)
-    service.on_account_registered(envelope)
+    assert service.on_account_registered(envelope) == "applied"
     service.update(user_id, {"display_name": "Countess"})
 
-    service.on_account_registered(envelope)
-    service.on_account_registered(envelope)
+    assert service.on_account_registered(envelope) == "duplicate"
+    assert service.on_account_registered(envelope) == "duplicate"
 
     assert len(events_of(service, user_id)) == 2
     profile = service.public_profile(user_id)
