@@ -17,6 +17,7 @@ from auth_svc.contracts import to_contract
 from auth_svc.main import create_app, init_db
 from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs
+from tests.support.auth import cheap_auth_settings
 
 PASSWORD = "correct horse battery"
 EMAIL = "ada@example.com"
@@ -24,15 +25,9 @@ JSON_ENDPOINTS = ["/auth/register", "/auth/login", "/auth/refresh", "/auth/logou
 
 
 def cheap_settings(database_url: str, **overrides: Any) -> AuthSettings:
-    fields: dict[str, Any] = {
-        "database_url": database_url,
-        "argon2_time_cost": 1,
-        "argon2_memory_kib": 1024,
-        "db_pool_size": 10,
-        "lockout_threshold": 3,
-        **overrides,
-    }
-    return AuthSettings(**fields)
+    return cheap_auth_settings(
+        database_url, **{**dict(db_pool_size=10, lockout_threshold=3), **overrides}
+    )
 
 
 @pytest.fixture

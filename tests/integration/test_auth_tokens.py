@@ -25,20 +25,14 @@ from auth_svc.main import create_app, init_db
 from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.tokens import InvalidToken, PublicKey, TokenVerifier, parse_jwks
+from tests.support.auth import cheap_auth_settings
 
 PASSWORD = "correct horse battery"
 EMAIL = "ada@example.com"
 
 
 def cheap_settings(database_url: str, **overrides: Any) -> AuthSettings:
-    fields: dict[str, Any] = {
-        "database_url": database_url,
-        "argon2_time_cost": 1,
-        "argon2_memory_kib": 1024,
-        "keys_refresh_seconds": 0.2,
-        **overrides,
-    }
-    return AuthSettings(**fields)
+    return cheap_auth_settings(database_url, **{**dict(keys_refresh_seconds=0.2), **overrides})
 
 
 @pytest.fixture
