@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 import httpx
@@ -127,3 +128,41 @@ def write_result(name: str, result: dict[str, object]) -> None:
     out.mkdir(exist_ok=True)
     day = time.strftime("%Y-%m-%d")
     (out / f"{day}-{name}.json").write_text(__import__("json").dumps(result, indent=2) + "\n")
+
+
+class Services(NamedTuple):
+    auth: str
+    users: str
+    users_db: str
+
+
+@contextlib.contextmanager
+def auth_and_users(extra_env: dict[str, str] | None = None) -> Iterator[Services]:
+    """auth_svc and user_svc on fresh databases, each its own uvicorn."""
+    from auth_svc.main import init_db as init_auth
+    from auth_svc.settings import AuthSettings
+    from user_svc.main import init_db as init_users
+    from user_svc.settings import UserSettings
+
+    with temp_database("auth") as auth_db, temp_database("users") as users_db:
+        init_auth(AuthSettings(database_url=auth_db))
+        init_users(UserSettings(database_url=users_db))
+        auth_port, user_port = free_port(), free_port()
+        auth = f"http://127.0.0.1:{auth_port}"
+        users = f"http://127.0.0.1:{user_port}"
+        env = {
+            "AUTH_DATABASE_URL": auth_db,
+            "USER_DATABASE_URL": users_db,
+            "USER_JWKS_URL": f"{auth}/auth/.well-known/jwks.json",
+            "LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
+        }
+        with (
+            process(
+                uvicorn_argv("auth_svc.main:create_app", auth_port), env, f"{auth}/health/ready"
+            ),
+            process(
+                uvicorn_argv("user_svc.main:create_app", user_port), env, f"{users}/health/ready"
+            ),
+        ):
+            yield Services(auth, users, users_db)

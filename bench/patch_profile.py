@@ -7,6 +7,7 @@ Target: >= 0.6. Runs interleaved A B A B.
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import free_port, median, process, temp_database, uvicorn_argv, write_result
+from bench.harness import auth_and_users, median, write_result
 from servicekit.eventstore import eventsourcing_env
 
 SECONDS = 6
@@ -66,57 +67,28 @@ def raw_saves(db: str) -> float:
 
 
 def main() -> None:
-    import subprocess
-
-    from auth_svc.main import init_db as init_auth
-    from auth_svc.settings import AuthSettings
-    from user_svc.main import init_db as init_users
-    from user_svc.settings import UserSettings
-
-    with temp_database("auth") as auth_db, temp_database("users") as users_db:
-        init_auth(AuthSettings(database_url=auth_db))
-        init_users(UserSettings(database_url=users_db))
-        ports = {"auth": free_port(), "user": free_port()}
-        auth = f"http://127.0.0.1:{ports['auth']}"
-        users = f"http://127.0.0.1:{ports['user']}"
-        env = {
-            "AUTH_DATABASE_URL": auth_db,
-            "USER_DATABASE_URL": users_db,
-            "AUTH_ARGON2_TIME_COST": "1",
-            "AUTH_ARGON2_MEMORY_KIB": "1024",
-            "USER_JWKS_URL": f"{auth}/auth/.well-known/jwks.json",
-            "LOG_LEVEL": "WARNING",
-        }
-        with (
-            process(
-                uvicorn_argv("auth_svc.main:create_app", ports["auth"]), env, f"{auth}/health/ready"
-            ),
-            process(
-                uvicorn_argv("user_svc.main:create_app", ports["user"]),
-                env,
-                f"{users}/health/ready",
-            ),
-        ):
-            tokens = []
-            for i in range(USERS):
-                body = {"email": f"p{i}@example.com", "password": "benchmark password"}
-                httpx.post(f"{auth}/auth/register", json=body, timeout=30).raise_for_status()
-                tokens.append(httpx.post(f"{auth}/auth/login", json=body).json()["access_token"])
-            for token in tokens:
-                httpx.get(f"{users}/users/me", headers={"Authorization": f"Bearer {token}"})
-            script = Path(tempfile.mkstemp(suffix=".lua")[1])
-            script.write_text(LUA % ", ".join(f'"{t}"' for t in tokens))
-            raw, patched = [], []
-            for _ in range(ROUNDS):
-                raw.append(raw_saves(users_db))
-                out = subprocess.run(
-                    ["wrk", "-t2", f"-c{THREADS}", f"-d{SECONDS}s", "-s", str(script), users],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                patched.append(float(out.split("Requests/sec:")[1].split()[0]))
-            script.unlink()
+    cheap_hashing = {"AUTH_ARGON2_TIME_COST": "1", "AUTH_ARGON2_MEMORY_KIB": "1024"}
+    with auth_and_users(cheap_hashing) as (auth, users, users_db):
+        tokens = []
+        for i in range(USERS):
+            body = {"email": f"p{i}@example.com", "password": "benchmark password"}
+            httpx.post(f"{auth}/auth/register", json=body, timeout=30).raise_for_status()
+            tokens.append(httpx.post(f"{auth}/auth/login", json=body).json()["access_token"])
+        for token in tokens:
+            httpx.get(f"{users}/users/me", headers={"Authorization": f"Bearer {token}"})
+        script = Path(tempfile.mkstemp(suffix=".lua")[1])
+        script.write_text(LUA % ", ".join(f'"{t}"' for t in tokens))
+        raw, patched = [], []
+        for _ in range(ROUNDS):
+            raw.append(raw_saves(users_db))
+            out = subprocess.run(
+                ["wrk", "-t2", f"-c{THREADS}", f"-d{SECONDS}s", "-s", str(script), users],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            patched.append(float(out.split("Requests/sec:")[1].split()[0]))
+        script.unlink()
     result = {
         "benchmark": (
             f"PATCH /users/me ({THREADS} connections) vs raw app.save() ({THREADS} threads)"

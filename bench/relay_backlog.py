@@ -13,6 +13,7 @@ import statistics
 import time
 
 import aio_pika
+import psycopg
 
 from bench.harness import median, temp_database, temp_vhost, write_result
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
@@ -52,21 +53,23 @@ async def raw_publish(amqp_url: str, bodies: list[bytes]) -> float:
         return len(bodies) / (time.perf_counter() - started)
 
 
-async def relay_catch_up(app: MemberApp, db: str, amqp_url: str) -> float:
-    import psycopg
-
-    with psycopg.connect(**connection_kwargs(db), autocommit=True) as conn:
-        conn.execute("DELETE FROM relay_positions")
-    latest = app.recorder.max_notification_id() or 0
-    relay = Relay(
+def bench_relay(app: MemberApp, db: str, amqp_url: str, **options: int) -> Relay:
+    return Relay(
         app,
         producer="bench",
         exchange=EXCHANGE,
         to_contract=to_contract,
         amqp_url=amqp_url,
         database_url=db,
-        batch_size=BATCH,
+        **options,
     )
+
+
+async def relay_catch_up(app: MemberApp, db: str, amqp_url: str) -> float:
+    with psycopg.connect(**connection_kwargs(db), autocommit=True) as conn:
+        conn.execute("DELETE FROM relay_positions")
+    latest = app.recorder.max_notification_id() or 0
+    relay = bench_relay(app, db, amqp_url, batch_size=BATCH)
     stop = asyncio.Event()
     started = time.perf_counter()
     task = asyncio.create_task(relay.run(stop))
@@ -80,14 +83,7 @@ async def relay_catch_up(app: MemberApp, db: str, amqp_url: str) -> float:
 
 async def latency_at_100_per_second(app: MemberApp, db: str, amqp_url: str) -> list[float]:
     """Seconds from app.save() returning to the message arriving at a subscriber."""
-    relay = Relay(
-        app,
-        producer="bench",
-        exchange=EXCHANGE,
-        to_contract=to_contract,
-        amqp_url=amqp_url,
-        database_url=db,
-    )
+    relay = bench_relay(app, db, amqp_url)
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
     arrived: dict[str, float] = {}

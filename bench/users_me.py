@@ -10,10 +10,10 @@ import json
 import httpx
 
 from bench.harness import (
+    auth_and_users,
     free_port,
     median,
     process,
-    temp_database,
     uvicorn_argv,
     write_result,
     wrk,
@@ -24,57 +24,28 @@ SECONDS = 5
 
 
 def main() -> None:
-    with temp_database("auth") as auth_db, temp_database("users") as users_db:
-        ports = {"auth": free_port(), "user": free_port(), "hello": free_port()}
-        env = {
-            "AUTH_DATABASE_URL": auth_db,
-            "USER_DATABASE_URL": users_db,
-            "AUTH_PORT": str(ports["auth"]),
-            "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth']}/auth/.well-known/jwks.json",
-            "LOG_LEVEL": "WARNING",
-        }
-        from auth_svc.main import init_db as init_auth
-        from auth_svc.settings import AuthSettings
-        from user_svc.main import init_db as init_users
-        from user_svc.settings import UserSettings
-
-        init_auth(AuthSettings(database_url=auth_db))
-        init_users(UserSettings(database_url=users_db))
-        auth = f"http://127.0.0.1:{ports['auth']}"
-        users = f"http://127.0.0.1:{ports['user']}"
-        with (
-            process(
-                uvicorn_argv("auth_svc.main:create_app", ports["auth"]), env, f"{auth}/health/ready"
-            ),
-            process(
-                uvicorn_argv("user_svc.main:create_app", ports["user"]),
-                env,
-                f"{users}/health/ready",
-            ),
-            process(
-                uvicorn_argv("bench.hello:create_app", ports["hello"]),
-                env,
-                f"http://127.0.0.1:{ports['hello']}/hello",
-            ),
-        ):
-            body = {"email": "bench@example.com", "password": "benchmark password"}
-            httpx.post(f"{auth}/auth/register", json=body, timeout=30).raise_for_status()
-            token = httpx.post(f"{auth}/auth/login", json=body, timeout=30).json()["access_token"]
-            bearer = {"Authorization": f"Bearer {token}"}
-            httpx.get(f"{users}/users/me", headers=bearer, timeout=10).raise_for_status()
-            hello, target = [], []
-            for _ in range(ROUNDS):
-                hello.append(
-                    wrk(
-                        f"http://127.0.0.1:{ports['hello']}/hello",
-                        seconds=SECONDS,
-                        connections=64,
-                        headers={},
-                    )
+    hello_port = free_port()
+    hello_url = f"http://127.0.0.1:{hello_port}/hello"
+    with (
+        auth_and_users() as (auth, users, _),
+        process(uvicorn_argv("bench.hello:create_app", hello_port), {}, hello_url),
+    ):
+        body = {"email": "bench@example.com", "password": "benchmark password"}
+        httpx.post(f"{auth}/auth/register", json=body, timeout=30).raise_for_status()
+        token = httpx.post(f"{auth}/auth/login", json=body, timeout=30).json()["access_token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+        httpx.get(f"{users}/users/me", headers=bearer, timeout=10).raise_for_status()
+        hello, target = [], []
+        for _ in range(ROUNDS):
+            hello.append(
+                wrk(
+                    hello_url,
+                    seconds=SECONDS,
+                    connections=64,
+                    headers={},
                 )
-                target.append(
-                    wrk(f"{users}/users/me", seconds=SECONDS, connections=64, headers=bearer)
-                )
+            )
+            target.append(wrk(f"{users}/users/me", seconds=SECONDS, connections=64, headers=bearer))
     result = {
         "benchmark": "GET /users/me vs hello-world (64 connections, 1 uvicorn worker each)",
         "baseline_rps": median([r["rps"] for r in hello]),
