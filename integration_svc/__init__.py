@@ -1,0 +1,1 @@
+"""integration_svc: outbound Standard Webhooks delivered once per event and endpoint."""
