@@ -1,37 +1,59 @@
 """The consumer runtime every consuming service uses.
 
 Each service reads its own durable quorum queue `<service>.q` (single active consumer, so
-replicas are safe and per-producer order is kept), acks only after its handler has committed,
-and lets the broker dead-letter a message to `<service>.dlq` after `delivery_limit` failed
-attempts. Messages that can never succeed (not JSON, not an envelope, data failing its
-schema) go to the DLQ at once; unknown event types and newer schema versions are acked and
-counted, so a producer can evolve ahead of its consumers.
+replicas are safe and per-producer order is kept) and acks only after its handler has
+committed. When a backlog exists, the messages already delivered (up to the prefetch) are
+handed over as one batch, so a projection applies many events in one transaction.
+
+Outcomes, each logged and counted in `consumer_messages_total`:
+- not JSON, not an envelope, or data failing its schema: dead-lettered at once;
+- unknown event type or newer schema version: acked and skipped, so a producer can evolve
+  ahead of its consumers;
+- at or below the recorded position: acked as a duplicate (the handler decides);
+- the handler fails: the batch is retried one message at a time, in place (requeueing would
+  let later messages overtake it), with backoff; after `delivery_limit` failures the message
+  is dead-lettered with its error and the messages behind it go on;
+- the database or the broker is down: retried until it is back, never dead-lettered.
+
+A dead-lettered message is published to `<service>.dlx` with the error in its headers, then
+acked; the handler is told (`park`) so that a later `esctl dlq retry` is applied even though
+later positions have been applied meanwhile. The broker's own delivery limit still catches a
+message that crashes the process every time; its last attempt is parked beforehand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client import Counter
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from servicekit import context
-from servicekit.aio import supervise
-from servicekit.amqp import declare_consumer_queues
+from servicekit.aio import sleep_unless_stopped, supervise
+from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
+from servicekit.projection import (
+    Applied,
+    Outcome,
+    ProjectionStore,
+    is_newer_version,
+    validated,
+)
 from servicekit.relay import TRANSIENT_ERRORS
 from shared_contracts.envelope import Envelope
-from shared_contracts.events import CONTRACTS, contract_for
 
 log = logging.getLogger("servicekit.consumer")
 
-Outcome = Literal["applied", "duplicate"]
-Handler = Callable[[Envelope], Awaitable[Outcome]]
+__all__ = ["BatchHandler", "Consumer", "Outcome", "ProjectionHandler", "one_at_a_time"]
+
+# Failures of the infrastructure, not of the message: retried until they pass.
+INFRASTRUCTURE_ERRORS = TRANSIENT_ERRORS
 
 MESSAGES = Counter(
     "consumer_messages_total",
@@ -39,13 +61,65 @@ MESSAGES = Counter(
     "dead_lettered, retried",
     ["service", "outcome"],
 )
+BATCH_SIZE = Histogram(
+    "consumer_batch_size",
+    "Messages handled per batch (one transaction)",
+    ["service"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+POSITION = Gauge(
+    "consumer_position", "Last position applied or skipped, per producer", ["service", "producer"]
+)
+LAG_SECONDS = Gauge(
+    "consumer_lag_seconds",
+    "Age of the last event handled when it was handled, per producer",
+    ["service", "producer"],
+)
+
+
+class BatchHandler(Protocol):
+    """What the runtime feeds: a batch in, one outcome per event out, in one transaction."""
+
+    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]: ...
+
+    async def park(self, envelope: Envelope, reason: str) -> None: ...
+
+
+class ProjectionHandler:
+    """Feeds a projection's live generation."""
+
+    def __init__(self, store: ProjectionStore) -> None:
+        self.store = store
+
+    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+        return await self.store.apply_batch(events)
+
+    async def park(self, envelope: Envelope, reason: str) -> None:
+        await self.store.park(envelope, reason)
+
+
+class _OneAtATime:
+    def __init__(self, handle: Callable[[Envelope], Awaitable[Outcome]]) -> None:
+        self._handle = handle
+
+    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+        return [await self._handle(item.envelope) for item in events]
+
+    async def park(self, envelope: Envelope, reason: str) -> None:
+        """Nothing to remember: such handlers track positions themselves."""
+
+
+def one_at_a_time(handle: Callable[[Envelope], Awaitable[Outcome]]) -> BatchHandler:
+    """A BatchHandler for a handler that takes one envelope (and its own transaction)."""
+    return _OneAtATime(handle)
 
 
 @dataclass
 class ConsumerStatus:
     role: str = "starting"  # starting | consuming | reconnecting | stopped
     last_error: str | None = None
-    last_position: dict[str, int] | None = None
+    last_position: dict[str, int] = field(default_factory=dict)
+    handled: int = 0
 
 
 class Consumer:
@@ -57,8 +131,9 @@ class Consumer:
         service: str,
         amqp_url: str,
         bindings: dict[str, list[str]],
-        handle: Handler,
-        prefetch: int = 100,
+        handler: BatchHandler,
+        prefetch: int = 500,
+        batch_size: int = 500,
         delivery_limit: int = 5,
         retry_delay_seconds: float = 0.5,
         max_backoff_seconds: float = 10.0,
@@ -66,19 +141,22 @@ class Consumer:
         self.service = service
         self.amqp_url = amqp_url
         self.bindings = bindings
-        self.handle = handle
+        self.handler = handler
         self.prefetch = prefetch
+        self.batch_size = max(1, min(batch_size, prefetch))
         self.delivery_limit = delivery_limit
         self.retry_delay = retry_delay_seconds
         self.max_backoff = max_backoff_seconds
-        self.status = ConsumerStatus(last_position={})
+        self.status = ConsumerStatus()
+        self._stop = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         await supervise(
             stop,
             self._consume,
             on_failure=self._lost,
-            expected=TRANSIENT_ERRORS,
+            expected=INFRASTRUCTURE_ERRORS,
             log=log,
             what=f"consumer {self.service}",
             max_backoff=self.max_backoff,
@@ -97,119 +175,207 @@ class Consumer:
             queue = await declare_consumer_queues(
                 channel, self.service, self.bindings, delivery_limit=self.delivery_limit
             )
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             closed = asyncio.Event()
             connection.close_callbacks.add(lambda *_: closed.set())
+            channel.close_callbacks.add(lambda *_: closed.set())
+            tag = await queue.consume(inbox.put, no_ack=False)
             self.status.role = "consuming"
             self.status.last_error = None
             log.info("consumer started", extra={"consumer": self.service, "queue": queue.name})
-            async with queue.iterator() as messages:
-                stop_task = asyncio.ensure_future(stop.wait())
-                closed_task = asyncio.ensure_future(closed.wait())
+            stop_task = asyncio.ensure_future(stop.wait())
+            closed_task = asyncio.ensure_future(closed.wait())
+            try:
+                while not stop.is_set():
+                    next_task = asyncio.ensure_future(inbox.get())
+                    done, _ = await asyncio.wait(
+                        {next_task, stop_task, closed_task}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if next_task not in done:
+                        next_task.cancel()
+                        if closed_task in done:
+                            raise ConnectionError("broker connection closed")
+                        break
+                    batch = [next_task.result()]
+                    while len(batch) < self.batch_size and not inbox.empty():
+                        batch.append(inbox.get_nowait())
+                    await self._process(channel, batch)
+            finally:
+                stop_task.cancel()
+                closed_task.cancel()
+                if not closed.is_set():
+                    await queue.cancel(tag)
+
+    async def _process(
+        self, channel: AbstractChannel, batch: list[AbstractIncomingMessage]
+    ) -> None:
+        """Triage, hand the good ones over as one batch, then settle every message."""
+        BATCH_SIZE.labels(self.service).observe(len(batch))
+        good: list[tuple[AbstractIncomingMessage, Applied]] = []
+        for message in batch:
+            try:
+                envelope = Envelope.model_validate_json(message.body)
+            except ValidationError as exc:
+                await self._dead_letter(channel, message, None, "malformed envelope", exc)
+                continue
+            try:
+                event = validated(envelope)
+            except ValidationError as exc:
+                await self._dead_letter(channel, message, envelope, "data failed its schema", exc)
+                continue
+            if event is None:
+                self._skip(envelope)
+                continue
+            if _delivery_count(message) >= self.delivery_limit - 1:
+                # The broker dead-letters this message if the process dies once more.
+                await self.handler.park(envelope, "delivery limit reached")
+            good.append((message, Applied(envelope, event)))
+        if good:
+            await self._handle(channel, good)
+        unsettled = [m for m in batch if not m.processed]
+        if unsettled:  # one ack settles it and every earlier delivery of the batch
+            await unsettled[-1].ack(multiple=True)
+
+    async def _handle(
+        self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, Applied]]
+    ) -> None:
+        events = [applied for _, applied in good]
+        try:
+            outcomes = await self._call(events)
+        except _HandlerFailed:
+            for message, applied in good:  # find the poison, apply the others
                 try:
-                    while not stop.is_set():
-                        next_task = asyncio.ensure_future(anext(messages))
-                        done, _ = await asyncio.wait(
-                            {next_task, stop_task, closed_task},
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                        if next_task not in done:
-                            next_task.cancel()
-                            if closed_task in done:
-                                raise ConnectionError("broker connection closed")
-                            break
-                        await self._process(next_task.result())
-                finally:
-                    stop_task.cancel()
-                    closed_task.cancel()
+                    outcome = (await self._call([applied], retries=self.delivery_limit))[0]
+                except _HandlerFailed as failed:
+                    await self._dead_letter(
+                        channel, message, applied.envelope, "handler failed", failed.error
+                    )
+                    await self.handler.park(applied.envelope, f"handler failed: {failed.error}")
+                    continue
+                self._count(applied.envelope, outcome)
+            return
+        for (_, applied), outcome in zip(good, outcomes, strict=True):
+            self._count(applied.envelope, outcome)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
-        try:
-            envelope = Envelope.model_validate_json(message.body)
-        except ValidationError as exc:
-            await self._dead_letter(message, "malformed envelope", exc)
-            return
-        contract = contract_for(envelope.event_type, envelope.schema_version)
-        if contract is None:
-            outcome = "skipped_unknown"
-            if any(
-                t == envelope.event_type and v < envelope.schema_version for (t, v) in CONTRACTS
-            ):
-                outcome = "skipped_newer_version"
-            MESSAGES.labels(self.service, outcome).inc()
-            log.info(
-                "skipping an event this build does not know",
-                extra={
-                    "event_id": str(envelope.event_id),
-                    "event_type": envelope.event_type,
-                    "schema_version": envelope.schema_version,
-                    "outcome": outcome,
-                },
-            )
-            await message.ack()
-            return
-        try:
-            contract.model_validate(envelope.data)
-        except ValidationError as exc:
-            await self._dead_letter(message, "data failed its schema", exc)
-            return
-        handled = await self._handle_with_retries(message, envelope)
-        if handled is None:
-            return
-        MESSAGES.labels(self.service, handled).inc()
-        assert self.status.last_position is not None
-        self.status.last_position[envelope.producer] = envelope.position
-        await message.ack()
-
-    async def _handle_with_retries(
-        self, message: AbstractIncomingMessage, envelope: Envelope
-    ) -> Outcome | None:
-        """Run the handler, retrying in place so that later messages never overtake this one.
-
-        Requeueing through the broker would let the next message be applied first, and a
-        projection that tracks positions would then skip this one as a duplicate. After
-        `delivery_limit` failed attempts the message is dead-lettered. The broker's own
-        delivery limit still catches a message that crashes the process every time.
-        """
+    async def _call(self, events: list[Applied], retries: int = 1) -> Sequence[Outcome]:
+        """Run the handler; infrastructure failures are waited out, others retried."""
         delay = self.retry_delay
-        error: Exception = RuntimeError("no attempt made")
-        for attempt in range(1, self.delivery_limit + 1):
+        attempt = 0
+        first = events[0].envelope
+        while True:
             try:
                 with context.bound(
-                    correlation_id=envelope.correlation_id,
-                    causation_id=str(envelope.event_id),
-                    request_id=envelope.correlation_id,
-                    traceparent=_header(message, "traceparent"),
+                    correlation_id=first.correlation_id,
+                    causation_id=str(first.event_id),
+                    request_id=first.correlation_id,
                 ):
-                    return await self.handle(envelope)
-            except Exception as exc:  # noqa: BLE001 - any handler failure is retried
-                error = exc
+                    return await self.handler.handle(events)
+            except INFRASTRUCTURE_ERRORS as exc:
+                if self._stop.is_set():
+                    raise
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "handler's database or broker is unavailable; waiting",
+                    extra={"error": self.status.last_error},
+                )
+            except Exception as exc:
+                attempt += 1
                 MESSAGES.labels(self.service, "retried").inc()
                 log.warning(
                     "handler failed",
                     extra={
-                        "event_id": str(envelope.event_id),
-                        "event_type": envelope.event_type,
+                        "event_id": str(first.event_id),
+                        "event_type": first.event_type,
+                        "batch": len(events),
                         "attempt": attempt,
                         "error": f"{type(exc).__name__}: {exc}",
                     },
                 )
-                if attempt < self.delivery_limit:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff)
-        await self._dead_letter(message, "handler failed repeatedly", error)
-        return None
+                if attempt >= retries:
+                    raise _HandlerFailed(exc) from exc
+            await sleep_unless_stopped(self._stop, delay)
+            if self._stop.is_set():
+                raise ConnectionAbortedError("stopping with the batch unacked")
+            delay = min(delay * 2, self.max_backoff)
+
+    def _count(self, envelope: Envelope, outcome: Outcome) -> None:
+        MESSAGES.labels(self.service, outcome).inc()
+        self.status.handled += 1
+        self.status.last_position[envelope.producer] = envelope.position
+        POSITION.labels(self.service, envelope.producer).set(envelope.position)
+        LAG_SECONDS.labels(self.service, envelope.producer).set(
+            max((datetime.now(UTC) - envelope.occurred_at).total_seconds(), 0.0)
+        )
+        if outcome == "duplicate":
+            log.info(
+                "duplicate skipped",
+                extra={"event_id": str(envelope.event_id), "position": envelope.position},
+            )
+
+    def _skip(self, envelope: Envelope) -> None:
+        outcome = "skipped_newer_version" if is_newer_version(envelope) else "skipped_unknown"
+        MESSAGES.labels(self.service, outcome).inc()
+        log.info(
+            "skipping an event this build does not know",
+            extra={
+                "event_id": str(envelope.event_id),
+                "event_type": envelope.event_type,
+                "schema_version": envelope.schema_version,
+                "outcome": outcome,
+            },
+        )
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, exc: Exception
+        self,
+        channel: AbstractChannel,
+        message: AbstractIncomingMessage,
+        envelope: Envelope | None,
+        reason: str,
+        exc: BaseException,
     ) -> None:
+        """Publish to `<service>.dlx` with the error (confirmed), then ack the original."""
         MESSAGES.labels(self.service, "dead_lettered").inc()
+        error = f"{type(exc).__name__}: {exc}"[:2000]
         log.error(
-            "dead-lettering a message that can never be processed",
-            extra={"message_id": message.message_id, "reason": reason, "error": str(exc)[:500]},
+            "dead-lettering a message that cannot be processed",
+            extra={
+                "message_id": message.message_id,
+                "event_id": str(envelope.event_id) if envelope else None,
+                "reason": reason,
+                "error": error[:500],
+            },
         )
-        await message.reject(requeue=False)
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers.update(
+            {
+                "x-error-reason": reason,
+                "x-error": error,
+                "x-dead-lettered-at": datetime.now(UTC).isoformat(),
+                "x-original-exchange": message.exchange or "",
+                "x-original-routing-key": message.routing_key or "",
+            }
+        )
+        dlx = await channel.get_exchange(dead_letter_exchange(self.service), ensure=False)
+        await dlx.publish(
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                timestamp=message.timestamp,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=message.routing_key or "",
+        )
+        await message.ack()
 
 
-def _header(message: AbstractIncomingMessage, name: str) -> str | None:
-    value = (message.headers or {}).get(name)
-    return None if value is None else str(value)
+class _HandlerFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0

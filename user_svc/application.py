@@ -15,8 +15,8 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError, Tracking
 
 from servicekit import context
-from servicekit.consumer import Outcome
 from servicekit.eventstore import EventSourcedApplication
+from servicekit.projection import Outcome
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
 from user_svc.domain import Profile

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.concurrency import run_in_threadpool
 
-from servicekit.consumer import Consumer, Outcome
+from servicekit.consumer import Consumer, Outcome, one_at_a_time
 from servicekit.runners import serve_consumer
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
@@ -24,7 +24,7 @@ def profiles_from_registrations(settings: UserSettings, profiles: ProfileService
         service=SERVICE,
         amqp_url=settings.amqp_url,
         bindings={AUTH_EVENTS: [AccountRegistered.event_type]},
-        handle=handle,
+        handler=one_at_a_time(handle),
         prefetch=settings.consumer_prefetch,
         delivery_limit=settings.consumer_delivery_limit,
     )

@@ -13,7 +13,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from servicekit.consumer import Consumer, Outcome
+from servicekit.consumer import Consumer, Outcome, one_at_a_time
 from shared_contracts.envelope import Envelope, event_id_for
 from shared_contracts.names import dead_letter_queue
 
@@ -73,7 +73,7 @@ async def consuming(
         service=service,
         amqp_url=amqp_url,
         bindings={EXCHANGE: ["auth.account.*"]},
-        handle=handle,
+        handler=one_at_a_time(handle),
         delivery_limit=2,
         retry_delay_seconds=0.05,
     )
