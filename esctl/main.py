@@ -32,7 +32,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 REST_SERVICES = ("auth_svc", "user_svc")
 PRODUCERS = ("auth_svc", "user_svc")
-CONSUMERS = ("user_svc",)
+CONSUMERS = ("user_svc", "reporting_svc")
+DATABASES = ("auth_svc", "user_svc", "reporting_svc")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -58,7 +59,7 @@ def choose(value: str, allowed: tuple[str, ...], what: str) -> str:
 def db_init() -> None:
     """Create each service's database and tables (idempotent)."""
     require_dependencies()
-    for service in REST_SERVICES:
+    for service in DATABASES:
         module = importlib.import_module(f"{service}.main")
         try:
             module.init_db()
@@ -100,7 +101,9 @@ def relay(producer: Annotated[str, typer.Argument(help="auth_svc or user_svc")])
 
 
 @app.command()
-def consume(service: Annotated[str, typer.Argument(help="user_svc")]) -> None:
+def consume(
+    service: Annotated[str, typer.Argument(help="user_svc or reporting_svc")],
+) -> None:
     """Run a service's consumer (its queue -> its handler)."""
     choose(service, CONSUMERS, "consumer")
     importlib.import_module(f"{service}.consumer").main()

@@ -1,0 +1,37 @@
+"""reporting_svc's composition root: database setup and the consumer process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from reporting_svc.projection import Reporting
+from reporting_svc.settings import ReportingSettings
+from servicekit.eventstore import ensure_database
+from servicekit.projection import ProjectionStore
+from servicekit.runners import serve_projection
+
+SERVICE = Reporting.name
+
+
+def init_db(settings: ReportingSettings | None = None) -> None:
+    """Create the database and the live generation's tables (idempotent)."""
+    settings = settings or ReportingSettings()
+    ensure_database(settings.database_url)
+
+    async def setup() -> None:
+        async with ProjectionStore(Reporting(), settings.database_url) as store:
+            await store.setup()
+
+    asyncio.run(setup())
+
+
+def consume() -> None:
+    """Run the projection from `reporting_svc.q` until SIGINT/SIGTERM."""
+    settings = ReportingSettings()
+    serve_projection(
+        Reporting(),
+        settings,
+        port=settings.consumer_port,
+        prefetch=settings.consumer_prefetch,
+        delivery_limit=settings.consumer_delivery_limit,
+    )

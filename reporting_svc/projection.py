@@ -1,0 +1,125 @@
+"""The reporting read models, fed only by public events.
+
+- `signups`: accounts registered per day;
+- `logins`: successful and failed logins per day;
+- `locks`: lockouts per day and account;
+- `activity`: who was active each day (registered, logged in, changed their password or
+  their profile), for daily active users;
+- `profiles`: which optional fields each profile has set, for profile completeness.
+
+Days are UTC days of the event's `occurred_at`. A batch is folded in memory first and written
+with one statement per table.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from datetime import date
+
+from servicekit.projection import Applied, Projection, Transaction
+from shared_contracts.events import (
+    AccountLocked,
+    AccountRegistered,
+    LoginFailed,
+    LoginSucceeded,
+    PasswordChanged,
+    ProfileCreated,
+    ProfileFields,
+    ProfileUpdated,
+)
+from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
+
+# The optional profile fields whose completeness is reported.
+PROFILE_FIELDS = ("display_name", "bio", "locale", "timezone", "avatar_url")
+
+
+class Reporting(Projection):
+    name = "reporting_svc"
+    bindings = {
+        AUTH_EVENTS: [
+            AccountRegistered.event_type,
+            LoginSucceeded.event_type,
+            LoginFailed.event_type,
+            AccountLocked.event_type,
+            PasswordChanged.event_type,
+        ],
+        USER_EVENTS: [ProfileCreated.event_type, ProfileUpdated.event_type],
+    }
+    tables = {
+        "signups": "day date PRIMARY KEY, accounts bigint NOT NULL",
+        "logins": "day date PRIMARY KEY, succeeded bigint NOT NULL, failed bigint NOT NULL",
+        "locks": "day date NOT NULL, user_id uuid NOT NULL, locks integer NOT NULL, "
+        "PRIMARY KEY (day, user_id)",
+        "activity": "day date NOT NULL, user_id uuid NOT NULL, PRIMARY KEY (day, user_id)",
+        "profiles": "user_id uuid PRIMARY KEY, created_on date NOT NULL, "
+        + ", ".join(f"{f} boolean NOT NULL" for f in PROFILE_FIELDS),
+    }
+    order_by = {
+        "signups": "day",
+        "logins": "day",
+        "locks": "day, user_id",
+        "activity": "day, user_id",
+        "profiles": "user_id",
+    }
+
+    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+        signups: Counter[date] = Counter()
+        logins: dict[date, list[int]] = {}
+        locks: Counter[tuple[date, uuid.UUID]] = Counter()
+        active: set[tuple[date, uuid.UUID]] = set()
+        profiles: dict[uuid.UUID, tuple[date, ProfileFields]] = {}
+        for item in events:
+            day = item.envelope.occurred_at.date()
+            event = item.event
+            match event:
+                case AccountRegistered():
+                    signups[day] += 1
+                    active.add((day, event.user_id))
+                case LoginSucceeded():
+                    logins.setdefault(day, [0, 0])[0] += 1
+                    active.add((day, event.user_id))
+                case LoginFailed():
+                    logins.setdefault(day, [0, 0])[1] += 1
+                case AccountLocked():
+                    locks[(day, event.user_id)] += 1
+                case PasswordChanged():
+                    active.add((day, event.user_id))
+                case ProfileCreated() | ProfileUpdated():
+                    # Each event carries the whole profile: the last one in the batch wins.
+                    created = profiles.get(event.user_id, (day, event))[0]
+                    profiles[event.user_id] = (created, event)
+                    if isinstance(event, ProfileUpdated):
+                        active.add((day, event.user_id))
+        await tx.executemany(
+            "INSERT INTO {signups} AS t (day, accounts) VALUES (%s, %s) "
+            "ON CONFLICT (day) DO UPDATE SET accounts = t.accounts + excluded.accounts",
+            sorted(signups.items()),
+        )
+        await tx.executemany(
+            "INSERT INTO {logins} AS t (day, succeeded, failed) VALUES (%s, %s, %s) "
+            "ON CONFLICT (day) DO UPDATE SET succeeded = t.succeeded + excluded.succeeded, "
+            "failed = t.failed + excluded.failed",
+            sorted((day, ok, bad) for day, (ok, bad) in logins.items()),
+        )
+        await tx.executemany(
+            "INSERT INTO {locks} AS t (day, user_id, locks) VALUES (%s, %s, %s) "
+            "ON CONFLICT (day, user_id) DO UPDATE SET locks = t.locks + excluded.locks",
+            sorted((day, user, n) for (day, user), n in locks.items()),
+        )
+        await tx.executemany(
+            "INSERT INTO {activity} (day, user_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            sorted(active),
+        )
+        columns = ", ".join(PROFILE_FIELDS)
+        await tx.executemany(
+            f"INSERT INTO {{profiles}} (user_id, created_on, {columns}) "  # noqa: S608
+            f"VALUES (%s, %s, {', '.join(['%s'] * len(PROFILE_FIELDS))}) "
+            "ON CONFLICT (user_id) DO UPDATE SET "
+            + ", ".join(f"{f} = excluded.{f}" for f in PROFILE_FIELDS),
+            sorted(
+                (user, created, *(bool(getattr(event, f)) for f in PROFILE_FIELDS))
+                for user, (created, event) in profiles.items()
+            ),
+        )

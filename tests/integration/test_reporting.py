@@ -1,0 +1,156 @@
+"""reporting_svc fed by real RabbitMQ into real PostgreSQL, compared with expected reports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from reporting_svc.projection import Reporting
+from reporting_svc.reports import REPORTS, read_report
+from reporting_svc.settings import ReportingSettings
+from servicekit.projection import ProjectionStore
+from servicekit.runners import projection_consumer, run_projection
+from tests.support.history import History, generate, publish
+from tests.support.ports import free_port
+
+
+@pytest.fixture
+def settings(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str]
+) -> ReportingSettings:
+    return ReportingSettings(database_url=make_database("reporting"), amqp_url=make_vhost())
+
+
+async def positions(settings: ReportingSettings) -> dict[str, int]:
+    async with ProjectionStore(Reporting(), settings.database_url) as store:
+        try:
+            return {p: v.position for p, v in (await store.positions()).items()}
+        except LookupError:
+            return {}
+
+
+async def wait_caught_up(
+    settings: ReportingSettings, history: History, timeout: float = 90.0
+) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (seen := await positions(settings)) != history.last_position:
+        assert asyncio.get_running_loop().time() < deadline, f"stuck at {seen}"
+        await asyncio.sleep(0.2)
+
+
+async def assert_reports_match(settings: ReportingSettings, history: History) -> None:
+    expected = history.expected()
+    for name in REPORTS:
+        report = await asyncio.to_thread(read_report, settings.database_url, name)
+        assert report.rows == expected[name], name
+
+
+@asynccontextmanager
+async def consuming(settings: ReportingSettings, prefetch: int = 1000) -> AsyncIterator[None]:
+    consumer, store = projection_consumer(
+        Reporting(), settings, prefetch=prefetch, delivery_limit=3
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_projection(consumer, store, stop))
+    try:
+        for _ in range(200):
+            if consumer.status.role == "consuming":
+                break
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)
+
+
+async def test_live_consumption_of_ten_thousand_events_yields_the_expected_reports(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(10_000)
+    async with consuming(settings):
+        await publish(settings.amqp_url, history.bodies())
+        await wait_caught_up(settings, history)
+    await assert_reports_match(settings, history)
+
+
+async def test_redelivered_and_older_events_change_nothing(settings: ReportingSettings) -> None:
+    history = generate(600, seed=3)
+    bodies = history.bodies()
+    async with consuming(settings, prefetch=50):
+        await publish(settings.amqp_url, bodies)
+        await wait_caught_up(settings, history)
+        await publish(settings.amqp_url, bodies[:300])  # duplicates and out-of-order olds
+        await publish(settings.amqp_url, bodies[-5:])
+        await asyncio.sleep(1.0)
+    await assert_reports_match(settings, history)
+
+
+async def test_two_replicas_on_one_queue_give_the_same_result(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(3_000, seed=11)
+    async with consuming(settings, prefetch=100), consuming(settings, prefetch=100):
+        await publish(settings.amqp_url, history.bodies())
+        await wait_caught_up(settings, history)
+    await assert_reports_match(settings, history)
+
+
+async def consumer_process(settings: ReportingSettings) -> subprocess.Popen[bytes]:
+    """`esctl consume reporting_svc` as its own process, once it is consuming."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "REPORTING_DATABASE_URL": settings.database_url,
+        "AMQP_URL": settings.amqp_url,
+        "REPORTING_CONSUMER_PORT": str(port),
+        "REPORTING_CONSUMER_PREFETCH": "200",
+        "LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+        [sys.executable, "-m", "esctl.main", "consume", "reporting_svc"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/health/ready")).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the consumer exited while starting"
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the consumer never became ready")
+
+
+async def test_sigkill_mid_batch_then_restart_applies_every_event_once(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(10_000, seed=5)
+    proc = await consumer_process(settings)
+    try:
+        await publish(settings.amqp_url, history.bodies())
+        deadline = asyncio.get_running_loop().time() + 60
+        while sum((await positions(settings)).values()) < 2_000:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        killed_at = await positions(settings)
+        assert killed_at != history.last_position, "killed too late to prove anything"
+        proc = await consumer_process(settings)
+        await wait_caught_up(settings, history)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    await assert_reports_match(settings, history)
