@@ -14,10 +14,11 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from esctl import stack
+from esctl import operate, stack
+from esctl.console import choose, err, fail, out, require_dependencies
+from esctl.operate import CONSUMERS, PRODUCERS, PROJECTIONS
 
 app = typer.Typer(help="Run and operate the eskit stack.", no_args_is_help=True)
 db_app = typer.Typer(help="Databases.", no_args_is_help=True)
@@ -26,33 +27,14 @@ contracts_app = typer.Typer(help="Public event contracts.", no_args_is_help=True
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(contracts_app, name="contracts")
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+app.add_typer(operate.projections_app, name="projections")
+app.add_typer(operate.dlq_app, name="dlq")
+app.command()(operate.replay)
+app.command()(operate.republish)
+app.command()(operate.report)
 
 REST_SERVICES = ("auth_svc", "user_svc")
-PRODUCERS = ("auth_svc", "user_svc")
-CONSUMERS = ("user_svc", "reporting_svc")
-DATABASES = ("auth_svc", "user_svc", "reporting_svc")
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def require_dependencies() -> None:
-    problems = stack.dependency_problems()
-    if problems:
-        for line in problems:
-            err.print(f"[red]error:[/red] {line}", highlight=False)
-        raise typer.Exit(2)
-
-
-def choose(value: str, allowed: tuple[str, ...], what: str) -> str:
-    if value not in allowed:
-        raise fail(f"unknown {what} {value!r}; expected one of: {', '.join(allowed)}")
-    return value
+DATABASES = ("auth_svc", "user_svc", *PROJECTIONS)
 
 
 @db_app.command("init")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from auth_svc.settings import AuthSettings
+from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import broker_address
 from servicekit.eventstore import connection_kwargs
 from user_svc.settings import UserSettings
@@ -27,7 +28,7 @@ class Process:
 
 
 def processes() -> list[Process]:
-    auth, users = AuthSettings(), UserSettings()
+    auth, users, reporting = AuthSettings(), UserSettings(), ReportingSettings()
     py = sys.executable
     esctl = [py, "-m", "esctl.main"]
 
@@ -45,6 +46,13 @@ def processes() -> list[Process]:
             users.consumer_port,
             False,
         ),
+        Process(
+            "reporting_svc.consumer",
+            [*esctl, "consume", "reporting_svc"],
+            reporting.host,
+            reporting.consumer_port,
+            False,
+        ),
     ]
 
 
@@ -60,7 +68,11 @@ def dependency_problems() -> list[str]:
     """One line per unreachable dependency, naming host:port and how to start it."""
     problems: list[str] = []
     seen: set[tuple[str, int]] = set()
-    for url in (AuthSettings().database_url, UserSettings().database_url):
+    for url in (
+        AuthSettings().database_url,
+        UserSettings().database_url,
+        ReportingSettings().database_url,
+    ):
         kw = connection_kwargs(url)
         if (kw["host"], kw["port"]) in seen:
             continue

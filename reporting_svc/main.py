@@ -11,6 +11,12 @@ from servicekit.projection import ProjectionStore
 from servicekit.runners import serve_projection
 
 SERVICE = Reporting.name
+SETTINGS = ReportingSettings
+
+
+def projection(settings: ReportingSettings | None = None) -> Reporting:
+    """The projection `esctl replay reporting_svc` rebuilds."""
+    return Reporting()
 
 
 def init_db(settings: ReportingSettings | None = None) -> None:

@@ -271,3 +271,61 @@ class Relay:
     async def _wait_for_new_events(self, conn: psycopg.AsyncConnection[Any]) -> None:
         async for _ in conn.notifies(timeout=self.idle_wait, stop_after=1):
             pass
+
+
+@dataclass
+class Republished:
+    run: str
+    start: int
+    to: int
+    published: int = 0
+    position: int = 0
+
+
+async def republish(
+    relay: Relay,
+    start: int,
+    *,
+    on_progress: Callable[[Republished], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> Republished:
+    """Refill `events.history` with the producer's public events from position `start`.
+
+    Only the stream receives them (through the default exchange), not the producer exchange:
+    live consumers are not disturbed. Each message carries the run's headers, which a replay
+    uses to read a truncated stream (see servicekit.replay).
+    """
+    import uuid
+
+    from shared_contracts.names import HISTORY_STREAM
+
+    latest = await asyncio.to_thread(lambda: relay.app.recorder.max_notification_id() or 0)
+    result = Republished(run=uuid.uuid4().hex, start=start, to=latest, position=start - 1)
+    connection = await aio_pika.connect(relay.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare_producer_exchange(channel, relay.exchange_name)
+        while result.position < latest and not (stop and stop.is_set()):
+            batch = await asyncio.to_thread(relay._next_batch, result.position)
+            if batch.last_position == result.position:
+                break
+            for _, message in batch.messages:
+                message.headers.update(
+                    {
+                        "x-republish-run": result.run,
+                        "x-republish-from": start,
+                        "x-republish-to": latest,
+                        "x-republish-producer": relay.producer,
+                    }
+                )
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(message, routing_key=HISTORY_STREAM)
+                    for _, message in batch.messages
+                )
+            )
+            result.published += len(batch.messages)
+            result.position = batch.last_position
+            if on_progress:
+                on_progress(result)
+    return result

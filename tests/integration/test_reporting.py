@@ -7,19 +7,20 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from reporting_svc.projection import Reporting
-from reporting_svc.reports import REPORTS, read_report
 from reporting_svc.settings import ReportingSettings
-from servicekit.projection import ProjectionStore
-from servicekit.runners import projection_consumer, run_projection
-from tests.support.history import History, generate, publish
+from tests.support.history import generate, publish
 from tests.support.ports import free_port
+from tests.support.projections import (
+    assert_reports_match,
+    consuming,
+    positions,
+    wait_caught_up,
+)
 
 
 @pytest.fixture
@@ -27,48 +28,6 @@ def settings(
     make_database: Callable[[str], str], make_vhost: Callable[[], str]
 ) -> ReportingSettings:
     return ReportingSettings(database_url=make_database("reporting"), amqp_url=make_vhost())
-
-
-async def positions(settings: ReportingSettings) -> dict[str, int]:
-    async with ProjectionStore(Reporting(), settings.database_url) as store:
-        try:
-            return {p: v.position for p, v in (await store.positions()).items()}
-        except LookupError:
-            return {}
-
-
-async def wait_caught_up(
-    settings: ReportingSettings, history: History, timeout: float = 90.0
-) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (seen := await positions(settings)) != history.last_position:
-        assert asyncio.get_running_loop().time() < deadline, f"stuck at {seen}"
-        await asyncio.sleep(0.2)
-
-
-async def assert_reports_match(settings: ReportingSettings, history: History) -> None:
-    expected = history.expected()
-    for name in REPORTS:
-        report = await asyncio.to_thread(read_report, settings.database_url, name)
-        assert report.rows == expected[name], name
-
-
-@asynccontextmanager
-async def consuming(settings: ReportingSettings, prefetch: int = 1000) -> AsyncIterator[None]:
-    consumer, store = projection_consumer(
-        Reporting(), settings, prefetch=prefetch, delivery_limit=3
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_projection(consumer, store, stop))
-    try:
-        for _ in range(200):
-            if consumer.status.role == "consuming":
-                break
-            await asyncio.sleep(0.05)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=15)
 
 
 async def test_live_consumption_of_ten_thousand_events_yields_the_expected_reports(

@@ -39,6 +39,14 @@ class History:
             for e in self.envelopes
         ]
 
+    def prefix(self, count: int) -> History:
+        """The first `count` envelopes, as a history of their own."""
+        envelopes = self.envelopes[:count]
+        last: dict[str, int] = {}
+        for env in envelopes:
+            last[env["producer"]] = env["position"]
+        return History(envelopes, last)
+
     def expected(self) -> dict[str, list[tuple[Any, ...]]]:
         return expected_reports(self.envelopes)
 

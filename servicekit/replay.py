@@ -1,0 +1,500 @@
+"""Blue/green rebuild of a projection from `events.history`.
+
+A replay builds a fresh generation (schema `<projection>_g<N+1>`) from the retained stream,
+never reading another service's database, while the live generation keeps serving and its
+consumer keeps applying new events. The stream offset reached is committed with each batch,
+so a replay interrupted by Ctrl-C or a crash resumes where it stopped. Once the new
+generation has read the whole stream and holds every position the live one has applied, the
+swap happens under the projection's exclusive advisory lock: the live consumer's next batch
+goes to the new generation, which skips what it already has as duplicates.
+
+Retention: when the stream no longer starts at offset 0, the start of a producer's history
+may be gone. The replay then needs, per producer, a complete refill made by `esctl republish
+<producer> --from 1` (messages carrying `x-republish-*` headers) and reads in two phases:
+first those refills, then the live messages that followed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import psycopg
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import Gauge
+from psycopg import sql
+from pydantic import ValidationError
+
+from servicekit.amqp import declare_history_stream
+from servicekit.projection import (
+    Applied,
+    Outcome,
+    Projection,
+    ProjectionStore,
+    Transaction,
+    generation_schema,
+    validated,
+)
+from shared_contracts.envelope import Envelope
+
+log = logging.getLogger("servicekit.replay")
+
+REPLAY_OFFSET = Gauge("replay_stream_offset", "Stream offset a replay has applied", ["projection"])
+REPLAY_END = Gauge("replay_stream_end", "Last stream offset seen by a replay", ["projection"])
+
+RUN = "x-republish-run"
+RUN_FROM = "x-republish-from"
+RUN_TO = "x-republish-to"
+RUN_PRODUCER = "x-republish-producer"
+
+
+AnyConnection = AbstractConnection | AbstractRobustConnection
+
+
+class ReplayError(Exception):
+    """A replay cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Progress:
+    generation: str
+    resumed: bool
+    offset: int = -1  # last stream offset applied
+    end: int = -1  # last stream offset known to exist
+    applied: int = 0
+    skipped: int = 0
+    failed: int = 0
+    phase: str = "reading"
+    stalled: bool = False  # no new message for `stall_seconds` while still behind
+
+
+@dataclass
+class Difference:
+    table: str
+    only_live: int
+    only_rebuilt: int
+    examples: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+
+@dataclass
+class ReplayResult:
+    progress: Progress
+    swapped: bool
+    previous: str | None = None
+    differences: list[Difference] = field(default_factory=list)
+    interrupted: bool = False
+
+
+@dataclass
+class _Refill:
+    """A complete republish run of one producer found in a truncated stream."""
+
+    run: str
+    start: int  # stream offset of its first message
+    to: int  # the producer's latest position when the run began
+
+
+class Replay:
+    """One rebuild. Construct, then `await run(stop)`."""
+
+    def __init__(
+        self,
+        projection: Projection,
+        *,
+        database_url: str,
+        amqp_url: str,
+        dry_run: bool = False,
+        restart: bool = False,
+        batch_size: int = 1000,
+        idle_seconds: float = 1.0,
+        stall_seconds: float = 30.0,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.projection = projection
+        self.store = ProjectionStore(projection, database_url)
+        self.amqp_url = amqp_url
+        self.dry_run = dry_run
+        self.restart = restart
+        self.batch_size = batch_size
+        self.idle = idle_seconds
+        self.stall = stall_seconds
+        self.on_progress = on_progress or (lambda _: None)
+
+    async def run(self, stop: asyncio.Event) -> ReplayResult:
+        async with self.store:
+            await self.store.setup()
+            progress = await self._begin()
+            self.on_progress(progress)
+            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            async with connection:
+                first = await _first_offset(connection)
+                progress.end = await _last_offset(connection)
+                refills: dict[str, _Refill] = {}
+                phase, start = 0, progress.offset + 1
+                if first is not None and first > 0:
+                    refills = await self._refills(connection, progress.end)
+                    start = min(r.start for r in refills.values())
+                    progress.phase = "refills"
+                    await self._read(connection, progress, stop, start, refills, phase=1)
+                    phase = 2
+                    progress.phase = "reading"
+                while not stop.is_set():
+                    await self._read(connection, progress, stop, start, refills, phase=phase)
+                    if stop.is_set():
+                        break
+                    result = await self._finish(progress)
+                    if result is not None:
+                        return result
+                    start = progress.offset + 1 if phase == 0 else start
+                return ReplayResult(progress, swapped=False, interrupted=True)
+
+    # -- generations --------------------------------------------------------------------
+
+    async def _begin(self) -> Progress:
+        """The generation being built: resumed if one exists, else a fresh one."""
+        async with self.store.pool.connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute(
+                    "SELECT live, building, generation FROM public.projection_generations "
+                    "WHERE projection = %s FOR UPDATE",
+                    (self.projection.name,),
+                )
+            ).fetchone()
+            assert row is not None
+            live, building, generation = str(row[0]), row[1], int(row[2])
+            if building and self.restart:
+                await conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(building))
+                )
+                building = None
+            if building:
+                tx = Transaction(conn.cursor(), building, replaying=True)
+                await tx.execute("SELECT stream_offset, applied FROM {_replay}")
+                state = await tx.cursor.fetchone()
+                progress = Progress(building, resumed=True)
+                if state:
+                    progress.offset, progress.applied = int(state[0]), int(state[1])
+                return progress
+            generation += 1
+            building = generation_schema(self.projection.name, generation)
+            if building == live:  # cannot happen unless edited by hand
+                raise ReplayError(f"generation {building} is live")
+            await conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(building))
+            )
+            await self.store._create_tables(conn, building)
+            tx = Transaction(conn.cursor(), building, replaying=True)
+            await tx.execute("INSERT INTO {_replay} (stream_offset) VALUES (-1)")
+            await conn.execute(
+                "UPDATE public.projection_generations SET building = %s, generation = %s "
+                "WHERE projection = %s",
+                (building, generation, self.projection.name),
+            )
+            return Progress(building, resumed=False)
+
+    async def _finish(self, progress: Progress) -> ReplayResult | None:
+        """Swap (or, for a dry run, compare) once the rebuilt generation has caught up.
+
+        None: the live generation moved ahead meanwhile; read on.
+        """
+        async with self.store.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.store.key,))
+            live = await self.store.live_schema(conn)
+            behind = await _behind(conn, live, progress.generation)
+            if behind and not progress.stalled:
+                return None
+            if behind:
+                raise ReplayError(
+                    "the rebuilt generation lacks positions the live one has applied ("
+                    + ", ".join(f"{p}: {have} < {want}" for p, have, want in behind)
+                    + "); events.history does not hold them. Refill it with `esctl republish "
+                    "<producer> --from <position>` and run the replay again."
+                )
+            if self.dry_run:
+                diffs = await self._compare(conn, live, progress.generation)
+                return ReplayResult(progress, swapped=False, previous=live, differences=diffs)
+            await conn.execute(
+                "UPDATE public.projection_generations SET live = building, building = NULL, "
+                "swapped_at = now() WHERE projection = %s",
+                (self.projection.name,),
+            )
+        async with self.store.pool.connection() as conn:
+            await conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(live))
+            )
+        log.info(
+            "replay swapped generations",
+            extra={"projection": self.projection.name, "live": progress.generation, "old": live},
+        )
+        return ReplayResult(progress, swapped=True, previous=live)
+
+    async def _compare(
+        self, conn: psycopg.AsyncConnection[Any], live: str, rebuilt: str
+    ) -> list[Difference]:
+        diffs = []
+        for table in self.projection.tables:
+            a, b = sql.Identifier(live, table), sql.Identifier(rebuilt, table)
+            only_live = await (
+                await conn.execute(
+                    sql.SQL("SELECT * FROM {} EXCEPT ALL SELECT * FROM {}").format(a, b)
+                )
+            ).fetchall()
+            only_rebuilt = await (
+                await conn.execute(
+                    sql.SQL("SELECT * FROM {} EXCEPT ALL SELECT * FROM {}").format(b, a)
+                )
+            ).fetchall()
+            if only_live or only_rebuilt:
+                examples = [("live", tuple(r)) for r in only_live[:3]]
+                examples += [("rebuilt", tuple(r)) for r in only_rebuilt[:3]]
+                diffs.append(Difference(table, len(only_live), len(only_rebuilt), examples))
+        return diffs
+
+    # -- reading the stream ------------------------------------------------------------
+
+    async def _refills(self, connection: AnyConnection, end: int) -> dict[str, _Refill]:
+        """Find, per producer, the latest complete refill (`--from 1`) in the stream."""
+        runs: dict[str, _Refill] = {}
+        async for message in _scan(connection, "first", end, self.idle):
+            headers = message.headers or {}
+            run, producer = headers.get(RUN), headers.get(RUN_PRODUCER)
+            if run is None or producer is None or int(str(headers.get(RUN_FROM, 1))) > 1:
+                continue
+            current = runs.get(str(producer))
+            if current is None or (current.run != str(run) and _offset(message) > current.start):
+                runs[str(producer)] = _Refill(str(run), _offset(message), int(str(headers[RUN_TO])))
+        missing = sorted(p for p in _producers(self.projection) if p not in runs)
+        if missing:
+            raise ReplayError(
+                "events.history no longer holds the start of the history (retention removed "
+                f"its first messages) and has no complete refill for {', '.join(missing)}. Run "
+                + " and ".join(f"`esctl republish {p} --from 1`" for p in missing)
+                + ", then replay again."
+            )
+        return runs
+
+    async def _read(
+        self,
+        connection: AnyConnection,
+        progress: Progress,
+        stop: asyncio.Event,
+        start: int,
+        refills: dict[str, _Refill],
+        *,
+        phase: int,
+    ) -> None:
+        """Apply the stream from offset `start` until idle at its end (phase 0, 1 or 2)."""
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self.batch_size * 2)
+        stream = await declare_history_stream(channel)
+        await stream.consume(inbox.put, arguments={"x-stream-offset": max(start, 0)}, no_ack=False)
+        stalled_since = asyncio.get_running_loop().time()
+        try:
+            while not stop.is_set():
+                try:
+                    first = await asyncio.wait_for(inbox.get(), timeout=self.idle)
+                except TimeoutError:
+                    if await self._caught_up(progress) or phase == 1:
+                        return
+                    if asyncio.get_running_loop().time() - stalled_since > self.stall:
+                        progress.stalled = True
+                        return  # _finish explains what is missing
+                    continue
+                stalled_since = asyncio.get_running_loop().time()
+                progress.stalled = False
+                batch = [first]
+                while len(batch) < self.batch_size and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                await self._apply(batch, progress, refills, phase)
+                await batch[-1].ack(multiple=True)
+                self.on_progress(progress)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _apply(
+        self,
+        batch: Sequence[AbstractIncomingMessage],
+        progress: Progress,
+        refills: dict[str, _Refill],
+        phase: int,
+    ) -> None:
+        events: list[Applied] = []
+        invalid: list[tuple[Envelope, str]] = []
+        for message in batch:
+            offset = _offset(message)
+            progress.end = max(progress.end, offset)
+            envelope = _wanted(message, offset, refills, phase, self.projection)
+            if envelope is None:
+                progress.skipped += 1
+                continue
+            try:
+                event = validated(envelope)
+            except ValidationError as exc:
+                invalid.append((envelope, f"data failed its schema: {exc}"[:500]))
+                continue
+            if event is None:
+                progress.skipped += 1
+                continue
+            events.append(Applied(envelope, event))
+        last = _offset(batch[-1])
+        async with self.store.pool.connection() as conn, conn.transaction():
+            try:
+                async with conn.transaction():
+                    outcomes = await self.store.apply_in(
+                        conn, progress.generation, events, replaying=True
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception:  # noqa: BLE001 - find the event that fails, park it, go on
+                outcomes = await self._one_by_one(conn, progress, events, invalid)
+            tx = Transaction(conn.cursor(), progress.generation, replaying=True)
+            for envelope, reason in invalid:
+                await self._park(tx, envelope, reason)
+            applied = sum(1 for o in outcomes if o == "applied")
+            await tx.execute(
+                "UPDATE {_replay} SET stream_offset = %s, applied = applied + %s, "
+                "updated_at = now()",
+                (last, applied),
+            )
+        progress.failed += len(invalid)
+        progress.applied += applied
+        progress.skipped += len(outcomes) - applied
+        progress.offset = last
+        REPLAY_OFFSET.labels(self.projection.name).set(last)
+        REPLAY_END.labels(self.projection.name).set(progress.end)
+
+    async def _one_by_one(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        progress: Progress,
+        events: Sequence[Applied],
+        invalid: list[tuple[Envelope, str]],
+    ) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for item in events:
+            try:
+                async with conn.transaction():
+                    outcomes += await self.store.apply_in(
+                        conn, progress.generation, [item], replaying=True
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.error(
+                    "replay could not apply an event; parked",
+                    extra={"event_id": str(item.envelope.event_id), "error": str(exc)[:500]},
+                )
+                invalid.append((item.envelope, f"handler failed: {type(exc).__name__}: {exc}"))
+        return outcomes
+
+    async def _park(self, tx: Transaction, envelope: Envelope, reason: str) -> None:
+        await tx.execute(
+            "INSERT INTO {_parked} (producer, position, event_id, event_type, reason) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (envelope.producer, envelope.position, envelope.event_id, envelope.event_type, reason),
+        )
+
+    async def _caught_up(self, progress: Progress) -> bool:
+        async with self.store.pool.connection() as conn:
+            live = await self.store.live_schema(conn)
+            return not await _behind(conn, live, progress.generation)
+
+
+def _wanted(
+    message: AbstractIncomingMessage,
+    offset: int,
+    refills: dict[str, _Refill],
+    phase: int,
+    projection: Projection,
+) -> Envelope | None:
+    """The envelope if this projection applies it in this phase, else None."""
+    try:
+        envelope = Envelope.model_validate_json(message.body)
+    except ValidationError:
+        return None
+    if not projection.handles(envelope):
+        return None
+    if phase == 0:
+        return envelope
+    refill = refills.get(envelope.producer)
+    if refill is None or offset < refill.start:
+        return None
+    in_run = (message.headers or {}).get(RUN) == refill.run
+    if phase == 1:
+        return envelope if in_run else None
+    return envelope if not in_run and envelope.position > refill.to else None
+
+
+async def _behind(
+    conn: psycopg.AsyncConnection[Any], live: str, rebuilt: str
+) -> list[tuple[str, int, int]]:
+    """Producers whose position in `rebuilt` is below the one in `live`."""
+    rows = await (
+        await conn.execute(
+            sql.SQL(
+                "SELECT l.producer, coalesce(r.position, 0), l.position FROM {} l "
+                "LEFT JOIN {} r USING (producer) WHERE coalesce(r.position, 0) < l.position"
+            ).format(sql.Identifier(live, "_positions"), sql.Identifier(rebuilt, "_positions"))
+        )
+    ).fetchall()
+    return [(str(p), int(have), int(want)) for p, have, want in rows]
+
+
+def _producers(projection: Projection) -> list[str]:
+    from shared_contracts.names import PRODUCER_EXCHANGES
+
+    return [p for p, exchange in PRODUCER_EXCHANGES.items() if exchange in projection.bindings]
+
+
+def _offset(message: AbstractIncomingMessage) -> int:
+    return int(str((message.headers or {}).get("x-stream-offset", -1)))
+
+
+async def _first_offset(connection: AnyConnection) -> int | None:
+    async for message in _scan(connection, "first", None, 0.5, limit=1):
+        return _offset(message)
+    return None
+
+
+async def _last_offset(connection: AnyConnection) -> int:
+    last = -1
+    async for message in _scan(connection, "last", None, 0.3):
+        last = max(last, _offset(message))
+    return last
+
+
+async def _scan(
+    connection: AnyConnection,
+    start: str | int,
+    end: int | None,
+    idle: float,
+    limit: int | None = None,
+) -> AsyncIterator[AbstractIncomingMessage]:
+    """Read the stream from `start` until `end`, `limit` messages, or `idle` seconds of quiet."""
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=1000)
+    stream = await declare_history_stream(channel)
+    await stream.consume(inbox.put, arguments={"x-stream-offset": start}, no_ack=False)
+    seen = 0
+    try:
+        while limit is None or seen < limit:
+            try:
+                message = await asyncio.wait_for(inbox.get(), timeout=idle)
+            except TimeoutError:
+                return
+            await message.ack()
+            seen += 1
+            yield message
+            if end is not None and _offset(message) >= end:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()

@@ -1,0 +1,214 @@
+"""Blue/green replay from events.history, and repairing poison messages with `esctl dlq`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+
+from reporting_svc.projection import Reporting
+from reporting_svc.settings import ReportingSettings
+from servicekit.eventstore import connection_kwargs
+from servicekit.projection import Applied, Transaction
+from servicekit.replay import Progress, Replay, ReplayResult
+from tests.support.history import generate, publish
+from tests.support.projections import assert_reports_match, consuming, positions, wait_caught_up
+
+
+@pytest.fixture
+def settings(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str]
+) -> ReportingSettings:
+    return ReportingSettings(database_url=make_database("replay"), amqp_url=make_vhost())
+
+
+def replay(
+    settings: ReportingSettings, *, stop_after: int | None = None, **options: Any
+) -> Callable[[], Any]:
+    stop = asyncio.Event()
+
+    def progress(p: Progress) -> None:
+        if stop_after is not None and p.applied >= stop_after:
+            stop.set()
+
+    rebuild = Replay(
+        Reporting(),
+        database_url=settings.database_url,
+        amqp_url=settings.amqp_url,
+        batch_size=200,
+        idle_seconds=0.5,
+        stall_seconds=10,
+        on_progress=progress,
+        **options,
+    )
+    return lambda: rebuild.run(stop)
+
+
+def live_generation(settings: ReportingSettings) -> str:
+    with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
+        row = conn.execute("SELECT live FROM projection_generations").fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+async def test_replay_while_live_events_arrive_swaps_in_an_equal_read_model(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(8_000, seed=21)
+    bodies = history.bodies()
+    async with consuming(settings, prefetch=200):
+        await publish(settings.amqp_url, bodies[:4_000])
+        await wait_caught_up(settings, history.prefix(4_000))
+        before = live_generation(settings)
+        rebuild = asyncio.create_task(replay(settings)())
+        await publish(settings.amqp_url, bodies[4_000:])  # keeps arriving during the replay
+        result: ReplayResult = await asyncio.wait_for(rebuild, timeout=120)
+        assert result.swapped and not result.interrupted
+        await wait_caught_up(settings, history)
+    assert live_generation(settings) == result.progress.generation != before
+    await assert_reports_match(settings, history)
+
+
+async def test_an_interrupted_replay_resumes_and_ends_with_the_same_result(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(6_000, seed=8)
+    async with consuming(settings):
+        await publish(settings.amqp_url, history.bodies())
+        await wait_caught_up(settings, history)
+        first = await replay(settings, stop_after=2_000)()
+        assert first.interrupted and not first.swapped
+        assert 2_000 <= first.progress.applied < 5_000
+        second = await replay(settings)()
+        assert second.progress.resumed
+        assert second.progress.generation == first.progress.generation
+        assert second.swapped
+        # Resumed where it stopped: nothing read twice, so nothing skipped as a duplicate.
+        assert second.progress.skipped == 0
+        assert second.progress.applied == len(history.envelopes)
+    await assert_reports_match(settings, history)
+
+
+async def test_dry_run_reports_differences_without_swapping(settings: ReportingSettings) -> None:
+    history = generate(2_000, seed=4)
+    async with consuming(settings):
+        await publish(settings.amqp_url, history.bodies())
+        await wait_caught_up(settings, history)
+    live = live_generation(settings)
+    clean = await replay(settings, dry_run=True)()
+    assert not clean.swapped and clean.differences == []
+    with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
+        conn.execute(
+            psycopg.sql.SQL("UPDATE {} SET accounts = accounts + 1 WHERE day = %s").format(
+                psycopg.sql.Identifier(live, "signups")
+            ),
+            (history.expected()["signups"][0][0],),
+        )
+    drifted = await replay(settings, dry_run=True)()
+    assert not drifted.swapped
+    assert [(d.table, d.only_live, d.only_rebuilt) for d in drifted.differences] == [
+        ("signups", 1, 1)
+    ]
+    assert live_generation(settings) == live
+
+
+class Breakable(Reporting):
+    """Reporting that cannot apply one chosen event until it is fixed."""
+
+    def __init__(self, poison: str) -> None:
+        self.poison = poison
+        self.broken = True
+
+    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+        if self.broken and any(str(e.envelope.event_id) == self.poison for e in events):
+            raise RuntimeError("cannot apply this event (simulated bug)")
+        await super().apply(tx, events)
+
+
+def esctl(settings: ReportingSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "AMQP_URL": settings.amqp_url,
+        "REPORTING_DATABASE_URL": settings.database_url,
+        "NO_COLOR": "1",
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "esctl.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_poison_goes_to_the_dlq_the_rest_is_applied_and_a_retry_after_the_fix_applies_it(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(1_500, seed=13)
+    poison = history.envelopes[700]
+    projection = Breakable(poison["event_id"])
+    async with consuming(settings, prefetch=100, projection=projection):
+        await publish(settings.amqp_url, history.bodies())
+        await wait_caught_up(settings, history)  # the events after the poison are applied
+        listed = await asyncio.to_thread(
+            esctl, settings, "dlq", "list", "reporting_svc", "--format", "json"
+        )
+        assert listed.returncode == 0, listed.stderr
+        letters = json.loads(listed.stdout)
+        assert [(d["event_id"], d["reason"]) for d in letters] == [
+            (poison["event_id"], "handler failed")
+        ]
+        shown = await asyncio.to_thread(
+            esctl, settings, "dlq", "show", "reporting_svc", poison["event_id"]
+        )
+        assert "simulated bug" in json.loads(shown.stdout)["error"]
+        projection.broken = False  # the fix is deployed
+        retried = await asyncio.to_thread(
+            esctl, settings, "dlq", "retry", "reporting_svc", poison["event_id"]
+        )
+        assert retried.returncode == 0, retried.stderr
+        for _ in range(100):
+            try:
+                await assert_reports_match(settings, history)
+                break
+            except AssertionError:
+                await asyncio.sleep(0.1)
+        await assert_reports_match(settings, history)
+    after = await asyncio.to_thread(
+        esctl, settings, "dlq", "list", "reporting_svc", "--format", "json"
+    )
+    assert json.loads(after.stdout) == []
+    assert await positions(settings) == history.last_position
+
+
+def test_cli_errors_are_one_line_with_a_non_zero_exit(settings: ReportingSettings) -> None:
+    cases = [
+        ("replay", "nope_svc"),
+        ("dlq", "list", "nope_svc"),
+        ("report", "nope"),
+        ("report", "signups", "--since", "2026-13-45"),
+        ("republish", "nope_svc", "--from", "1"),
+        ("dlq", "retry", "reporting_svc"),
+    ]
+    for args in cases:
+        result = esctl(settings, *args)
+        assert result.returncode != 0, args
+        assert "Traceback" not in result.stderr, args
+        assert result.stderr.strip(), args
+
+
+def test_no_broker_is_a_clear_error(settings: ReportingSettings) -> None:
+    dead = settings.model_copy(update={"amqp_url": "amqp://guest:guest@127.0.0.1:1/"})
+    result = esctl(dead, "projections", "status")
+    assert result.returncode != 0
+    assert "RabbitMQ is not reachable at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
