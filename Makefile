@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: up test lint typecheck unit integration bench db-init clean
+.PHONY: up gateway-tools test lint typecheck unit integration bench db-init clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -20,15 +20,20 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 
 venv: $(STAMP)
 
+## The local gateway (HAProxy), decK (validates kong.yml) and kubectl (renders kustomize).
+gateway-tools:
+	command -v haproxy >/dev/null && command -v deck >/dev/null && command -v kubectl >/dev/null \
+	  || (apt-get update -qq && apt-get install -y -qq haproxy deck kubectl)
+
 ## Run the whole stack on this machine (Ctrl-C stops it).
-up: $(STAMP)
+up: $(STAMP) gateway-tools
 	$(BIN)/esctl up
 
 db-init: $(STAMP)
 	$(BIN)/esctl db init
 
 ## Lint, type-check, check service boundaries, then run every test.
-test: $(STAMP) lint typecheck
+test: $(STAMP) gateway-tools lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -8,7 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["bench.users_me", "bench.login", "bench.patch_profile", "bench.relay_backlog"]
+BENCHMARKS = [
+    "bench.users_me",
+    "bench.login",
+    "bench.patch_profile",
+    "bench.relay_backlog",
+    "bench.gateway",
+]
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from esctl import operate, stack
+from esctl import gateway, operate, stack
 from esctl.console import choose, err, fail, out, require_dependencies
 from esctl.operate import CONSUMERS, PRODUCERS, PROJECTIONS
 
@@ -27,6 +27,7 @@ contracts_app = typer.Typer(help="Public event contracts.", no_args_is_help=True
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(contracts_app, name="contracts")
+app.add_typer(gateway.app, name="gateway")
 app.add_typer(operate.projections_app, name="projections")
 app.add_typer(operate.dlq_app, name="dlq")
 app.command()(operate.replay)
@@ -94,11 +95,16 @@ def consume(
 @app.command()
 def up(
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 60.0,
+    with_gateway: Annotated[
+        bool, typer.Option("--gateway/--no-gateway", help="Also run the local gateway.")
+    ] = True,
 ) -> None:
     """Run the whole stack on this machine; Ctrl-C stops it."""
     require_dependencies()
+    if with_gateway and (problem := gateway.haproxy_missing()):
+        raise fail(f"{problem}, or run `esctl up --no-gateway`")
     db_init()
-    procs = stack.processes()
+    procs = stack.processes() + ([stack.gateway_process()] if with_gateway else [])
     env = dict(os.environ)
     if sys.stderr.isatty():
         env.setdefault("LOG_FORMAT", "console")
@@ -163,6 +169,7 @@ def _print_urls(procs: list[stack.Process]) -> None:
     table.add_column("what")
     for proc in procs:
         what = f"REST API, docs at {proc.url}/docs" if proc.public else "health and metrics"
+        what = proc.what or what
         table.add_row(proc.name, proc.url, what)
     out.print(table)
 

@@ -21,6 +21,7 @@ class Process:
     host: str
     port: int
     public: bool  # a REST API (printed as a URL to use) or a worker (health/metrics only)
+    what: str = ""  # how `esctl up` describes it, when not the default for public/worker
 
     @property
     def url(self) -> str:
@@ -54,6 +55,21 @@ def processes() -> list[Process]:
             False,
         ),
     ]
+
+
+def gateway_process() -> Process:
+    """The local gateway (HAProxy rendered from compose/kong.yml); probed on its status port."""
+    from esctl.gateway import GatewaySettings
+
+    gw = GatewaySettings()
+    return Process(
+        "gateway",
+        [sys.executable, "-m", "esctl.main", "gateway", "run"],
+        gw.host,
+        gw.status_port,
+        False,
+        what=f"gateway (Kong routes from {gw.config.name}) at http://{gw.host}:{gw.port}",
+    )
 
 
 def reachable(host: str, port: int, timeout: float = 2.0) -> bool:

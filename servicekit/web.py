@@ -6,6 +6,7 @@ Middlewares are plain ASGI (not BaseHTTPMiddleware) to keep the hot path cheap.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -34,6 +35,8 @@ HTTP_LATENCY = Histogram(
 )
 
 REQUEST_ID_HEADER = b"x-request-id"
+# One line per request at DEBUG (off by default: a log line costs more than a cached read).
+access_log = logging.getLogger("servicekit.access")
 MAX_REQUEST_ID = 200
 
 
@@ -103,6 +106,10 @@ class RequestContextMiddleware:
             counter, histogram = _series(method, template, status)
             counter.inc()
             histogram.observe(time.perf_counter() - started)
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug(
+                    "%s %s %d", method, scope.get("path", ""), status, extra={"route": template}
+                )
             context.reset_context(token)
 
 

@@ -1,0 +1,266 @@
+"""compose/kong.yml: valid for decK, only what Kong 3.9 accepts, routed to real FastAPI routes,
+and rendered faithfully (credentials, HAProxy) or refused."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+
+from esctl.gateway import (
+    GatewayConfigError,
+    GatewaySettings,
+    dump_kong,
+    gateway_model,
+    k8s_credentials,
+    load_kong,
+    render_haproxy,
+    with_credentials,
+)
+
+ROOT = Path(__file__).parents[2]
+KONG_YML = ROOT / "compose" / "kong.yml"
+
+# Kong 3.9's plugin schemas: every config field of the plugins we use, with a check of its value.
+Check = Callable[[Any], bool]
+
+
+def one_of(*allowed: Any) -> Check:
+    return lambda v: v in allowed
+
+
+def subset_of(*allowed: Any) -> Check:
+    return lambda v: isinstance(v, list) and all(x in allowed for x in v)
+
+
+def strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def positive(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+def boolean(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+HTTP_METHODS = ("GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+KONG_39_PLUGINS: dict[str, dict[str, Check]] = {
+    "jwt": {
+        "uri_param_names": strings,
+        "cookie_names": strings,
+        "header_names": strings,
+        "key_claim_name": text,
+        "secret_is_base64": boolean,
+        "claims_to_verify": subset_of("exp", "nbf"),
+        "anonymous": lambda v: v is None or isinstance(v, str),
+        "run_on_preflight": boolean,
+        "maximum_expiration": lambda v: isinstance(v, int) and 0 <= v <= 31536000,
+        "realm": lambda v: v is None or isinstance(v, str),
+    },
+    "rate-limiting": {
+        **{w: positive for w in ("second", "minute", "hour", "day", "month", "year")},
+        "limit_by": one_of(
+            "consumer", "credential", "ip", "service", "header", "path", "consumer-group"
+        ),
+        "header_name": text,
+        "path": text,
+        "policy": one_of("local", "cluster", "redis"),
+        "fault_tolerant": boolean,
+        "redis": lambda v: isinstance(v, dict),
+        "hide_client_headers": boolean,
+        "error_code": lambda v: isinstance(v, int) and 400 <= v < 600,
+        "error_message": text,
+        "sync_rate": lambda v: isinstance(v, int | float),
+    },
+    "correlation-id": {
+        "header_name": text,
+        "generator": one_of("uuid", "uuid#counter", "tracker"),
+        "echo_downstream": boolean,
+    },
+    "request-size-limiting": {
+        "allowed_payload_size": lambda v: isinstance(v, int) and v > 0,
+        "size_unit": one_of("megabytes", "kilobytes", "bytes"),
+        "require_content_length": boolean,
+    },
+    "cors": {
+        "origins": strings,
+        "headers": strings,
+        "exposed_headers": strings,
+        "methods": subset_of(*HTTP_METHODS),
+        "max_age": positive,
+        "credentials": boolean,
+        "private_network": boolean,
+        "preflight_continue": boolean,
+        "allow_origin_absent": boolean,
+    },
+    "prometheus": {
+        "per_consumer": boolean,
+        "status_code_metrics": boolean,
+        "ai_metrics": boolean,
+        "latency_metrics": boolean,
+        "bandwidth_metrics": boolean,
+        "upstream_health_metrics": boolean,
+        "wasm_metrics": boolean,
+    },
+}
+
+
+def every_plugin(kong: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found = [("global", p) for p in kong.get("plugins", [])]
+    for service in kong["services"]:
+        found += [(service["name"], p) for p in service.get("plugins", [])]
+        for route in service.get("routes", []):
+            found += [(route["name"], p) for p in route.get("plugins", [])]
+    return found
+
+
+def public_key_pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def kong_rejections(kong: dict[str, Any]) -> list[str]:
+    problems = []
+    for where, plugin in every_plugin(kong):
+        schema = KONG_39_PLUGINS.get(plugin["name"])
+        if schema is None:
+            problems.append(f"{where}: {plugin['name']} is not a plugin we check")
+            continue
+        for name, value in (plugin.get("config") or {}).items():
+            check = schema.get(name)
+            if check is None:
+                problems.append(f"{where}: {plugin['name']}.{name} is not a Kong 3.9 field")
+            elif not check(value):
+                problems.append(f"{where}: {plugin['name']}.{name}={value!r} is refused")
+    return problems
+
+
+def test_deck_validates_kong_yml_before_and_after_rendering(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["deck", "validate", "-s", str(KONG_YML)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = tmp_path / "kong.yml"
+    rendered.write_text(dump_kong(with_credentials(load_kong(KONG_YML), {"k1": public_key_pem()})))
+    result = subprocess.run(
+        ["deck", "validate", "-s", str(rendered)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    broken = tmp_path / "broken.yml"
+    broken.write_text(rendered.read_text().replace("strip_path: false", "strip_path: nope", 1))
+    assert subprocess.run(
+        ["deck", "validate", "-s", str(broken)], check=False, capture_output=True
+    ).returncode
+
+
+def test_every_plugin_config_uses_only_fields_and_values_kong_39_accepts() -> None:
+    kong = load_kong(KONG_YML)
+    assert kong_rejections(kong) == []
+    names = {p["name"] for _, p in every_plugin(kong)}
+    assert names == set(KONG_39_PLUGINS)
+    # The check itself refuses what Kong would refuse.
+    wrong = copy.deepcopy(kong)
+    wrong["plugins"][0]["config"]["generator"] = "random"
+    wrong["plugins"][1]["config"]["max_size"] = 1
+    assert len(kong_rejections(wrong)) == 2
+
+
+def test_the_jwt_plugin_finds_one_credential_per_signing_key_by_kid() -> None:
+    kong = load_kong(KONG_YML)
+    jwt = [p["config"] for _, p in every_plugin(kong) if p["name"] == "jwt"]
+    assert jwt
+    assert all(c["key_claim_name"] == "kid" and "exp" in c["claims_to_verify"] for c in jwt)
+    keys = {"kid-old": public_key_pem(), "kid-new": public_key_pem()}
+    (consumer,) = with_credentials(kong, keys)["consumers"]
+    assert {(s["key"], s["algorithm"]) for s in consumer["jwt_secrets"]} == {
+        ("kid-old", "RS256"),
+        ("kid-new", "RS256"),
+    }
+    objects = k8s_credentials(keys)
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    assert {s["stringData"]["key"] for s in secrets} == set(keys)
+    assert all(s["metadata"]["labels"]["konghq.com/credential"] == "jwt" for s in secrets)
+    (kong_consumer,) = [o for o in objects if o["kind"] == "KongConsumer"]
+    assert kong_consumer["credentials"] == [s["metadata"]["name"] for s in secrets]
+
+
+def _apps() -> dict[str, FastAPI]:
+    from auth_svc.main import create_app as auth_app
+    from user_svc.main import create_app as user_app
+
+    return {"auth_svc": auth_app(), "user_svc": user_app()}
+
+
+def test_every_route_goes_to_an_existing_service_and_a_real_fastapi_route() -> None:
+    kong = load_kong(KONG_YML)
+    apps = _apps()
+    upstreams = {u["name"] for u in kong["upstreams"]}
+    routed: list[str] = []
+    for service in kong["services"]:
+        assert service["name"] in apps, f"{service['name']} is not a REST service"
+        assert service["host"] in upstreams
+        served = list(apps[service["name"]].openapi()["paths"])
+        for route in service["routes"]:
+            assert route["strip_path"] is False
+            for path in route["paths"]:
+                routed.append(path)
+                assert any(p.startswith(path) for p in served), f"{path} serves nothing"
+    # Nothing else is exposed: not the probes, not the metrics, not the root.
+    for private in ("/health/ready", "/health/live", "/metrics", "/docs", "/"):
+        assert not any(private.startswith(p) for p in routed), private
+
+
+def test_the_local_gateway_config_is_accepted_by_haproxy(tmp_path: Path) -> None:
+    kong = with_credentials(load_kong(KONG_YML), {"k1": public_key_pem()})
+    targets = {"auth_svc.upstream": ["127.0.0.1:1"], "user_svc.upstream": ["127.0.0.1:2"]}
+    text = render_haproxy(gateway_model(kong, targets), GatewaySettings(), tmp_path / "keys")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(text)
+    result = subprocess.run(
+        ["haproxy", "-c", "-f", str(path)], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "/users" in text
+    assert "/metrics" not in text.split("frontend proxy")[1]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda k: k["plugins"].append({"name": "key-auth", "config": {}}),
+        lambda k: k["services"][0]["routes"][0].update(strip_path=True),
+        lambda k: k["plugins"][2]["config"].update(hour=10_000),
+    ],
+    ids=["unknown plugin", "path stripping", "two rate windows"],
+)
+def test_what_the_local_gateway_cannot_reproduce_is_refused(change: Any) -> None:
+    kong = load_kong(KONG_YML)
+    change(kong)
+    with pytest.raises(GatewayConfigError):
+        gateway_model(kong, {})
+        render_haproxy(gateway_model(kong, {}), GatewaySettings(), Path("/nonexistent"))
