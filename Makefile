@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: up gateway-tools test lint typecheck unit integration bench db-init clean
+.PHONY: up gateway-tools test lint typecheck unit integration bench db-init clean audit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -46,6 +46,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+## pip-audit on uv.lock (needs its vulnerability service; fails, saying why, when unreachable).
+audit: $(STAMP)
+	$(BIN)/python -m tests.security.audit_dependencies
 
 ## Benchmarks (not part of `make test`): each prints JSON with its baseline from the same run.
 bench: $(STAMP)

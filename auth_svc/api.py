@@ -49,7 +49,11 @@ Email = Annotated[EmailStr, BeforeValidator(_normalise_email)]
 NewPassword = Annotated[str, StringConstraints(min_length=8, max_length=128)]
 # Any attempt is checked against the stored hash: a too-short guess is just a wrong password.
 GivenPassword = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# No NUL: it cannot be stored in a PostgreSQL text column by any projection of the name.
+DisplayName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[^\x00]*$"),
+]
 RefreshToken = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 

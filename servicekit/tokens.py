@@ -23,6 +23,7 @@ from servicekit.problems import Problem
 from shared_contracts.tokens import ACCESS_TOKEN_ALGORITHM, AccessTokenClaims
 
 KID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MAX_AGE = re.compile(r"(?:^|[,\s])max-age=(\d{1,9})")
 PublicKey = Any
 KeyLookup = Callable[[str], Awaitable[PublicKey | None]]
 
@@ -36,7 +37,11 @@ class InvalidToken(Problem):
 
 
 class JwksKeys:
-    """Public keys fetched from a JWKS URL, cached, refetched on an unknown `kid` or when old."""
+    """Public keys fetched from a JWKS URL, cached, refetched on an unknown `kid` or when old.
+
+    "Old" is the JWKS response's `Cache-Control: max-age` (at most `max_age_seconds`): a key
+    that auth_svc stops publishing stops verifying here as soon as that, not minutes later.
+    """
 
     def __init__(
         self,
@@ -52,11 +57,12 @@ class JwksKeys:
         self._client = client or httpx.AsyncClient(timeout=5.0)
         self._keys: dict[str, PublicKey] = {}
         self._fetched_at = float("-inf")
+        self._fresh_for = max_age_seconds
         self._lock = asyncio.Lock()
 
     async def __call__(self, kid: str) -> PublicKey | None:
         now = time.monotonic()
-        if kid in self._keys and now - self._fetched_at < self.max_age:
+        if kid in self._keys and now - self._fetched_at < self._fresh_for:
             return self._keys[kid]
         if now - self._fetched_at >= self.min_refetch:
             async with self._lock:
@@ -77,7 +83,12 @@ class JwksKeys:
             self._fetched_at = time.monotonic()
             return
         self._keys = parse_jwks(document)
+        self._fresh_for = self._max_age_of(response.headers.get("cache-control", ""))
         self._fetched_at = time.monotonic()
+
+    def _max_age_of(self, cache_control: str) -> float:
+        found = _MAX_AGE.search(cache_control)
+        return self.max_age if found is None else min(self.max_age, float(found.group(1)))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -29,6 +29,9 @@ STATE_FIELDS = ("email", *EDITABLE_FIELDS)
 
 _BCP47_CHARS = re.compile(r"^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+# NUL cannot be stored in a PostgreSQL text column (every projection of a profile would choke
+# on it) and a lone surrogate cannot be encoded as UTF-8 (the event store would fail: a 500).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class InvalidProfileField(ValueError):
@@ -110,6 +113,8 @@ def valid_value(field: str, value: str | None) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidProfileField(field, "must be a string or null")
+    if _UNSTORABLE.search(value):
+        raise InvalidProfileField(field, "must be Unicode text without NUL characters")
     return VALIDATORS[field](value)
 
 
