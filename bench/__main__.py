@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench.patch_profile",
     "bench.relay_backlog",
     "bench.gateway",
+    "bench.projection",
 ]
 
 

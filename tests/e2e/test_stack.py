@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,11 +27,15 @@ class Stack:
     auth: str
     users: str
     amqp_url: str
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def stack(make_database: Callable[[str], str], make_vhost: Callable[[], str]) -> Iterator[Stack]:
-    ports = {name: free_port() for name in ("auth", "user", "auth_relay", "user_relay", "cons")}
+    ports = {
+        name: free_port()
+        for name in ("auth", "user", "auth_relay", "user_relay", "cons", "rep", "gw", "gw_status")
+    }
     amqp_url = make_vhost()
     env = {
         **os.environ,
@@ -41,6 +47,11 @@ def stack(make_database: Callable[[str], str], make_vhost: Callable[[], str]) ->
         "AUTH_RELAY_PORT": str(ports["auth_relay"]),
         "USER_RELAY_PORT": str(ports["user_relay"]),
         "USER_CONSUMER_PORT": str(ports["cons"]),
+        "REPORTING_DATABASE_URL": make_database("reporting"),
+        "REPORTING_CONSUMER_PORT": str(ports["rep"]),
+        "GATEWAY_PORT": str(ports["gw"]),
+        "GATEWAY_STATUS_PORT": str(ports["gw_status"]),
+        "GATEWAY_WORK_DIR": f"/tmp/eskit-e2e-gateway-{os.getpid()}",
         "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth']}/auth/.well-known/jwks.json",
         "AUTH_ARGON2_TIME_COST": "1",
         "AUTH_ARGON2_MEMORY_KIB": "1024",
@@ -65,6 +76,7 @@ def stack(make_database: Callable[[str], str], make_vhost: Callable[[], str]) ->
                 auth=f"http://127.0.0.1:{ports['auth']}",
                 users=f"http://127.0.0.1:{ports['user']}",
                 amqp_url=amqp_url,
+                env=env,
             )
         finally:
             proc.send_signal(signal.SIGINT)
@@ -187,3 +199,38 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+def esctl_json(stack: Stack, *args: str) -> Any:
+    result = subprocess.run(
+        [sys.executable, "-m", "esctl.main", *args, "--format", "json"],
+        env={**stack.env, "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_reports_and_projection_status_follow_the_api(stack: Stack) -> None:
+    before = esctl_json(stack, "report", "signups")
+    register_and_login(stack, f"rep-{time.time_ns()}@example.com", "correct horse battery")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = esctl_json(stack, "report", "signups")
+        if sum(r["accounts"] for r in after) == sum(r["accounts"] for r in before) + 1:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the sign-up never reached the report: {after}")
+    assert after[-1]["day"] == datetime.now(UTC).date().isoformat()
+    logins = esctl_json(stack, "report", "logins")
+    assert logins[-1]["succeeded"] >= 1
+    status = {
+        (r["projection"], r["producer"]): r for r in esctl_json(stack, "projections", "status")
+    }
+    auth = status[("reporting_svc", "auth_svc")]
+    assert auth["applied"] >= 2 and auth["latest"] >= auth["applied"]
+    assert auth["dlq"] == 0

@@ -1,0 +1,330 @@
+"""reporting_svc's projection against raw aio-pika, in the same run (interleaved A B A B).
+
+1. Catching up a 50,000-event backlog in `reporting_svc.q`, against raw aio-pika consuming
+   the same bodies from a quorum queue with the same arguments, acking each message.
+   Target: >= 0.6 of the raw rate.
+2. Replaying 50,000 events from `events.history` into a fresh generation, against raw
+   consumption of the same stream from its first offset. Target: >= 0.6.
+3. End to end at 100 events/s: `POST /auth/register` -> auth_svc's store -> relay -> exchange
+   -> queue -> projection committed, against raw publish -> consume on the same broker.
+   Target: p99 <= 60 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+import aio_pika
+import httpx
+
+from bench.harness import (
+    free_port,
+    median,
+    process,
+    temp_database,
+    temp_vhost,
+    uvicorn_argv,
+    write_result,
+)
+from reporting_svc.main import init_db
+from reporting_svc.projection import Reporting
+from reporting_svc.settings import ReportingSettings
+from servicekit.amqp import declare_consumer_queues
+from servicekit.consumer import Consumer, ProjectionHandler
+from servicekit.projection import Applied, Outcome, ProjectionStore
+from servicekit.replay import Progress, Replay
+from servicekit.runners import run_projection
+from tests.support.history import generate, publish
+
+EVENTS = 50_000
+ROUNDS = 2
+PREFETCH = 1000
+
+
+async def raw_queue_consume(amqp_url: str, bodies: Sequence[tuple[str, str, bytes]]) -> float:
+    """Raw aio-pika: a quorum queue like ours, the same bodies, one ack per message."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        name = f"raw-{uuid.uuid4().hex[:6]}"
+        queue = await channel.declare_queue(
+            name,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-single-active-consumer": True},
+        )
+        await publish_to_queue(channel, name, [b for _, _, b in bodies])
+        done = asyncio.Event()
+        count = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count
+            await message.ack()
+            count += 1
+            if count == len(bodies):
+                done.set()
+
+        started = time.perf_counter()
+        await queue.consume(on_message)
+        await done.wait()
+        elapsed = time.perf_counter() - started
+        await queue.delete(if_unused=False, if_empty=False)
+    return len(bodies) / elapsed
+
+
+async def publish_to_queue(
+    channel: aio_pika.abc.AbstractChannel, queue: str, bodies: list[bytes]
+) -> None:
+    for i in range(0, len(bodies), 1000):
+        await asyncio.gather(
+            *(
+                channel.default_exchange.publish(
+                    aio_pika.Message(b, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue,
+                )
+                for b in bodies[i : i + 1000]
+            )
+        )
+
+
+async def projection_catch_up(amqp_url: str, bodies: Sequence[tuple[str, str, bytes]]) -> float:
+    """The reporting projection draining the same backlog from its own queue."""
+    with temp_database(f"catchup{uuid.uuid4().hex[:4]}") as db:
+        settings = ReportingSettings(database_url=db, amqp_url=amqp_url)
+        await asyncio.to_thread(init_db, settings)
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            service = f"bench_{uuid.uuid4().hex[:6]}"
+            queue = await declare_consumer_queues(
+                channel, service, Reporting.bindings, delivery_limit=5
+            )
+            await publish(amqp_url, list(bodies))
+            store = ProjectionStore(Reporting(), db)
+            consumer = Consumer(
+                service=service,
+                amqp_url=amqp_url,
+                bindings=Reporting.bindings,
+                handler=ProjectionHandler(store),
+                prefetch=PREFETCH,
+                batch_size=PREFETCH,
+            )
+            stop = asyncio.Event()
+            started = time.perf_counter()
+            task = asyncio.create_task(run_projection(consumer, store, stop))
+            while consumer.status.handled < len(bodies):
+                await asyncio.sleep(0.005)
+            elapsed = time.perf_counter() - started
+            stop.set()
+            await task
+            await queue.delete(if_unused=False, if_empty=False)
+    return len(bodies) / elapsed
+
+
+async def raw_stream_consume(amqp_url: str, count: int) -> float:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=2 * PREFETCH)
+        stream = await channel.declare_queue(
+            "events.history", durable=True, arguments={"x-queue-type": "stream"}
+        )
+        done = asyncio.Event()
+        seen = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal seen
+            await message.ack()
+            seen += 1
+            if seen == count:
+                done.set()
+
+        started = time.perf_counter()
+        await stream.consume(on_message, arguments={"x-stream-offset": "first"})
+        await done.wait()
+        return count / (time.perf_counter() - started)
+
+
+async def replay_rate(amqp_url: str, count: int) -> float:
+    with temp_database(f"replay{uuid.uuid4().hex[:4]}") as db:
+        await asyncio.to_thread(init_db, ReportingSettings(database_url=db))
+        stop = asyncio.Event()
+        finished: list[float] = []
+
+        def on_progress(p: Progress) -> None:
+            if p.applied >= count and not finished:
+                finished.append(time.perf_counter())
+                stop.set()
+
+        rebuild = Replay(
+            Reporting(),
+            database_url=db,
+            amqp_url=amqp_url,
+            batch_size=PREFETCH,
+            on_progress=on_progress,
+        )
+        started = time.perf_counter()
+        await rebuild.run(stop)
+        return count / (finished[0] - started)
+
+
+class Timed(ProjectionHandler):
+    """Notes when each registration's batch has committed."""
+
+    def __init__(self, store: ProjectionStore, committed: dict[str, float]) -> None:
+        super().__init__(store)
+        self.committed = committed
+
+    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+        outcomes = await super().handle(events)
+        now = time.perf_counter()
+        for item in events:
+            self.committed[str(item.event.user_id)] = now  # type: ignore[attr-defined]
+        return outcomes
+
+
+async def end_to_end(amqp_url: str, seconds: int = 10) -> list[float]:
+    """POST /auth/register at 100/s; seconds from sending the request to the commit."""
+    from auth_svc.main import init_db as init_auth
+    from tests.support.auth import cheap_auth_settings
+
+    with temp_database("e2eauth") as auth_db, temp_database("e2erep") as rep_db:
+        await asyncio.to_thread(init_auth, cheap_auth_settings(auth_db))
+        settings = ReportingSettings(database_url=rep_db, amqp_url=amqp_url)
+        await asyncio.to_thread(init_db, settings)
+        port, relay_port = free_port(), free_port()
+        env = {
+            "AUTH_DATABASE_URL": auth_db,
+            "AUTH_ARGON2_TIME_COST": "1",
+            "AUTH_ARGON2_MEMORY_KIB": "1024",
+            "AUTH_RELAY_PORT": str(relay_port),
+            "AMQP_URL": amqp_url,
+            "LOG_LEVEL": "WARNING",
+        }
+        committed: dict[str, float] = {}
+        store = ProjectionStore(Reporting(), rep_db)
+        consumer = Consumer(
+            service="reporting_svc",
+            amqp_url=amqp_url,
+            bindings=Reporting.bindings,
+            handler=Timed(store, committed),
+            prefetch=PREFETCH,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_projection(consumer, store, stop))
+        while consumer.status.role != "consuming":
+            await asyncio.sleep(0.05)
+        with (
+            process(
+                uvicorn_argv("auth_svc.main:create_app", port),
+                env,
+                f"http://127.0.0.1:{port}/health/ready",
+            ),
+            process(
+                [sys.executable, "-m", "esctl.main", "relay", "auth_svc"],
+                env,
+                f"http://127.0.0.1:{relay_port}/health/ready",
+            ),
+        ):
+            sent: dict[str, float] = {}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+                async def register(i: int) -> None:
+                    started = time.perf_counter()
+                    r = await client.post(
+                        "/auth/register",
+                        json={"email": f"e2e{i}@example.com", "password": "long enough pw"},
+                    )
+                    r.raise_for_status()
+                    sent[r.json()["user_id"]] = started
+
+                tasks = []
+                for i in range(100 * seconds):
+                    tasks.append(asyncio.create_task(register(i)))
+                    await asyncio.sleep(0.01)
+                await asyncio.gather(*tasks)
+            deadline = time.perf_counter() + 30
+            while not set(sent) <= set(committed) and time.perf_counter() < deadline:
+                await asyncio.sleep(0.01)
+        stop.set()
+        await task
+    return [committed[u] - sent[u] for u in sent if u in committed]
+
+
+async def raw_latency(amqp_url: str, count: int = 1000) -> list[float]:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        arrived: dict[int, float] = {}
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrived[int(message.body)] = time.perf_counter()
+            await message.ack()
+
+        await queue.consume(on_message)
+        sent: dict[int, float] = {}
+        for i in range(count):
+            sent[i] = time.perf_counter()
+            await channel.default_exchange.publish(
+                aio_pika.Message(str(i).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=queue.name,
+            )
+            await asyncio.sleep(0.01)
+        while len(arrived) < count:
+            await asyncio.sleep(0.01)
+    return [arrived[i] - sent[i] for i in sent]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[max(int(len(ordered) * q) - 1, 0)] * 1000, 2)
+
+
+async def run() -> dict[str, object]:
+    history = generate(EVENTS, seed=99)
+    bodies = history.bodies()
+    raw_q, proj_q, raw_s, replayed = [], [], [], []
+    with temp_vhost() as amqp_url:
+        for _ in range(ROUNDS):
+            raw_q.append(await raw_queue_consume(amqp_url, bodies))
+            proj_q.append(await projection_catch_up(amqp_url, bodies))
+    with temp_vhost() as amqp_url:
+        await publish(amqp_url, bodies)  # into events.history (bound to both exchanges)
+        for _ in range(ROUNDS):
+            raw_s.append(await raw_stream_consume(amqp_url, len(bodies)))
+            replayed.append(await replay_rate(amqp_url, len(bodies)))
+    with temp_vhost() as amqp_url:
+        raw_lat = await raw_latency(amqp_url)
+        e2e = await end_to_end(amqp_url)
+    return {
+        "benchmark": f"reporting projection: {EVENTS} backlog, replay of {EVENTS}, e2e at 100/s",
+        "catch_up_baseline_raw_consume_per_s": median(raw_q),
+        "catch_up_events_per_s": median(proj_q),
+        "catch_up_ratio": round(median(proj_q) / median(raw_q), 3),
+        "replay_baseline_raw_stream_per_s": median(raw_s),
+        "replay_events_per_s": median(replayed),
+        "replay_ratio": round(median(replayed) / median(raw_s), 3),
+        "e2e_baseline_raw_publish_consume_p50_ms": round(statistics.median(raw_lat) * 1000, 2),
+        "e2e_baseline_raw_publish_consume_p99_ms": percentile(raw_lat, 0.99),
+        "e2e_http_to_read_model_p50_ms": round(statistics.median(e2e) * 1000, 2),
+        "e2e_http_to_read_model_p99_ms": percentile(e2e, 0.99),
+        "e2e_events": len(e2e),
+        "target": "catch-up and replay ratios >= 0.6; end-to-end p99 <= 60 ms",
+    }
+
+
+def main() -> None:
+    result = asyncio.run(run())
+    write_result("projection", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
