@@ -89,7 +89,10 @@ class ProfileService(EventSourcedApplication):
         """Create (or complete) the profile of a newly registered account.
 
         The producer's position is recorded with the new events in one transaction, so a
-        redelivered message changes nothing.
+        redelivered message changes nothing. A registration below the recorded position is
+        a redelivery, unless its profile does not exist: then it was dead-lettered and is now
+        retried (`esctl dlq retry user_svc`), and it creates the profile without moving the
+        position.
         """
         registered = AccountRegistered.model_validate(envelope.data)
         producer = AccountRegistered.producer
@@ -97,9 +100,10 @@ class ProfileService(EventSourcedApplication):
             correlation_id=envelope.correlation_id, causation_id=str(envelope.event_id)
         ):
             for _ in range(MAX_ATTEMPTS):
-                if self.tracked_position(producer) >= envelope.position:
-                    return "duplicate"
+                late = self.tracked_position(producer) >= envelope.position
                 profile = self._load(registered.user_id)
+                if late and profile is not None:
+                    return "duplicate"  # a redelivery: the user may have edited it since
                 if profile is None:
                     profile = Profile.create(
                         registered.user_id,
@@ -109,7 +113,10 @@ class ProfileService(EventSourcedApplication):
                 else:  # The user's first GET /users/me came first.
                     profile.fill_in_from_registration(registered.email, registered.display_name)
                 try:
-                    self.save_tracked(profile, tracking=Tracking(producer, envelope.position))
+                    if late:
+                        self.save(profile)
+                    else:
+                        self.save_tracked(profile, tracking=Tracking(producer, envelope.position))
                 except IntegrityError:
                     continue  # A request saved this profile meanwhile, or a redelivery won.
                 return "applied"

@@ -106,14 +106,20 @@ def test_a_redelivered_registration_changes_nothing(service: ProfileService) -> 
     assert profile.display_name == "Countess"
 
 
-def test_a_registration_below_the_tracked_position_is_skipped(service: ProfileService) -> None:
+def test_a_retried_registration_below_the_tracked_position_is_applied_once(
+    service: ProfileService,
+) -> None:
     later = registered(uuid.uuid4())
     service.on_account_registered(later)
-    stale = registered(uuid.uuid4(), position=max(later.position - 1, 1))
+    # Dead-lettered earlier, retried after later events were applied (`esctl dlq retry`).
+    retried = registered(uuid.uuid4(), position=max(later.position - 1, 1))
 
-    service.on_account_registered(stale)
+    assert service.on_account_registered(retried) == "applied"
+    assert service.on_account_registered(retried) == "duplicate"
 
-    assert service.public_profile(stale.aggregate_id) is None
+    assert service.public_profile(retried.aggregate_id) is not None
+    assert len(events_of(service, retried.aggregate_id)) == 1
+    assert service.tracked_position("auth_svc") == later.position
 
 
 def test_a_profile_created_by_the_first_request_is_completed_not_duplicated(
