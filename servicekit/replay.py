@@ -41,6 +41,7 @@ from servicekit.projection import (
     validated,
 )
 from shared_contracts.envelope import Envelope
+from shared_contracts.names import PRODUCER_EXCHANGES
 
 log = logging.getLogger("servicekit.replay")
 
@@ -137,8 +138,9 @@ class Replay:
                 refills: dict[str, _Refill] = {}
                 phase, start = 0, progress.offset + 1
                 if first is not None and first > 0:
-                    refills = await self._refills(connection, progress.end)
-                    start = min(r.start for r in refills.values())
+                    live = await self.store.positions()
+                    refills = await self._refills(connection, progress.end, set(live))
+                    start = min((r.start for r in refills.values()), default=first)
                     progress.phase = "refills"
                     await self._read(connection, progress, stop, start, refills, phase=1)
                     phase = 2
@@ -257,10 +259,20 @@ class Replay:
 
     # -- reading the stream ------------------------------------------------------------
 
-    async def _refills(self, connection: AnyConnection, end: int) -> dict[str, _Refill]:
-        """Find, per producer, the latest complete refill (`--from 1`) in the stream."""
+    async def _refills(
+        self, connection: AnyConnection, end: int, live: set[str]
+    ) -> dict[str, _Refill]:
+        """Find, per producer, the latest complete refill (`--from 1`) in the stream.
+
+        A refill is needed for every producer this projection binds that the live generation
+        has applied, or that the stream still holds.
+        """
         runs: dict[str, _Refill] = {}
+        bound = set(_producers(self.projection))
+        needed = live & bound
         async for message in _scan(connection, "first", end, self.idle):
+            if message.app_id in bound:
+                needed.add(str(message.app_id))
             headers = message.headers or {}
             run, producer = headers.get(RUN), headers.get(RUN_PRODUCER)
             if run is None or producer is None or int(str(headers.get(RUN_FROM, 1))) > 1:
@@ -268,7 +280,7 @@ class Replay:
             current = runs.get(str(producer))
             if current is None or (current.run != str(run) and _offset(message) > current.start):
                 runs[str(producer)] = _Refill(str(run), _offset(message), int(str(headers[RUN_TO])))
-        missing = sorted(p for p in _producers(self.projection) if p not in runs)
+        missing = sorted(p for p in needed if p not in runs)
         if missing:
             raise ReplayError(
                 "events.history no longer holds the start of the history (retention removed "
@@ -448,8 +460,6 @@ async def _behind(
 
 
 def _producers(projection: Projection) -> list[str]:
-    from shared_contracts.names import PRODUCER_EXCHANGES
-
     return [p for p, exchange in PRODUCER_EXCHANGES.items() if exchange in projection.bindings]
 
 
