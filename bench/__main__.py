@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench.relay_backlog",
     "bench.gateway",
     "bench.projection",
+    "bench.webhooks",
 ]
 
 

@@ -16,7 +16,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from esctl import gateway, operate, stack
+from esctl import gateway, operate, stack, webhooks
 from esctl.console import choose, err, fail, out, require_dependencies
 from esctl.operate import CONSUMERS, PRODUCERS, PROJECTIONS
 
@@ -30,6 +30,7 @@ app.add_typer(contracts_app, name="contracts")
 app.add_typer(gateway.app, name="gateway")
 app.add_typer(operate.projections_app, name="projections")
 app.add_typer(operate.dlq_app, name="dlq")
+app.add_typer(webhooks.app, name="webhooks")
 app.command()(operate.replay)
 app.command()(operate.republish)
 app.command()(operate.report)
@@ -85,7 +86,9 @@ def relay(producer: Annotated[str, typer.Argument(help="auth_svc or user_svc")])
 
 @app.command()
 def consume(
-    service: Annotated[str, typer.Argument(help="user_svc or reporting_svc")],
+    service: Annotated[
+        str, typer.Argument(help="user_svc, reporting_svc, notify_svc or integration_svc")
+    ],
 ) -> None:
     """Run a service's consumer (its queue -> its handler)."""
     choose(service, CONSUMERS, "consumer")

@@ -39,7 +39,7 @@ from shared_contracts.names import dead_letter_queue, live_queue
 T = TypeVar("T")
 
 # Services whose consumer is a projection (rebuildable with `esctl replay`).
-PROJECTIONS = ("reporting_svc",)
+PROJECTIONS = ("reporting_svc", "notify_svc", "integration_svc")
 # Every consuming service (each has `<service>.q` and `<service>.dlq`).
 CONSUMERS = ("user_svc", *PROJECTIONS)
 PRODUCERS = ("auth_svc", "user_svc")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from auth_svc.settings import AuthSettings
+from integration_svc.settings import IntegrationSettings
+from notify_svc.settings import NotifySettings
 from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import broker_address
 from servicekit.eventstore import connection_kwargs
@@ -47,12 +49,13 @@ def processes() -> list[Process]:
             users.consumer_port,
             False,
         ),
-        Process(
-            "reporting_svc.consumer",
-            [*esctl, "consume", "reporting_svc"],
-            reporting.host,
-            reporting.consumer_port,
-            False,
+        *(
+            Process(f"{name}.consumer", [*esctl, "consume", name], s.host, s.consumer_port, False)
+            for name, s in (
+                ("reporting_svc", reporting),
+                ("notify_svc", NotifySettings()),
+                ("integration_svc", IntegrationSettings()),
+            )
         ),
     ]
 
@@ -88,6 +91,8 @@ def dependency_problems() -> list[str]:
         AuthSettings().database_url,
         UserSettings().database_url,
         ReportingSettings().database_url,
+        NotifySettings().database_url,
+        IntegrationSettings().database_url,
     ):
         kw = connection_kwargs(url)
         if (kw["host"], kw["port"]) in seen:
@@ -97,7 +102,7 @@ def dependency_problems() -> list[str]:
             problems.append(
                 f"PostgreSQL is not reachable at {kw['host']}:{kw['port']}. Start it with "
                 "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
-                "or point AUTH_DATABASE_URL / USER_DATABASE_URL at a running server."
+                "or point the services' *_DATABASE_URL variables at a running server."
             )
     amqp = AuthSettings().amqp_url
     parts = urlsplit(amqp)

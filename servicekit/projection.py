@@ -323,6 +323,12 @@ class ProjectionStore:
                 for row in await tx.cursor.fetchall()
             }
 
+    async def positions_in(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+        """The live generation's positions, read on the caller's connection."""
+        tx = Transaction(conn.cursor(), await self.live_schema(conn), replaying=False)
+        await tx.execute("SELECT producer, position FROM {_positions}")
+        return {str(p): int(pos) for p, pos in await tx.cursor.fetchall()}
+
     async def parked_count(self) -> int:
         async with self.pool.connection() as conn:
             tx = Transaction(conn.cursor(), await self.live_schema(conn), replaying=False)

@@ -359,9 +359,7 @@ class Replay:
         async with self.store.pool.connection() as conn, conn.transaction():
             try:
                 async with conn.transaction():
-                    outcomes = await self.store.apply_in(
-                        conn, progress.generation, events, replaying=True
-                    )
+                    outcomes = await self._apply_split(conn, progress.generation, events)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except Exception:  # noqa: BLE001 - find the event that fails, park it, go on
@@ -382,6 +380,28 @@ class Replay:
         REPLAY_OFFSET.labels(self.projection.name).set(last)
         REPLAY_END.labels(self.projection.name).set(progress.end)
 
+    async def _apply_split(
+        self, conn: psycopg.AsyncConnection[Any], generation: str, events: Sequence[Applied]
+    ) -> list[Outcome]:
+        """Apply as history what the live generation has applied, the rest as new events.
+
+        An event the live generation has not applied yet (above its position) is new to this
+        projection: its side effects are recorded now, keyed by (event_id, effect), so that
+        it does not matter whether the live consumer records them too before the swap, or
+        skips the event as a duplicate after it. A producer the live generation has never
+        applied anything from is all history: a replay must not re-send a backlog.
+        """
+        live = await self.store.positions_in(conn)
+        history: list[Applied] = []
+        new: list[Applied] = []
+        for e in events:
+            applied = live.get(e.envelope.producer, 0)
+            (history if applied == 0 or e.envelope.position <= applied else new).append(e)
+        outcomes = await self.store.apply_in(conn, generation, history, replaying=True)
+        if new:
+            outcomes += await self.store.apply_in(conn, generation, new, replaying=False)
+        return outcomes
+
     async def _one_by_one(
         self,
         conn: psycopg.AsyncConnection[Any],
@@ -393,9 +413,7 @@ class Replay:
         for item in events:
             try:
                 async with conn.transaction():
-                    outcomes += await self.store.apply_in(
-                        conn, progress.generation, [item], replaying=True
-                    )
+                    outcomes += await self._apply_split(conn, progress.generation, [item])
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except Exception as exc:  # noqa: BLE001

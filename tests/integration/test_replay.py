@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -212,3 +213,53 @@ def test_no_broker_is_a_clear_error(settings: ReportingSettings) -> None:
     assert result.returncode != 0
     assert "RabbitMQ is not reachable at 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_ctrl_c_stops_the_cli_replay_which_then_resumes(settings: ReportingSettings) -> None:
+    history = generate(3_000, seed=17)
+    async with consuming(settings):
+        await publish(settings.amqp_url, history.bodies())
+        await wait_caught_up(settings, history)
+    env = {
+        **os.environ,
+        "AMQP_URL": settings.amqp_url,
+        "REPORTING_DATABASE_URL": settings.database_url,
+        "NO_COLOR": "1",
+    }
+    argv = [sys.executable, "-m", "esctl.main", "replay", "reporting_svc", "--batch-size", "1"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    for _ in range(300):
+        if await asyncio.to_thread(replayed_so_far, settings) >= 200:
+            break
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 130, stderr.decode()
+    assert "run `esctl replay reporting_svc` again to resume" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    halfway = await asyncio.to_thread(replayed_so_far, settings)
+    assert 200 <= halfway < len(history.envelopes)
+
+    done = await asyncio.to_thread(esctl, settings, "replay", "reporting_svc")
+    assert done.returncode == 0, done.stderr
+    assert "now serves reporting_svc_g2" in done.stdout
+    await assert_reports_match(settings, history)
+
+
+def replayed_so_far(settings: ReportingSettings) -> int:
+    """Events applied by the rebuild in progress (0 before it has started)."""
+    with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
+        row = conn.execute("SELECT building FROM projection_generations").fetchone()
+        if row is None or row[0] is None:
+            return 0
+        try:
+            applied = conn.execute(
+                psycopg.sql.SQL("SELECT applied FROM {}").format(
+                    psycopg.sql.Identifier(row[0], "_replay")
+                )
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return 0
+        return int(applied[0]) if applied else 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic_settings import BaseSettings
 
 from auth_svc.settings import AuthSettings
+from reporting_svc.settings import ReportingSettings
 from user_svc.settings import UserSettings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -24,7 +25,7 @@ def variable_names(cls: type[BaseSettings]) -> list[str]:
 def test_every_environment_variable_is_documented_in_the_readme() -> None:
     missing = [
         name
-        for cls in (AuthSettings, UserSettings)
+        for cls in (AuthSettings, UserSettings, ReportingSettings)
         for name in variable_names(cls)
         if f"`{name}`" not in README
     ]

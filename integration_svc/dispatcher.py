@@ -1,0 +1,408 @@
+"""The webhook dispatcher: sends the recorded deliveries, beside the consumer, never inside it.
+
+Each endpoint has its own HTTP client (connection pool), concurrency limit, token-bucket rate
+limit and circuit breaker. Claims are made per endpoint, for at most the endpoint's free room
+(twice its concurrency), so a slow or dead endpoint only ever holds its own deliveries: the
+others are claimed and sent meanwhile. Every attempt resolves the URL again and sends to the
+address that passed the SSRF guard, signs anew (Standard Webhooks, `webhook-id` = event_id)
+and is bounded by explicit timeouts. A failure is retried with exponential backoff and jitter
+until the retry window ends, then the delivery is failed. An open breaker stops claims for
+that endpoint for the cooldown, then lets one probe through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg_pool import AsyncConnectionPool
+
+from integration_svc import deliveries, egress, signing
+from integration_svc.deliveries import NOTIFY_CHANNEL, Delivery, Outcome
+from integration_svc.endpoints import Endpoint, load_all
+from integration_svc.settings import IntegrationSettings
+from servicekit.aio import sleep_unless_stopped
+from servicekit.eventstore import connection_kwargs
+
+log = logging.getLogger("integration_svc.dispatcher")
+
+ATTEMPTS = Counter(
+    "webhook_attempts_total",
+    "Delivery attempts by endpoint and outcome: delivered, retried, failed",
+    ["endpoint", "outcome"],
+)
+LATENCY = Histogram("webhook_attempt_seconds", "Duration of one delivery attempt", ["endpoint"])
+BREAKER_OPEN = Gauge("webhook_breaker_open", "1 while an endpoint's breaker is open", ["endpoint"])
+
+USER_AGENT = "eskit-webhooks/1"
+COALESCE_SECONDS = 0.025
+# Deliveries claimed ahead per endpoint, in units of its concurrency: enough to keep its
+# connections busy between two claims, few enough to stay well within the lease.
+BUFFER = 4
+
+
+class TokenBucket:
+    """`rate` requests per second on average, bursts of up to `rate` (at least 1)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    def reserve(self) -> float:
+        """Take a token; the seconds to wait before using it."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class CircuitBreaker:
+    """closed -> open after `threshold` failures in a row -> half-open after `cooldown`
+    (one probe) -> closed on its success, open again on its failure."""
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def state(self, now: float) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if now < self.opened_at + self.cooldown else "half-open"
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.threshold:
+            self.opened_at = now
+
+
+@dataclass
+class EndpointState:
+    endpoint: Endpoint
+    key: bytes
+    client: httpx.AsyncClient
+    bucket: TokenBucket
+    breaker: CircuitBreaker
+    slots: asyncio.Semaphore  # requests on the wire at once
+    pinned: egress.Target | None  # an address-literal URL, checked once; names: every time
+    inflight: int = 0  # claimed and not yet settled (on the wire or queued for a slot)
+
+
+@dataclass
+class DispatcherStatus:
+    role: str = "starting"  # starting | dispatching | reconnecting | stopped
+    endpoints: dict[str, str] = field(default_factory=dict)  # endpoint -> breaker state
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+class WebhookDispatcher:
+    """Construct, then `await run(stop)`."""
+
+    def __init__(self, settings: IntegrationSettings) -> None:
+        self.settings = settings
+        self.policy = egress.EgressPolicy.from_settings(
+            allow_loopback=settings.allow_loopback,
+            allow_private_networks=settings.allow_private_networks,
+            allowed_networks=settings.allowed_networks,
+        )
+        self.pool = AsyncConnectionPool(
+            kwargs=connection_kwargs(settings.database_url),
+            min_size=1,
+            max_size=settings.db_pool_size,
+            open=False,
+            name="integration_svc.dispatcher",
+        )
+        self.status = DispatcherStatus()
+        self.states: dict[str, EndpointState] = {}
+        self._outcomes: list[Outcome] = []
+        self._wake = asyncio.Event()  # new deliveries were recorded
+        self._progress = asyncio.Event()  # an attempt finished
+        self._loaded_at = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with self.pool:
+            listener = asyncio.create_task(self._listen(stop))
+            try:
+                while not stop.is_set():
+                    try:
+                        await self._dispatch(stop)
+                    except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+                        self.status.role = "reconnecting"
+                        self.status.last_error = f"database unavailable: {exc}"
+                        log.warning("webhook dispatcher lost its database; retrying")
+                        await sleep_unless_stopped(stop, 1.0)
+            finally:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+                for state in self.states.values():
+                    await state.client.aclose()
+                self.status.role = "stopped"
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def _dispatch(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        inflight: set[asyncio.Task[None]] = set()
+        self.status.role = "dispatching"
+        more = True  # the last claim filled every room: more may be due
+        last_claim = last_expiry = 0.0
+        try:
+            while not stop.is_set():
+                woken = self._wake.is_set()
+                self._wake.clear()
+                self._progress.clear()
+                now = loop.time()
+                async with self.pool.connection() as conn:
+                    await self._flush(conn)
+                    if woken or more or now - last_claim >= self.settings.dispatch_poll_seconds:
+                        last_claim = now
+                        await self._refresh_endpoints(conn, now, force=woken)
+                        if now - last_expiry >= self.settings.dispatch_poll_seconds:
+                            last_expiry = now
+                            await deliveries.expire(conn, self.settings.retry_window_seconds)
+                        room = self._room(now)
+                        claimed = await deliveries.claim(
+                            conn, room, lease=self.settings.lease_seconds
+                        )
+                        more = bool(room) and len(claimed) == sum(room.values())
+                        for delivery in claimed:
+                            self.states[delivery.endpoint_id].inflight += 1
+                            task = asyncio.create_task(self._deliver(delivery))
+                            inflight.add(task)
+                            task.add_done_callback(inflight.discard)
+                await self._wait(stop, self._next_breaker_probe(loop.time()))
+        finally:
+            if inflight:  # let attempts end; an abandoned one is resent after its lease
+                await asyncio.wait(inflight, timeout=5)
+                for task in inflight:
+                    task.cancel()
+            with contextlib.suppress(psycopg.Error, OSError):
+                async with self.pool.connection() as conn:
+                    await self._flush(conn)
+
+    def _room(self, now: float) -> dict[str, int]:
+        """How many deliveries each endpoint may take now."""
+        room: dict[str, int] = {}
+        budget = self.settings.dispatch_batch
+        for endpoint_id, state in self.states.items():
+            breaker = state.breaker.state(now)
+            self.status.endpoints[endpoint_id] = breaker
+            BREAKER_OPEN.labels(endpoint_id).set(1 if breaker == "open" else 0)
+            if breaker == "open":
+                continue
+            free = BUFFER * self.settings.endpoint_concurrency - state.inflight
+            if breaker == "half-open":
+                free = 1 if state.inflight == 0 else 0
+            free = min(free, budget)
+            if free > 0:
+                room[endpoint_id] = free
+                budget -= free
+        return room
+
+    def _next_breaker_probe(self, now: float) -> float:
+        wait = self.settings.dispatch_poll_seconds
+        for state in self.states.values():
+            if state.breaker.opened_at is not None:
+                wait = min(wait, max(state.breaker.opened_at + state.breaker.cooldown - now, 0.01))
+        return wait
+
+    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
+        waiters = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._progress.wait()),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self._progress.is_set() and not (self._wake.is_set() or stop.is_set()):
+            # Attempts end one by one: gather a few before the next round of queries.
+            await asyncio.sleep(COALESCE_SECONDS)
+
+    async def _flush(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        outcomes, self._outcomes = self._outcomes, []
+        try:
+            await deliveries.record(conn, outcomes)
+        except BaseException:
+            self._outcomes = outcomes + self._outcomes
+            raise
+
+    async def _refresh_endpoints(
+        self, conn: psycopg.AsyncConnection[Any], now: float, *, force: bool
+    ) -> None:
+        """Pick up endpoints added, changed or removed (by the CLI) at most every 5 s."""
+        if not force and self.states and now - self._loaded_at < 5.0:
+            return
+        self._loaded_at = now
+        current = {e.id: e for e in await load_all(conn)}
+        for endpoint_id in list(self.states):
+            old = self.states[endpoint_id]
+            if current.get(endpoint_id) != old.endpoint and old.inflight == 0:
+                del self.states[endpoint_id]
+                self.status.endpoints.pop(endpoint_id, None)
+                await old.client.aclose()
+        for endpoint_id, endpoint in current.items():
+            if endpoint_id not in self.states:
+                self.states[endpoint_id] = self._state(endpoint)
+
+    def _state(self, endpoint: Endpoint) -> EndpointState:
+        s = self.settings
+        return EndpointState(
+            endpoint=endpoint,
+            key=signing.secret_key(endpoint.secret),
+            client=httpx.AsyncClient(
+                timeout=httpx.Timeout(s.request_timeout_seconds, connect=s.connect_timeout_seconds),
+                limits=httpx.Limits(
+                    max_connections=s.endpoint_concurrency,
+                    max_keepalive_connections=s.endpoint_concurrency,
+                ),
+                follow_redirects=False,  # a redirect could lead anywhere, past the guard
+                trust_env=False,
+            ),
+            bucket=TokenBucket(s.endpoint_rate_per_second),
+            breaker=CircuitBreaker(s.breaker_failures, s.breaker_cooldown_seconds),
+            slots=asyncio.Semaphore(s.endpoint_concurrency),
+            pinned=egress.literal_target(endpoint.url, self.policy),
+        )
+
+    # -- one attempt --------------------------------------------------------------------
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        state = self.states[delivery.endpoint_id]
+        started = time.monotonic()
+        try:
+            outcome = await self._attempt(state, delivery)
+        finally:
+            state.inflight -= 1
+            self._progress.set()
+        LATENCY.labels(delivery.endpoint_id).observe(time.monotonic() - started)
+        self._outcomes.append(outcome)
+        ATTEMPTS.labels(delivery.endpoint_id, _outcome_label(outcome)).inc()
+        if outcome.status == "delivered":
+            self.status.delivered += 1
+        elif outcome.status == "failed":
+            self.status.failed += 1
+            log.error(
+                "webhook delivery failed for good",
+                extra={
+                    "delivery": delivery.id,
+                    "event_id": str(delivery.event_id),
+                    "endpoint": delivery.endpoint_id,
+                    "attempts": delivery.attempt,
+                    "error": outcome.error,
+                },
+            )
+        else:
+            self.status.retried += 1
+            log.info(
+                "webhook attempt failed; will retry",
+                extra={
+                    "delivery": delivery.id,
+                    "endpoint": delivery.endpoint_id,
+                    "attempt": delivery.attempt,
+                    "retry_in_seconds": round(outcome.retry_in or 0, 2),
+                    "error": outcome.error,
+                },
+            )
+
+    async def _attempt(self, state: EndpointState, delivery: Delivery) -> Outcome:
+        try:
+            async with state.slots:
+                response = await self._post(state, delivery)
+        except egress.RefusedURL as exc:  # configuration, not the endpoint's health
+            return Outcome(delivery, "failed", None, None, str(exc))
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            return self._failure(state, delivery, None, _describe(exc))
+        if 200 <= response.status_code < 300:
+            state.breaker.success()
+            return Outcome(delivery, "delivered", None, response.status_code, None)
+        return self._failure(state, delivery, response.status_code, f"HTTP {response.status_code}")
+
+    async def _post(self, state: EndpointState, delivery: Delivery) -> httpx.Response:
+        """One signed POST to the address that passes the SSRF guard now."""
+        s = self.settings
+        if (wait := state.bucket.reserve()) > 0:
+            await asyncio.sleep(wait)
+        target = state.pinned or await egress.resolve(
+            state.endpoint.url, self.policy, dns_timeout=s.connect_timeout_seconds
+        )
+        headers = signing.headers(
+            state.key, str(delivery.event_id), int(time.time()), delivery.body
+        )
+        headers |= {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "host": target.host_header,
+        }
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        async with asyncio.timeout(s.connect_timeout_seconds + s.request_timeout_seconds):
+            return await state.client.post(
+                target.pinned_url, content=delivery.body, headers=headers, extensions=extensions
+            )
+
+    def _failure(
+        self, state: EndpointState, delivery: Delivery, code: int | None, error: str
+    ) -> Outcome:
+        s = self.settings
+        state.breaker.failure(asyncio.get_running_loop().time())
+        self.status.last_error = f"{delivery.endpoint_id}: {error}"
+        delay = deliveries.retry_delay(
+            delivery.attempt, initial=s.retry_initial_seconds, maximum=s.retry_max_interval_seconds
+        )
+        deadline = delivery.window_start + timedelta(seconds=s.retry_window_seconds)
+        if datetime.now(UTC) + timedelta(seconds=delay) > deadline:
+            return Outcome(
+                delivery,
+                "failed",
+                None,
+                code,
+                f"gave up after {delivery.attempt} attempts: {error}",
+            )
+        return Outcome(delivery, "pending", delay, code, error)
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Wake the dispatcher when a transaction that recorded deliveries commits."""
+        while not stop.is_set():
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    **connection_kwargs(self.settings.database_url), autocommit=True
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._wake.set()
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError):
+                await sleep_unless_stopped(stop, 1.0)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _outcome_label(outcome: Outcome) -> str:
+    return {"pending": "retried"}.get(outcome.status, outcome.status)

@@ -1,0 +1,137 @@
+"""integration_svc's composition root: database setup, and the consumer process with its
+webhook dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import psycopg
+
+from integration_svc import deliveries, endpoints
+from integration_svc.dispatcher import WebhookDispatcher
+from integration_svc.egress import EgressPolicy
+from integration_svc.endpoints import Endpoint, EndpointError
+from integration_svc.projection import Webhooks
+from integration_svc.settings import IntegrationSettings
+from servicekit.aio import sleep_unless_stopped
+from servicekit.consumer import Consumer
+from servicekit.eventstore import connection_kwargs, ensure_database
+from servicekit.logs import configure_logging
+from servicekit.projection import ProjectionStore
+from servicekit.runners import projection_consumer, run_projection
+from servicekit.worker import run_worker
+
+SERVICE = Webhooks.name
+SETTINGS = IntegrationSettings
+
+log = logging.getLogger("integration_svc")
+
+
+def projection(settings: IntegrationSettings | None = None) -> Webhooks:
+    """The projection `esctl replay integration_svc` rebuilds (positions only; it sends nothing)."""
+    return Webhooks()
+
+
+def policy(settings: IntegrationSettings) -> EgressPolicy:
+    return EgressPolicy.from_settings(
+        allow_loopback=settings.allow_loopback,
+        allow_private_networks=settings.allow_private_networks,
+        allowed_networks=settings.allowed_networks,
+    )
+
+
+def init_db(settings: IntegrationSettings | None = None) -> None:
+    """Create the database, the endpoint and delivery tables, and the live generation."""
+    settings = settings or IntegrationSettings()
+    ensure_database(settings.database_url)
+    with psycopg.connect(**connection_kwargs(settings.database_url), autocommit=True) as conn:
+        for statement in (*endpoints.DDL, *deliveries.DDL):
+            conn.execute(statement)
+
+    async def setup() -> None:
+        async with ProjectionStore(projection(settings), settings.database_url) as store:
+            await store.setup()
+
+    asyncio.run(setup())
+
+
+def file_endpoints(settings: IntegrationSettings) -> list[Endpoint] | None:
+    """The endpoints of INTEGRATION_WEBHOOKS_FILE (None when unset); raises EndpointError."""
+    if not settings.webhooks_file:
+        return None
+    return endpoints.load_file(settings.webhooks_file, policy(settings))
+
+
+class IntegrationWorker:
+    """The consumer (records deliveries) and the dispatcher (sends them), in one process."""
+
+    def __init__(
+        self, settings: IntegrationSettings, from_file: list[Endpoint] | None = None
+    ) -> None:
+        self.settings = settings
+        self.from_file = from_file
+        self.consumer: Consumer
+        self.consumer, self.store = projection_consumer(
+            projection(settings),
+            settings,
+            prefetch=settings.consumer_prefetch,
+            delivery_limit=settings.consumer_delivery_limit,
+        )
+        self.dispatcher = WebhookDispatcher(settings)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.from_file is not None:
+            await self._sync_file(stop)
+        await asyncio.gather(
+            run_projection(self.consumer, self.store, stop), self.dispatcher.run(stop)
+        )
+
+    async def _sync_file(self, stop: asyncio.Event) -> None:
+        assert self.from_file is not None
+        while not stop.is_set():
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    **connection_kwargs(self.settings.database_url)
+                )
+                async with conn:
+                    await endpoints.sync_file(conn, self.from_file)
+                log.info(
+                    "webhook endpoints synced from file", extra={"endpoints": len(self.from_file)}
+                )
+                return
+            except (psycopg.OperationalError, OSError):
+                await sleep_unless_stopped(stop, 1.0)
+
+    def ready(self) -> bool:
+        return self.consumer.status.role == "consuming"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "consumer": asdict(self.consumer.status),
+            "dispatcher": asdict(self.dispatcher.status),
+        }
+
+
+def consume() -> None:
+    """Run the projection from `integration_svc.q` and deliver webhooks until SIGINT/SIGTERM."""
+    settings = IntegrationSettings()
+    configure_logging(f"{SERVICE}.consumer", level=settings.log_level, fmt=settings.log_format)
+    try:
+        worker = IntegrationWorker(settings, file_endpoints(settings))
+    except (EndpointError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
+    asyncio.run(
+        run_worker(
+            name=f"{SERVICE}.consumer",
+            host=settings.host,
+            port=settings.consumer_port,
+            task=worker.run,
+            is_ready=worker.ready,
+            status=worker.status,
+        )
+    )

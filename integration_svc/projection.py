@@ -1,0 +1,79 @@
+"""The integration projection: one delivery intent per (event, subscribed endpoint).
+
+It keeps no read model of its own (the generation holds only positions), so a replay
+rebuilds nothing and, as `tx.replaying` says, records nothing: it never sends again.
+Deliveries live in `public`, outside every generation, and are inserted with
+ON CONFLICT DO NOTHING in the same transaction as the position.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from integration_svc.deliveries import NOTIFY_CHANNEL
+from servicekit.projection import Applied, Projection, Transaction, topic_matches
+from shared_contracts.envelope import Envelope
+from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
+
+
+def body(envelope: Envelope) -> str:
+    """The webhook payload: Standard Webhooks' `type`, `timestamp`, `data`, and provenance."""
+    return json.dumps(
+        {
+            "type": envelope.event_type,
+            "timestamp": envelope.occurred_at.isoformat().replace("+00:00", "Z"),
+            "data": envelope.data,
+            "event_id": str(envelope.event_id),
+            "schema_version": envelope.schema_version,
+            "producer": envelope.producer,
+            "aggregate_id": str(envelope.aggregate_id),
+            "aggregate_version": envelope.aggregate_version,
+        },
+        separators=(",", ":"),
+        default=str,
+    )
+
+
+class Webhooks(Projection):
+    name = "integration_svc"
+    bindings = {AUTH_EVENTS: ["#"], USER_EVENTS: ["#"]}
+    tables: dict[str, str] = {}
+
+    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+        if tx.replaying:
+            return
+        await tx.cursor.execute("SELECT id, events FROM public.webhook_endpoints")
+        endpoints = [(str(r[0]), list(r[1])) for r in await tx.cursor.fetchall()]
+        messages: list[Envelope] = []
+        pairs: list[tuple[str, str]] = []
+        for item in events:
+            env = item.envelope
+            subscribed = [
+                eid
+                for eid, patterns in endpoints
+                if any(topic_matches(p, env.event_type) for p in patterns)
+            ]
+            if subscribed:
+                messages.append(env)
+                pairs += [(str(env.event_id), eid) for eid in subscribed]
+        if not pairs:
+            return
+        await tx.cursor.execute(
+            "INSERT INTO public.webhook_messages (event_id, event_type, body, occurred_at) "
+            "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::timestamptz[]) "
+            "ON CONFLICT (event_id) DO NOTHING",
+            (
+                [e.event_id for e in messages],
+                [e.event_type for e in messages],
+                [body(e) for e in messages],
+                [e.occurred_at for e in messages],
+            ),
+        )
+        await tx.cursor.execute(
+            "INSERT INTO public.webhook_deliveries (event_id, endpoint_id) "
+            "SELECT * FROM unnest(%s::uuid[], %s::text[]) "
+            "ON CONFLICT (event_id, endpoint_id) DO NOTHING",
+            ([p[0] for p in pairs], [p[1] for p in pairs]),
+        )
+        await tx.cursor.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))

@@ -1,0 +1,112 @@
+"""The notify projection: who to write to (state), and which mails to send (intents).
+
+State lives in the generation (`recipients`), so `esctl replay notify_svc` rebuilds it.
+Intents live in `public.mail_intents`, outside every generation, keyed by (event_id, effect)
+and inserted with ON CONFLICT DO NOTHING in the same transaction as the position: a
+redelivered event is a duplicate before it reaches `apply`, and a replay records none.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from notify_svc.intents import NOTIFY_CHANNEL, message_id
+from servicekit.projection import Applied, Projection, Transaction
+from shared_contracts.events import (
+    AccountLocked,
+    AccountRegistered,
+    PasswordChanged,
+    ProfileCreated,
+    ProfileUpdated,
+)
+from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
+
+WELCOME = "welcome"
+PASSWORD_CHANGED = "password_changed"  # noqa: S105 - an effect name
+LOCKED = "locked"
+
+
+class Notifications(Projection):
+    name = "notify_svc"
+    bindings = {
+        AUTH_EVENTS: [
+            AccountRegistered.event_type,
+            PasswordChanged.event_type,
+            AccountLocked.event_type,
+        ],
+        USER_EVENTS: [ProfileCreated.event_type, ProfileUpdated.event_type],
+    }
+    # The account's address and the name given at sign-up come from auth_svc; display name,
+    # locale and timezone from the profile once one is known (`profile`), whichever producer's
+    # event arrives first.
+    tables = {
+        "recipients": "user_id uuid PRIMARY KEY, email text, registered_name text, "
+        "profile boolean NOT NULL DEFAULT false, display_name text, locale text, timezone text",
+    }
+    order_by = {"recipients": "user_id"}
+
+    def __init__(self, mail_domain: str = "eskit.local") -> None:
+        self.mail_domain = mail_domain
+
+    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+        accounts: dict[uuid.UUID, tuple[str, str | None]] = {}
+        profiles: dict[uuid.UUID, tuple[str | None, str | None, str | None, str | None]] = {}
+        intents: list[tuple[uuid.UUID, str, uuid.UUID, str, dict[str, Any]]] = []
+        for item in events:
+            event, env = item.event, item.envelope
+            context: dict[str, Any]
+            match event:
+                case AccountRegistered():
+                    accounts[event.user_id] = (event.email, event.display_name)
+                    context = {"email": event.email, "display_name": event.display_name}
+                    intents.append((env.event_id, WELCOME, event.user_id, env.event_type, context))
+                case PasswordChanged():
+                    context = {"occurred_at": env.occurred_at.isoformat()}
+                    intents.append(
+                        (env.event_id, PASSWORD_CHANGED, event.user_id, env.event_type, context)
+                    )
+                case AccountLocked():
+                    context = {
+                        "locked_until": event.locked_until.isoformat(),
+                        "failed_attempts": event.failed_attempts,
+                    }
+                    intents.append((env.event_id, LOCKED, event.user_id, env.event_type, context))
+                case ProfileCreated() | ProfileUpdated():
+                    profiles[event.user_id] = (
+                        event.display_name,
+                        event.locale,
+                        event.timezone,
+                        event.email,
+                    )
+        await tx.executemany(
+            "INSERT INTO {recipients} AS t (user_id, email, registered_name) VALUES (%s, %s, %s) "
+            "ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, "
+            "registered_name = excluded.registered_name",
+            [(user, email, name) for user, (email, name) in accounts.items()],
+        )
+        await tx.executemany(
+            "INSERT INTO {recipients} AS t (user_id, profile, display_name, locale, timezone, "
+            "email) VALUES (%s, true, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET "
+            "profile = true, display_name = excluded.display_name, locale = excluded.locale, "
+            "timezone = excluded.timezone, email = coalesce(t.email, excluded.email)",
+            [(user, *fields) for user, fields in profiles.items()],
+        )
+        if tx.replaying or not intents:
+            return  # a rebuild restores state; it never sends anything
+        await tx.cursor.execute(
+            "INSERT INTO public.mail_intents (event_id, effect, user_id, event_type, context, "
+            "message_id) SELECT * FROM unnest(%s::uuid[], %s::text[], %s::uuid[], %s::text[], "
+            "%s::jsonb[], %s::text[]) ON CONFLICT (event_id, effect) DO NOTHING",
+            (
+                [i[0] for i in intents],
+                [i[1] for i in intents],
+                [i[2] for i in intents],
+                [i[3] for i in intents],
+                [json.dumps(i[4]) for i in intents],
+                [message_id(i[0], i[1], self.mail_domain) for i in intents],
+            ),
+        )
+        await tx.cursor.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
