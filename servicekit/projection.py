@@ -230,6 +230,8 @@ class ProjectionStore:
     async def apply_batch(self, events: Sequence[Applied]) -> list[Outcome]:
         """Apply new events to the live generation in one transaction; report each outcome."""
         async with self.pool.connection() as conn, conn.transaction():
+            # Two statements on purpose: the second one's snapshot is taken after the lock is
+            # granted, so it sees a swap that committed while this batch waited.
             await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.key,))
             schema = await self.live_schema(conn)
             return await self.apply_in(conn, schema, events, replaying=False)
