@@ -263,3 +263,38 @@ def replayed_so_far(settings: ReportingSettings) -> int:
         except psycopg.errors.UndefinedTable:
             return 0
         return int(applied[0]) if applied else 0
+
+
+async def test_dlq_drop_asks_first_then_removes_only_what_it_names(
+    settings: ReportingSettings,
+) -> None:
+    history = generate(50, seed=2)
+    async with consuming(settings, prefetch=10):
+        await publish(
+            settings.amqp_url,
+            [
+                ("auth.events", "auth.account.registered", b"{not json"),
+                ("auth.events", "auth.account.registered", b'{"event_id": "x"}'),
+                *history.bodies(),
+            ],
+        )
+        await wait_caught_up(settings, history)  # the bad ones did not stop the rest
+    listed = json.loads(esctl(settings, "dlq", "list", "reporting_svc", "--format", "json").stdout)
+    assert [d["reason"] for d in listed] == ["malformed envelope", "malformed envelope"]
+
+    refused = esctl(settings, "dlq", "drop", "reporting_svc", "1")  # no terminal, no --yes
+    assert refused.returncode != 0 and "pass --yes" in refused.stderr
+    assert (
+        len(json.loads(esctl(settings, "dlq", "list", "reporting_svc", "--format", "json").stdout))
+        == 2
+    )
+
+    dropped = esctl(settings, "dlq", "drop", "reporting_svc", "1", "--yes")
+    assert dropped.returncode == 0, dropped.stderr
+    left = json.loads(esctl(settings, "dlq", "list", "reporting_svc", "--format", "json").stdout)
+    assert len(left) == 1
+    assert esctl(settings, "dlq", "drop", "reporting_svc", "--all", "--yes").returncode == 0
+    assert (
+        json.loads(esctl(settings, "dlq", "list", "reporting_svc", "--format", "json").stdout) == []
+    )
+    await assert_reports_match(settings, history)
