@@ -5,17 +5,16 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ServiceSettings
+from servicekit.settings import ConsumerSettings
 
 
-class IntegrationSettings(ServiceSettings):
+class IntegrationSettings(ConsumerSettings):
     """Every field is read from `INTEGRATION_<FIELD>` (e.g. `INTEGRATION_WEBHOOKS_FILE`)."""
 
     model_config = SettingsConfigDict(
         env_prefix="INTEGRATION_", extra="ignore", populate_by_name=True
     )
 
-    host: str = Field(default="127.0.0.1", description="Interface the health server binds to.")
     port: int = Field(
         default=8104,
         description="Reserved for an HTTP API; integration_svc has none "
@@ -28,12 +27,6 @@ class IntegrationSettings(ServiceSettings):
     db_pool_size: int = Field(default=4, ge=2, description="Connections of the dispatcher.")
     consumer_port: int = Field(
         default=8141, description="Port of the consumer's health and metrics server."
-    )
-    consumer_prefetch: int = Field(
-        default=500, ge=1, description="AMQP prefetch: the most events applied in one batch."
-    )
-    consumer_delivery_limit: int = Field(
-        default=5, ge=2, description="Failed deliveries before a message is dead-lettered."
     )
     webhooks_file: str | None = Field(
         default=None,

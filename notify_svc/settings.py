@@ -5,15 +5,14 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ServiceSettings
+from servicekit.settings import ConsumerSettings
 
 
-class NotifySettings(ServiceSettings):
+class NotifySettings(ConsumerSettings):
     """Every field is read from `NOTIFY_<FIELD>` (e.g. `NOTIFY_SMTP_URL`)."""
 
     model_config = SettingsConfigDict(env_prefix="NOTIFY_", extra="ignore", populate_by_name=True)
 
-    host: str = Field(default="127.0.0.1", description="Interface the health server binds to.")
     port: int = Field(
         default=8103,
         description="Reserved for an HTTP API; notify_svc has none (health: NOTIFY_CONSUMER_PORT).",
@@ -25,12 +24,6 @@ class NotifySettings(ServiceSettings):
     db_pool_size: int = Field(default=4, ge=1, description="Connections of the mail dispatcher.")
     consumer_port: int = Field(
         default=8131, description="Port of the consumer's health and metrics server."
-    )
-    consumer_prefetch: int = Field(
-        default=500, ge=1, description="AMQP prefetch: the most events applied in one batch."
-    )
-    consumer_delivery_limit: int = Field(
-        default=5, ge=2, description="Failed deliveries before a message is dead-lettered."
     )
     smtp_url: str | None = Field(
         default=None,

@@ -23,3 +23,15 @@ class ServiceSettings(BaseSettings):
     port: int = 8000
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     db_pool_size: int = 10
+
+
+class ConsumerSettings(ServiceSettings):
+    """Fields of a service whose process is a consumer (a projection: no REST API)."""
+
+    host: str = Field(default="127.0.0.1", description="Interface the health server binds to.")
+    consumer_prefetch: int = Field(
+        default=1000, ge=1, description="AMQP prefetch: the most events applied in one batch."
+    )
+    consumer_delivery_limit: int = Field(
+        default=5, ge=2, description="Failed deliveries before a message is dead-lettered."
+    )
