@@ -8,17 +8,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from reporting_svc.settings import ReportingSettings
+from servicekit.eventstore import connection_kwargs
 from tests.support.history import generate, publish
 from tests.support.ports import free_port
 from tests.support.projections import (
     assert_reports_match,
     consuming,
-    positions,
     wait_caught_up,
 )
 
@@ -62,7 +64,9 @@ async def test_two_replicas_on_one_queue_give_the_same_result(
     await assert_reports_match(settings, history)
 
 
-async def consumer_process(settings: ReportingSettings) -> subprocess.Popen[bytes]:
+async def consumer_process(
+    settings: ReportingSettings, prefetch: int = 200
+) -> subprocess.Popen[bytes]:
     """`esctl consume reporting_svc` as its own process, once it is consuming."""
     port = free_port()
     env = {
@@ -70,7 +74,7 @@ async def consumer_process(settings: ReportingSettings) -> subprocess.Popen[byte
         "REPORTING_DATABASE_URL": settings.database_url,
         "AMQP_URL": settings.amqp_url,
         "REPORTING_CONSUMER_PORT": str(port),
-        "REPORTING_CONSUMER_PREFETCH": "200",
+        "REPORTING_CONSUMER_PREFETCH": str(prefetch),
         "LOG_LEVEL": "WARNING",
     }
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
@@ -96,20 +100,41 @@ async def test_sigkill_mid_batch_then_restart_applies_every_event_once(
     settings: ReportingSettings,
 ) -> None:
     history = generate(10_000, seed=5)
-    proc = await consumer_process(settings)
+    proc = await consumer_process(settings, prefetch=50)
     try:
         await publish(settings.amqp_url, history.bodies())
-        deadline = asyncio.get_running_loop().time() + 60
-        while sum((await positions(settings)).values()) < 2_000:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        killed_at = await positions(settings)
-        assert killed_at != history.last_position, "killed too late to prove anything"
+        async with await psycopg.AsyncConnection.connect(
+            **connection_kwargs(settings.database_url), autocommit=True
+        ) as conn:
+            deadline = asyncio.get_running_loop().time() + 60
+            while await applied(conn) < 1_000:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            killed_at = await applied(conn)
+        assert killed_at < sum(history.last_position.values()), "killed too late to prove anything"
         proc = await consumer_process(settings)
         await wait_caught_up(settings, history)
     finally:
         proc.kill()
         proc.wait(timeout=10)
     await assert_reports_match(settings, history)
+
+
+async def applied(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Sum of the positions the live generation has applied (0 before the first batch)."""
+    cur = await conn.execute("SELECT to_regclass('public.projection_generations') IS NOT NULL")
+    exists = await cur.fetchone()
+    if not (exists and exists[0]):
+        return 0
+    row = await (await conn.execute("SELECT live FROM projection_generations")).fetchone()
+    if row is None:
+        return 0
+    cur = await conn.execute(
+        psycopg.sql.SQL("SELECT coalesce(sum(position), 0) FROM {}").format(
+            psycopg.sql.Identifier(row[0], "_positions")
+        )
+    )
+    total = await cur.fetchone()
+    return int(total[0]) if total else 0
