@@ -4,88 +4,26 @@ exchanges like any subscriber."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.support.amqp import subscribed
-from tests.support.ports import free_port
-
-
-@dataclass
-class Stack:
-    auth: str
-    users: str
-    amqp_url: str
-    env: dict[str, str]
+from tests.support.stack import Stack, running_stack
 
 
 @pytest.fixture(scope="module")
-def stack(make_database: Callable[[str], str], make_vhost: Callable[[], str]) -> Iterator[Stack]:
-    ports = {
-        name: free_port()
-        for name in ("auth", "user", "auth_relay", "user_relay", "cons", "rep", "gw", "gw_status")
-    }
-    amqp_url = make_vhost()
-    env = {
-        **os.environ,
-        "AMQP_URL": amqp_url,
-        "AUTH_DATABASE_URL": make_database("auth"),
-        "USER_DATABASE_URL": make_database("users"),
-        "AUTH_PORT": str(ports["auth"]),
-        "USER_PORT": str(ports["user"]),
-        "AUTH_RELAY_PORT": str(ports["auth_relay"]),
-        "USER_RELAY_PORT": str(ports["user_relay"]),
-        "USER_CONSUMER_PORT": str(ports["cons"]),
-        "REPORTING_DATABASE_URL": make_database("reporting"),
-        "REPORTING_CONSUMER_PORT": str(ports["rep"]),
-        "GATEWAY_PORT": str(ports["gw"]),
-        "GATEWAY_STATUS_PORT": str(ports["gw_status"]),
-        "GATEWAY_WORK_DIR": f"/tmp/eskit-e2e-gateway-{os.getpid()}",
-        "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth']}/auth/.well-known/jwks.json",
-        "AUTH_ARGON2_TIME_COST": "1",
-        "AUTH_ARGON2_MEMORY_KIB": "1024",
-        "AUTH_KEYS_REFRESH_SECONDS": "1",
-        "LOG_FORMAT": "json",
-    }
-    log_path = f"/tmp/eskit-e2e-{os.getpid()}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "esctl.main", "up"], env=env, stdout=log, stderr=log
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
-                if "eskit is running" in Path(log_path).read_text():
-                    break
-                time.sleep(0.3)
-            else:
-                pytest.fail("the stack did not start:\n" + Path(log_path).read_text()[-3000:])
-            yield Stack(
-                auth=f"http://127.0.0.1:{ports['auth']}",
-                users=f"http://127.0.0.1:{ports['user']}",
-                amqp_url=amqp_url,
-                env=env,
-            )
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    os.unlink(log_path)
+def stack(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str], tmp_path_factory: Any
+) -> Iterator[Stack]:
+    with running_stack(make_database, make_vhost, tmp_path_factory.mktemp("e2e")) as running:
+        yield running
 
 
 def register_and_login(stack: Stack, email: str, password: str) -> dict[str, str]:

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,90 +24,19 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from esctl.gateway import load_kong
 from servicekit.eventstore import connection_kwargs
-from tests.e2e.test_stack import free_port
 from tests.support.amqp import subscribed
+from tests.support.stack import Stack, running_stack
 
 KONG_YML = Path(__file__).parents[2] / "compose" / "kong.yml"
-
-
-@dataclass
-class Stack:
-    gateway: str
-    status: str
-    auth: str
-    env: dict[str, str]
-    log: Path
-
-    def client(self, source: str) -> httpx.Client:
-        """A client whose connections come from `source` (its own per-IP rate-limit bucket)."""
-        return httpx.Client(
-            base_url=self.gateway, transport=httpx.HTTPTransport(local_address=source), timeout=10
-        )
 
 
 @pytest.fixture(scope="module")
 def stack(
     make_database: Callable[[str], str], make_vhost: Callable[[], str], tmp_path_factory: Any
 ) -> Iterator[Stack]:
-    ports = {
-        name: free_port()
-        for name in (
-            *("auth", "user", "auth_relay", "user_relay", "user_cons", "gw", "gw_status"),
-            *("rep_cons", "notify_cons", "int_cons"),
-        )
-    }
     work = tmp_path_factory.mktemp("gateway")
-    env = {
-        **os.environ,
-        "AMQP_URL": make_vhost(),
-        "AUTH_DATABASE_URL": make_database("auth"),
-        "USER_DATABASE_URL": make_database("users"),
-        "REPORTING_DATABASE_URL": make_database("reporting"),
-        "NOTIFY_DATABASE_URL": make_database("notify"),
-        "INTEGRATION_DATABASE_URL": make_database("integration"),
-        "AUTH_PORT": str(ports["auth"]),
-        "USER_PORT": str(ports["user"]),
-        "AUTH_RELAY_PORT": str(ports["auth_relay"]),
-        "USER_RELAY_PORT": str(ports["user_relay"]),
-        "USER_CONSUMER_PORT": str(ports["user_cons"]),
-        "REPORTING_CONSUMER_PORT": str(ports["rep_cons"]),
-        "NOTIFY_CONSUMER_PORT": str(ports["notify_cons"]),
-        "INTEGRATION_CONSUMER_PORT": str(ports["int_cons"]),
-        "GATEWAY_PORT": str(ports["gw"]),
-        "GATEWAY_STATUS_PORT": str(ports["gw_status"]),
-        "GATEWAY_WORK_DIR": str(work),
-        "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth']}/auth/.well-known/jwks.json",
-        "AUTH_ARGON2_TIME_COST": "1",
-        "AUTH_ARGON2_MEMORY_KIB": "1024",
-        "AUTH_KEYS_REFRESH_SECONDS": "1",
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "DEBUG",
-    }
-    log_path = work / "stack.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "esctl.main", "up"], env=env, stdout=log, stderr=log
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while "eskit is running" not in log_path.read_text(errors="replace"):
-                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-                assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
-                time.sleep(0.3)
-            yield Stack(
-                gateway=f"http://127.0.0.1:{ports['gw']}",
-                status=f"http://127.0.0.1:{ports['gw_status']}",
-                auth=f"http://127.0.0.1:{ports['auth']}",
-                env=env,
-                log=log_path,
-            )
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with running_stack(make_database, make_vhost, work, LOG_LEVEL="DEBUG") as running:
+        yield running
 
 
 def sign_up(stack: Stack) -> tuple[str, str]:
