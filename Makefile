@@ -23,7 +23,8 @@ venv: $(STAMP)
 ## The local gateway (HAProxy), decK (validates kong.yml) and kubectl (renders kustomize).
 gateway-tools:
 	command -v haproxy >/dev/null && command -v deck >/dev/null && command -v kubectl >/dev/null \
-	  || (apt-get update -qq && apt-get install -y -qq haproxy deck kubectl)
+	  && command -v promtool >/dev/null \
+	  || (apt-get update -qq && apt-get install -y -qq haproxy deck kubectl prometheus)
 
 ## Run the whole stack on this machine (Ctrl-C stops it).
 up: $(STAMP) gateway-tools

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
+from prometheus_client import Counter
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -169,11 +170,29 @@ def register(body: RegisterRequest, auth: AuthServiceDep) -> RegisteredAccount:
     return RegisteredAccount(user_id=user_id, email=body.email)
 
 
+LOGINS = Counter("auth_logins_total", "Login attempts by outcome", ["outcome"])
+_LOGIN_OUTCOMES = {o: LOGINS.labels(o) for o in ("succeeded", "failed", "locked")}
+
+
+def counted_login(auth: AuthService, email: str, password: str) -> TokenPair:
+    """Log in, counting the attempt as succeeded, failed (401) or locked (423)."""
+    try:
+        pair = auth.login(email, password)
+    except AccountLocked:
+        _LOGIN_OUTCOMES["locked"].inc()
+        raise
+    except InvalidCredentials:
+        _LOGIN_OUTCOMES["failed"].inc()
+        raise
+    _LOGIN_OUTCOMES["succeeded"].inc()
+    return pair
+
+
 @router.post("/login", response_model=TokenResponse, responses=problems(401, 423))
 def login(body: LoginRequest, auth: AuthServiceDep, response: Response) -> TokenResponse:
     """Exchange e-mail and password for an access token and a refresh token."""
     response.headers.update(NO_STORE)
-    return TokenResponse.of(auth.login(body.email, body.password))
+    return TokenResponse.of(counted_login(auth, body.email, body.password))
 
 
 @router.post("/token", response_model=TokenResponse, responses=problems(401, 423))
@@ -184,7 +203,7 @@ def token(form: PasswordForm, auth: AuthServiceDep, response: Response) -> Token
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     response.headers.update(NO_STORE)
-    return TokenResponse.of(auth.login(body.email, body.password))
+    return TokenResponse.of(counted_login(auth, body.email, body.password))
 
 
 @router.post("/refresh", response_model=TokenResponse, responses=problems(401))

@@ -129,7 +129,11 @@ class AuthService(EventSourcedApplication):
         try:
             self.save(account, registration)
         except IntegrityError:
-            # Someone registered the same address between our check and our save.
+            # Our own save may have landed: when the connection breaks after COMMIT was sent,
+            # the library retries the insert and meets our rows. Otherwise someone registered
+            # the same address between our check and our save.
+            if self.account_id_for(email) == account.id:
+                return account.id
             raise EmailAlreadyRegistered from None
         return account.id
 

@@ -271,7 +271,16 @@ class KeyStore:
 
     def _fresh_keys(self) -> list[_Key]:
         if self._stale():
-            self.reload()
+            try:
+                self.reload()
+            except psycopg.Error:
+                if not self._keys:
+                    raise
+                # The database is unreachable: keep signing with the keys read moments ago
+                # (rotations are rare and old keys stay valid), so a login whose event is
+                # already saved does not fail; try again after the refresh interval.
+                with self._lock:
+                    self._loaded_at = time.monotonic()
         return self._keys
 
     def _signer(self) -> _Key:

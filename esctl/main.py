@@ -101,6 +101,10 @@ def up(
     with_gateway: Annotated[
         bool, typer.Option("--gateway/--no-gateway", help="Also run the local gateway.")
     ] = True,
+    trace: Annotated[
+        bool,
+        typer.Option("--trace", help="Print the tree of spans of each request, across processes."),
+    ] = False,
 ) -> None:
     """Run the whole stack on this machine; Ctrl-C stops it."""
     require_dependencies()
@@ -111,6 +115,7 @@ def up(
     env = dict(os.environ)
     if sys.stderr.isatty():
         env.setdefault("LOG_FORMAT", "console")
+    tracing = _start_tracing(env) if trace else None
     children: list[tuple[stack.Process, subprocess.Popen[bytes]]] = []
     busy = [p for p in procs if stack.reachable(p.host, p.port, timeout=0.3)]
     if busy:
@@ -140,6 +145,24 @@ def up(
         err.print("stopping…")
     finally:
         _stop_children(children)
+        if tracing is not None:
+            for part in tracing:
+                part.stop()
+
+
+def _start_tracing(env: dict[str, str]) -> tuple[Any, Any]:
+    """A span receiver for the children (set in `env`) and a printer of each request's tree."""
+    from esctl.trace import SpanReceiver, TracePrinter
+
+    printer = TracePrinter(lambda text: out.print(text, markup=False, highlight=False)).start()
+    receiver = SpanReceiver(on_spans=printer.add).start()
+    env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+    env.pop("OTEL_SDK_DISABLED", None)
+    env["OTEL_TRACES_EXPORTER"] = "otlp"
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+    env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
+    return receiver, printer  # stopped in this order: the children flush first
 
 
 def _wait_ready(

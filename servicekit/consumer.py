@@ -24,10 +24,14 @@ message that crashes the process every time; its last attempt is parked beforeha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import aio_pika
@@ -35,7 +39,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from servicekit import context
+from servicekit import context, telemetry
 from servicekit.aio import sleep_unless_stopped, supervise
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
 from servicekit.projection import (
@@ -47,6 +51,7 @@ from servicekit.projection import (
 )
 from servicekit.relay import TRANSIENT_ERRORS
 from shared_contracts.envelope import Envelope
+from shared_contracts.names import dead_letter_queue, live_queue
 
 log = logging.getLogger("servicekit.consumer")
 
@@ -75,6 +80,41 @@ LAG_SECONDS = Gauge(
     "Age of the last event handled when it was handled, per producer",
     ["service", "producer"],
 )
+LAG_EVENTS = Gauge(
+    "consumer_lag_events",
+    "Events waiting for the consumer: ready in its queue plus delivered and not yet settled",
+    ["service"],
+)
+DLQ_DEPTH = Gauge("consumer_dlq_messages", "Messages in the dead-letter queue", ["service"])
+
+# The CONSUMER span of each message of the batch being handled, by event id.
+_message_spans: contextvars.ContextVar[Mapping[uuid.UUID, telemetry.Span]] = contextvars.ContextVar(
+    "message_spans", default=MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def handling(envelope: Envelope) -> Iterator[None]:
+    """Run a block as the handling of one message: its span, correlation and causation.
+
+    Events the block appends are caused by this one and continue its trace.
+    """
+    event_id = str(envelope.event_id)
+    with context.bound(
+        correlation_id=envelope.correlation_id,
+        causation_id=event_id,
+        request_id=envelope.correlation_id,
+        event_id=event_id,
+    ):
+        span = _message_spans.get().get(envelope.event_id)
+        if span is None:
+            yield
+            return
+        token = telemetry.attach(span)
+        try:
+            yield
+        finally:
+            telemetry.detach(token)
 
 
 class BatchHandler(Protocol):
@@ -103,7 +143,11 @@ class _OneAtATime:
         self._handle = handle
 
     async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
-        return [await self._handle(item.envelope) for item in events]
+        outcomes: list[Outcome] = []
+        for item in events:
+            with handling(item.envelope):
+                outcomes.append(await self._handle(item.envelope))
+        return outcomes
 
     async def park(self, envelope: Envelope, reason: str) -> None:
         """Nothing to remember: such handlers track positions themselves."""
@@ -137,8 +181,10 @@ class Consumer:
         delivery_limit: int = 5,
         retry_delay_seconds: float = 0.5,
         max_backoff_seconds: float = 10.0,
+        depth_poll_seconds: float | None = None,
     ) -> None:
         self.service = service
+        self.depth_poll = depth_poll_seconds
         self.amqp_url = amqp_url
         self.bindings = bindings
         self.handler = handler
@@ -149,6 +195,9 @@ class Consumer:
         self.max_backoff = max_backoff_seconds
         self.status = ConsumerStatus()
         self._stop = asyncio.Event()
+        self._in_flight = 0  # delivered to us, not yet settled
+        self._settled_early = 0  # of the batch: dead-lettered (settled) before it ends
+        self._spans: dict[int, telemetry.Span] = {}  # of the batch, by delivery tag
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -179,7 +228,14 @@ class Consumer:
             closed = asyncio.Event()
             connection.close_callbacks.add(lambda *_: closed.set())
             channel.close_callbacks.add(lambda *_: closed.set())
-            tag = await queue.consume(inbox.put, no_ack=False)
+            self._in_flight = 0
+
+            async def deliver(message: AbstractIncomingMessage) -> None:
+                self._in_flight += 1
+                await inbox.put(message)
+
+            poller = asyncio.create_task(self._poll_depths(connection, stop))
+            tag = await queue.consume(deliver, no_ack=False)
             self.status.role = "consuming"
             self.status.last_error = None
             log.info("consumer started", extra={"consumer": self.service, "queue": queue.name})
@@ -203,14 +259,91 @@ class Consumer:
             finally:
                 stop_task.cancel()
                 closed_task.cancel()
+                poller.cancel()
                 if not closed.is_set():
                     await queue.cancel(tag)
+
+    async def _poll_depths(
+        self, connection: aio_pika.abc.AbstractConnection, stop: asyncio.Event
+    ) -> None:
+        """Keep `consumer_lag_events` and `consumer_dlq_messages` current, from the broker.
+
+        Its own channel: a failed passive declare closes the channel it runs on.
+        """
+        channel = await connection.channel()
+        try:
+            while not stop.is_set():
+                try:
+                    ready = await channel.declare_queue(live_queue(self.service), passive=True)
+                    dlq = await channel.declare_queue(dead_letter_queue(self.service), passive=True)
+                    LAG_EVENTS.labels(self.service).set(
+                        (ready.declaration_result.message_count or 0) + self._in_flight
+                    )
+                    DLQ_DEPTH.labels(self.service).set(dlq.declaration_result.message_count or 0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a metric must never stop the consumer
+                    log.debug("could not read queue depths", extra={"error": repr(exc)})
+                    if channel.is_closed:
+                        channel = await connection.channel()
+                await sleep_unless_stopped(stop, self.depth_poll or telemetry.queue_poll_seconds())
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def _process(
         self, channel: AbstractChannel, batch: list[AbstractIncomingMessage]
     ) -> None:
         """Triage, hand the good ones over as one batch, then settle every message."""
         BATCH_SIZE.labels(self.service).observe(len(batch))
+        self._spans = {m.delivery_tag or 0: self._message_span(m) for m in batch}
+        self._settled_early = 0
+        try:
+            await self._triage_and_handle(channel, batch)
+        except BaseException as exc:
+            for span in self._spans.values():
+                span.set_status(telemetry.StatusCode.ERROR, type(exc).__name__)
+            raise
+        finally:
+            for span in self._spans.values():
+                span.end()
+            self._spans = {}
+            self._in_flight = max(self._in_flight - (len(batch) - self._settled_early), 0)
+
+    def _message_span(self, message: AbstractIncomingMessage) -> telemetry.Span:
+        """The CONSUMER span of a message: a child of the traceparent the message carries.
+
+        That header was set by the relay from the event's stored metadata, so the span
+        joins the trace of the request that caused the event.
+        """
+        headers = message.headers or {}
+        traceparent = headers.get("traceparent")
+        return telemetry.start_span(
+            f"{self.service} process",
+            parent=telemetry.context_from_traceparent(
+                traceparent if isinstance(traceparent, str) else None
+            )
+            or telemetry.Context(),
+            kind=telemetry.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": message.exchange or "",
+                "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+                "messaging.message.id": message.message_id or "",
+                "messaging.consumer.group.name": self.service,
+            },
+        )
+
+    def _outcome(self, message: AbstractIncomingMessage | None, outcome: str) -> None:
+        if message is not None:
+            span = self._spans.get(message.delivery_tag or 0)
+            if span is not None and span.is_recording():
+                span.set_attribute("eskit.outcome", outcome)
+
+    async def _triage_and_handle(
+        self, channel: AbstractChannel, batch: list[AbstractIncomingMessage]
+    ) -> None:
         good: list[tuple[AbstractIncomingMessage, Applied]] = []
         for message in batch:
             try:
@@ -225,6 +358,7 @@ class Consumer:
                 continue
             if event is None:
                 self._skip(envelope)
+                self._outcome(message, "skipped")
                 continue
             if _delivery_count(message) >= self.delivery_limit - 1:
                 # The broker dead-letters this message if the process dies once more.
@@ -240,6 +374,22 @@ class Consumer:
         self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, Applied]]
     ) -> None:
         events = [applied for _, applied in good]
+        spans = {
+            applied.envelope.event_id: self._spans[message.delivery_tag or 0]
+            for message, applied in good
+        }
+        token = _message_spans.set(spans)
+        try:
+            await self._handle_batch(channel, good, events)
+        finally:
+            _message_spans.reset(token)
+
+    async def _handle_batch(
+        self,
+        channel: AbstractChannel,
+        good: list[tuple[AbstractIncomingMessage, Applied]],
+        events: list[Applied],
+    ) -> None:
         try:
             outcomes = await self._call(events)
         except _HandlerFailed:
@@ -253,9 +403,11 @@ class Consumer:
                     await self.handler.park(applied.envelope, f"handler failed: {failed.error}")
                     continue
                 self._count(applied.envelope, outcome)
+                self._outcome(message, outcome)
             return
-        for (_, applied), outcome in zip(good, outcomes, strict=True):
+        for (message, applied), outcome in zip(good, outcomes, strict=True):
             self._count(applied.envelope, outcome)
+            self._outcome(message, outcome)
 
     async def _call(self, events: list[Applied], retries: int = 1) -> Sequence[Outcome]:
         """Run the handler; infrastructure failures are waited out, others retried."""
@@ -264,11 +416,7 @@ class Consumer:
         first = events[0].envelope
         while True:
             try:
-                with context.bound(
-                    correlation_id=first.correlation_id,
-                    causation_id=str(first.event_id),
-                    request_id=first.correlation_id,
-                ):
+                with self._scope(events):
                     return await self.handler.handle(events)
             except INFRASTRUCTURE_ERRORS as exc:
                 if self._stop.is_set():
@@ -297,6 +445,37 @@ class Consumer:
             if self._stop.is_set():
                 raise ConnectionAbortedError("stopping with the batch unacked")
             delay = min(delay * 2, self.max_backoff)
+
+    @contextlib.contextmanager
+    def _scope(self, events: list[Applied]) -> Iterator[None]:
+        """One message: its own span and context. Several: a batch span linking each one."""
+        if len(events) == 1:
+            with handling(events[0].envelope):
+                yield
+            return
+        spans = _message_spans.get()
+        links = [
+            telemetry.Link(span.get_span_context())
+            for span in (spans.get(item.envelope.event_id) for item in events)
+            if span is not None and span.get_span_context().is_valid
+        ]
+        batch = telemetry.start_span(
+            f"{self.service} process batch",
+            parent=telemetry.Context(),
+            kind=telemetry.SpanKind.CONSUMER,
+            attributes={"messaging.batch.message_count": len(events)},
+            links=links,
+        )
+        first = events[0].envelope
+        with (
+            context.bound(
+                correlation_id=first.correlation_id,
+                causation_id=str(first.event_id),
+                request_id=first.correlation_id,
+            ),
+            telemetry.use_span(batch),
+        ):
+            yield
 
     def _count(self, envelope: Envelope, outcome: Outcome) -> None:
         MESSAGES.labels(self.service, outcome).inc()
@@ -335,6 +514,7 @@ class Consumer:
     ) -> None:
         """Publish to `<service>.dlx` with the error (confirmed), then ack the original."""
         MESSAGES.labels(self.service, "dead_lettered").inc()
+        self._outcome(message, "dead_lettered")
         error = f"{type(exc).__name__}: {exc}"[:2000]
         log.error(
             "dead-lettering a message that cannot be processed",
@@ -368,6 +548,8 @@ class Consumer:
             routing_key=message.routing_key or "",
         )
         await message.ack()
+        self._settled_early += 1
+        self._in_flight = max(self._in_flight - 1, 0)
 
 
 class _HandlerFailed(Exception):

@@ -15,10 +15,15 @@ class CallContext:
     correlation_id: str | None = None
     causation_id: str | None = None
     traceparent: str | None = None
+    # The event being handled (consumers): for log lines, not stored with new events.
+    event_id: str | None = None
 
     def as_metadata(self) -> dict[str, str]:
         """What a stored event keeps of the context that caused it."""
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v for k, v in vars(self).items() if v is not None and k in _STORED_FIELDS}
+
+
+_STORED_FIELDS = frozenset({"request_id", "correlation_id", "causation_id", "traceparent"})
 
 
 _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar(

@@ -12,10 +12,18 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import ProcessRecorder, Tracking
+from eventsourcing.persistence import ProcessRecorder, Recording, Tracking
+from prometheus_client import Counter
 from psycopg import sql
 
-from servicekit import context
+from servicekit import context, telemetry
+
+APPENDED = Counter(
+    "eventstore_events_appended_total",
+    "Events appended to a service's event store, by application and event type",
+    ["app", "event_type"],
+)
+_APPENDED_SERIES: dict[tuple[str, type[Any]], Any] = {}
 
 
 class TracedAggregate(Aggregate):
@@ -32,13 +40,22 @@ class TracedAggregate(Aggregate):
         pass
 
     def trigger_event(self, event_class: type[Any], **kwargs: Any) -> None:
-        kwargs.setdefault("metadata", context.current().as_metadata())
+        kwargs.setdefault("metadata", event_metadata())
         super().trigger_event(event_class, **kwargs)
 
     @classmethod
     def _create(cls, event_class: type[Any], **kwargs: Any) -> Any:
-        kwargs.setdefault("metadata", context.current().as_metadata())
+        kwargs.setdefault("metadata", event_metadata())
         return super()._create(event_class, **kwargs)
+
+
+def event_metadata() -> dict[str, str]:
+    """The call context a new event keeps; the traceparent is the current span's if any."""
+    metadata = context.current().as_metadata()
+    traceparent = telemetry.current_traceparent()
+    if traceparent:
+        metadata["traceparent"] = traceparent
+    return metadata
 
 
 def connection_kwargs(database_url: str) -> dict[str, Any]:
@@ -129,6 +146,39 @@ class EventSourcedApplication(Application[Any]):
 
     def construct_recorder(self) -> ProcessRecorder:
         return self.factory.process_recorder()
+
+    def _record(self, processing_event: ProcessingEvent[Any]) -> list[Recording[Any]]:
+        """Append within a span whose traceparent every appended event keeps.
+
+        The relay later starts its publish span from that stored traceparent, so the chain
+        request -> append -> publish -> consume holds however late the relay publishes.
+        """
+        events = processing_event.events
+        span = telemetry.start_span(
+            f"append {self.name}",
+            attributes={
+                "eventstore.application": self.name,
+                "eventstore.events": len(events),
+                "eventstore.event_types": sorted({type(e).__qualname__ for e in events}),
+            },
+        )
+        with telemetry.use_span(span):
+            traceparent = telemetry.traceparent_of(span.get_span_context())
+            if traceparent:
+                for event in events:
+                    metadata = getattr(event, "metadata", None)
+                    if isinstance(metadata, dict):
+                        metadata["traceparent"] = traceparent
+            recordings = super()._record(processing_event)
+        for event in events:
+            key = (self.name, type(event))
+            series = _APPENDED_SERIES.get(key)
+            if series is None:
+                series = _APPENDED_SERIES[key] = APPENDED.labels(
+                    self.name, type(event).__qualname__
+                )
+            series.inc()
+        return recordings
 
     def save_tracked(self, *aggregates: Aggregate, tracking: Tracking) -> None:
         processing: ProcessingEvent[Any] = ProcessingEvent(tracking)

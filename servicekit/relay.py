@@ -23,11 +23,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import eventsourcing.persistence
 import psycopg
 from eventsourcing.application import Application
 from eventsourcing.persistence import Notification
 from prometheus_client import Counter, Gauge, Histogram
 
+from servicekit import telemetry
 from servicekit.aio import sleep_unless_stopped, supervise
 from servicekit.amqp import declare_producer_exchange
 from servicekit.eventstore import connection_kwargs
@@ -64,6 +66,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     psycopg.OperationalError,
     psycopg.InterfaceError,
+    # eventsourcing re-raises psycopg's errors as its own (a lost database in a handler
+    # that saves events, e.g. user_svc's consumer, must be waited out, not dead-lettered).
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
     aio_pika.exceptions.AMQPException,
@@ -257,16 +263,56 @@ class Relay:
     ) -> None:
         if not messages:
             return
+        spans = [self._publish_span(key, message) for key, message in messages]
         started = time.perf_counter()
-        # Publishes are written to the channel in call order; confirms are awaited together.
-        await asyncio.gather(
-            *(
-                exchange.publish(message, routing_key=key, mandatory=False, timeout=30)
-                for key, message in messages
+        try:
+            # Publishes are written to the channel in call order; confirms are awaited together.
+            await asyncio.gather(
+                *(
+                    exchange.publish(message, routing_key=key, mandatory=False, timeout=30)
+                    for key, message in messages
+                )
             )
-        )
+        except BaseException as exc:
+            for span in spans:
+                if span is not None:
+                    span.set_status(telemetry.StatusCode.ERROR, type(exc).__name__)
+                    span.end()
+            raise
+        for span in spans:
+            if span is not None:
+                span.end()
         CONFIRM_LATENCY.labels(self.producer).observe(time.perf_counter() - started)
         PUBLISHED.labels(self.producer).inc(len(messages))
+
+    def _publish_span(self, routing_key: str, message: aio_pika.Message) -> telemetry.Span | None:
+        """A PRODUCER span under the event's *stored* traceparent; the message carries it on.
+
+        Events stored without a traceparent get none: a span per message of an untraced
+        backlog would only start thousands of one-span traces.
+        """
+        headers = message.headers
+        parent = telemetry.context_from_traceparent(str(headers.get("traceparent") or ""))
+        if parent is None:
+            return None
+        span = telemetry.start_span(
+            f"publish {self.exchange_name}",
+            parent=parent,
+            kind=telemetry.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self.exchange_name,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": message.message_id or "",
+                "eskit.producer": self.producer,
+                "eskit.position": int(str(headers.get("x-position", 0))),
+            },
+        )
+        traceparent = telemetry.traceparent_of(span.get_span_context())
+        if traceparent:
+            headers["traceparent"] = traceparent
+        return span
 
     async def _wait_for_new_events(self, conn: psycopg.AsyncConnection[Any]) -> None:
         async for _ in conn.notifies(timeout=self.idle_wait, stop_after=1):

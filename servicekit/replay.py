@@ -26,10 +26,11 @@ from typing import Any
 import aio_pika
 import psycopg
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from psycopg import sql
 from pydantic import ValidationError
 
+from servicekit import telemetry
 from servicekit.amqp import declare_history_stream
 from servicekit.projection import (
     Applied,
@@ -47,6 +48,14 @@ log = logging.getLogger("servicekit.replay")
 
 REPLAY_OFFSET = Gauge("replay_stream_offset", "Stream offset a replay has applied", ["projection"])
 REPLAY_END = Gauge("replay_stream_end", "Last stream offset seen by a replay", ["projection"])
+REPLAY_PROGRESS = Gauge(
+    "replay_progress_ratio", "Share of the stream a replay has applied (0 to 1)", ["projection"]
+)
+REPLAY_APPLIED = Counter(
+    "replay_events_applied_total",
+    "Events a replay applied to the generation it builds",
+    ["projection"],
+)
 
 RUN = "x-republish-run"
 RUN_FROM = "x-republish-from"
@@ -337,6 +346,40 @@ class Replay:
         refills: dict[str, _Refill],
         phase: int,
     ) -> None:
+        """Apply a batch within a span of a new trace that links to each event's own trace.
+
+        Not a child: a rebuild next month is not part of the request that caused the event,
+        but whoever looks at either should find the other.
+        """
+        links = [
+            link for link in (telemetry.link_to(_traceparent(m)) for m in batch) if link is not None
+        ]
+        span = telemetry.start_span(
+            f"replay {self.projection.name}",
+            parent=telemetry.Context(),
+            kind=telemetry.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": "events.history",
+                "messaging.batch.message_count": len(batch),
+                "eskit.projection": self.projection.name,
+                "eskit.generation": progress.generation,
+                "eskit.stream_offset.first": _offset(batch[0]),
+                "eskit.stream_offset.last": _offset(batch[-1]),
+            },
+            links=links,
+        )
+        with telemetry.use_span(span):
+            await self._apply_batch(batch, progress, refills, phase)
+
+    async def _apply_batch(
+        self,
+        batch: Sequence[AbstractIncomingMessage],
+        progress: Progress,
+        refills: dict[str, _Refill],
+        phase: int,
+    ) -> None:
         events: list[Applied] = []
         invalid: list[tuple[Envelope, str]] = []
         for message in batch:
@@ -379,6 +422,10 @@ class Replay:
         progress.offset = last
         REPLAY_OFFSET.labels(self.projection.name).set(last)
         REPLAY_END.labels(self.projection.name).set(progress.end)
+        REPLAY_PROGRESS.labels(self.projection.name).set(
+            min((last + 1) / (progress.end + 1), 1.0) if progress.end >= 0 else 0.0
+        )
+        REPLAY_APPLIED.labels(self.projection.name).inc(applied)
 
     async def _apply_split(
         self, conn: psycopg.AsyncConnection[Any], generation: str, events: Sequence[Applied]
@@ -526,3 +573,8 @@ async def _scan(
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
+
+
+def _traceparent(message: AbstractIncomingMessage) -> str | None:
+    value = (message.headers or {}).get("traceparent")
+    return value if isinstance(value, str) else None

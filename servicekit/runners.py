@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from servicekit import telemetry
 from servicekit.aio import sleep_unless_stopped
 from servicekit.consumer import Consumer, ProjectionHandler
 from servicekit.logs import configure_logging
@@ -105,6 +106,7 @@ def _serve(
     status: Callable[[], Any],
 ) -> None:
     configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    telemetry.configure_tracing(name)
     asyncio.run(
         run_worker(
             name=name, host=settings.host, port=port, task=task, is_ready=is_ready, status=status

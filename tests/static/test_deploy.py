@@ -17,11 +17,16 @@ from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings
 
 from esctl.gateway import GatewaySettings, k8s_credentials, load_kong
+from servicekit.telemetry import TelemetrySettings
 
 ROOT = Path(__file__).parents[2]
 BIN = ROOT / ".venv" / "bin"
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
-SHARED_ENV = {"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"}
+SHARED_ENV = {"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"} | {
+    # read by servicekit.telemetry.TelemetrySettings in every process
+    name
+    for name in TelemetrySettings.model_json_schema(by_alias=True)["properties"]
+}
 # Settings class of each service, by environment prefix (some are written concurrently).
 SETTINGS = {
     "AUTH_": "auth_svc.settings:AuthSettings",
