@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from dataclasses import asdict
-from typing import Any
 
 import psycopg
 
@@ -18,12 +16,9 @@ from integration_svc.endpoints import Endpoint, EndpointError
 from integration_svc.projection import Webhooks
 from integration_svc.settings import IntegrationSettings
 from servicekit.aio import sleep_unless_stopped
-from servicekit.consumer import Consumer
 from servicekit.eventstore import connection_kwargs, ensure_database
-from servicekit.logs import configure_logging
 from servicekit.projection import ProjectionStore
-from servicekit.runners import projection_consumer, run_projection
-from servicekit.worker import run_worker
+from servicekit.runners import ProjectionWorker, serve_projection
 
 SERVICE = Webhooks.name
 SETTINGS = IntegrationSettings
@@ -66,29 +61,21 @@ def file_endpoints(settings: IntegrationSettings) -> list[Endpoint] | None:
     return endpoints.load_file(settings.webhooks_file, policy(settings))
 
 
-class IntegrationWorker:
+class IntegrationWorker(ProjectionWorker):
     """The consumer (records deliveries) and the dispatcher (sends them), in one process."""
+
+    dispatcher: WebhookDispatcher
 
     def __init__(
         self, settings: IntegrationSettings, from_file: list[Endpoint] | None = None
     ) -> None:
-        self.settings = settings
+        super().__init__(projection(settings), settings, WebhookDispatcher(settings))
         self.from_file = from_file
-        self.consumer: Consumer
-        self.consumer, self.store = projection_consumer(
-            projection(settings),
-            settings,
-            prefetch=settings.consumer_prefetch,
-            delivery_limit=settings.consumer_delivery_limit,
-        )
-        self.dispatcher = WebhookDispatcher(settings)
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.from_file is not None:
             await self._sync_file(stop)
-        await asyncio.gather(
-            run_projection(self.consumer, self.store, stop), self.dispatcher.run(stop)
-        )
+        await super().run(stop)
 
     async def _sync_file(self, stop: asyncio.Event) -> None:
         assert self.from_file is not None
@@ -106,32 +93,13 @@ class IntegrationWorker:
             except (psycopg.OperationalError, OSError):
                 await sleep_unless_stopped(stop, 1.0)
 
-    def ready(self) -> bool:
-        return self.consumer.status.role == "consuming"
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "consumer": asdict(self.consumer.status),
-            "dispatcher": asdict(self.dispatcher.status),
-        }
-
 
 def consume() -> None:
     """Run the projection from `integration_svc.q` and deliver webhooks until SIGINT/SIGTERM."""
     settings = IntegrationSettings()
-    configure_logging(f"{SERVICE}.consumer", level=settings.log_level, fmt=settings.log_format)
     try:
         worker = IntegrationWorker(settings, file_endpoints(settings))
     except (EndpointError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
+        print(f"error: integration_svc cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(
-        run_worker(
-            name=f"{SERVICE}.consumer",
-            host=settings.host,
-            port=settings.consumer_port,
-            task=worker.run,
-            is_ready=worker.ready,
-            status=worker.status,
-        )
-    )
+    serve_projection(worker)

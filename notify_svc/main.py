@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
-from typing import Any
 
 import psycopg
 
@@ -13,12 +11,9 @@ from notify_svc.intents import DDL
 from notify_svc.mail import mail_domain
 from notify_svc.projection import Notifications
 from notify_svc.settings import NotifySettings
-from servicekit.consumer import Consumer
 from servicekit.eventstore import connection_kwargs, ensure_database
-from servicekit.logs import configure_logging
 from servicekit.projection import ProjectionStore
-from servicekit.runners import projection_consumer, run_projection
-from servicekit.worker import run_worker
+from servicekit.runners import ProjectionWorker, serve_projection
 
 SERVICE = Notifications.name
 SETTINGS = NotifySettings
@@ -45,46 +40,15 @@ def init_db(settings: NotifySettings | None = None) -> None:
     asyncio.run(setup())
 
 
-class NotifyWorker:
+class NotifyWorker(ProjectionWorker):
     """The consumer (records intents) and the dispatcher (sends them), in one process."""
 
+    dispatcher: MailDispatcher
+
     def __init__(self, settings: NotifySettings, dispatcher: MailDispatcher | None = None) -> None:
-        self.consumer: Consumer
-        self.consumer, self.store = projection_consumer(
-            projection(settings),
-            settings,
-            prefetch=settings.consumer_prefetch,
-            delivery_limit=settings.consumer_delivery_limit,
-        )
-        self.dispatcher = dispatcher or MailDispatcher(settings)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(
-            run_projection(self.consumer, self.store, stop), self.dispatcher.run(stop)
-        )
-
-    def ready(self) -> bool:
-        return self.consumer.status.role == "consuming"
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "consumer": asdict(self.consumer.status),
-            "dispatcher": asdict(self.dispatcher.status),
-        }
+        super().__init__(projection(settings), settings, dispatcher or MailDispatcher(settings))
 
 
 def consume() -> None:
     """Run the projection from `notify_svc.q` and send its mails until SIGINT/SIGTERM."""
-    settings = NotifySettings()
-    configure_logging(f"{SERVICE}.consumer", level=settings.log_level, fmt=settings.log_format)
-    worker = NotifyWorker(settings)
-    asyncio.run(
-        run_worker(
-            name=f"{SERVICE}.consumer",
-            host=settings.host,
-            port=settings.consumer_port,
-            task=worker.run,
-            is_ready=worker.ready,
-            status=worker.status,
-        )
-    )
+    serve_projection(NotifyWorker(NotifySettings()))

@@ -8,7 +8,7 @@ from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import ensure_database
 from servicekit.projection import ProjectionStore
-from servicekit.runners import serve_projection
+from servicekit.runners import ProjectionWorker, serve_projection
 
 SERVICE = Reporting.name
 SETTINGS = ReportingSettings
@@ -33,11 +33,4 @@ def init_db(settings: ReportingSettings | None = None) -> None:
 
 def consume() -> None:
     """Run the projection from `reporting_svc.q` until SIGINT/SIGTERM."""
-    settings = ReportingSettings()
-    serve_projection(
-        Reporting(),
-        settings,
-        port=settings.consumer_port,
-        prefetch=settings.consumer_prefetch,
-        delivery_limit=settings.consumer_delivery_limit,
-    )
+    serve_projection(ProjectionWorker(Reporting(), ReportingSettings()))

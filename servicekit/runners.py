@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from servicekit import telemetry
 from servicekit.aio import sleep_unless_stopped
@@ -12,7 +13,7 @@ from servicekit.consumer import Consumer, ProjectionHandler
 from servicekit.logs import configure_logging
 from servicekit.projection import Projection, ProjectionStore
 from servicekit.relay import TRANSIENT_ERRORS, Relay
-from servicekit.settings import ServiceSettings
+from servicekit.settings import ConsumerSettings, ServiceSettings
 from servicekit.worker import run_worker
 
 
@@ -74,25 +75,63 @@ async def run_projection(consumer: Consumer, store: ProjectionStore, stop: async
         await consumer.run(stop)
 
 
-def serve_projection(
-    projection: Projection,
-    settings: ServiceSettings,
-    *,
-    port: int,
-    prefetch: int,
-    delivery_limit: int,
-) -> None:
-    """Run `projection`'s consumer until SIGINT/SIGTERM, with /health and /metrics on `port`."""
-    consumer, store = projection_consumer(
-        projection, settings, prefetch=prefetch, delivery_limit=delivery_limit
-    )
+class Dispatcher(Protocol):
+    """Carries out the intents a projection records (mails, webhooks), beside its consumer."""
+
+    status: Any
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+class ProjectionWorker:
+    """A projection's consumer and, in the same process, the dispatcher of its intents."""
+
+    def __init__(
+        self,
+        projection: Projection,
+        settings: ConsumerSettings,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.consumer, self.store = projection_consumer(
+            projection,
+            settings,
+            prefetch=settings.consumer_prefetch,
+            delivery_limit=settings.consumer_delivery_limit,
+        )
+        self.dispatcher = dispatcher
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [run_projection(self.consumer, self.store, stop)]
+        if self.dispatcher is not None:
+            tasks.append(self.dispatcher.run(stop))
+        await asyncio.gather(*tasks)
+
+    def ready(self) -> bool:
+        return self.consumer.status.role == "consuming"
+
+    def status(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {"consumer": self.consumer.status}
+        if self.dispatcher is not None:
+            parts["dispatcher"] = self.dispatcher.status
+        return {name: _plain(part) for name, part in parts.items()}
+
+
+def _plain(status: Any) -> Any:
+    if dataclasses.is_dataclass(status) and not isinstance(status, type):
+        return dataclasses.asdict(status)
+    return status
+
+
+def serve_projection(worker: ProjectionWorker) -> None:
+    """Run a projection's worker until SIGINT/SIGTERM, with /health and /metrics beside it."""
     _serve(
-        f"{projection.name}.consumer",
-        settings,
-        port,
-        lambda stop: run_projection(consumer, store, stop),
-        is_ready=lambda: consumer.status.role == "consuming",
-        status=lambda: consumer.status,
+        f"{worker.consumer.service}.consumer",
+        worker.settings,
+        worker.settings.consumer_port,
+        worker.run,
+        is_ready=worker.ready,
+        status=worker.status,
     )
 
 

@@ -29,6 +29,9 @@ class ConsumerSettings(ServiceSettings):
     """Fields of a service whose process is a consumer (a projection: no REST API)."""
 
     host: str = Field(default="127.0.0.1", description="Interface the health server binds to.")
+    consumer_port: int = Field(
+        default=8120, description="Port of the consumer's health and metrics server."
+    )
     consumer_prefetch: int = Field(
         default=1000, ge=1, description="AMQP prefetch: the most events applied in one batch."
     )

@@ -177,7 +177,12 @@ def registered(stack: Stack) -> Registered:
         if not server:
             return False
         services = {s.service for s in trace_of(spans, server[0].trace_id)}
-        return {"auth_svc.relay", "user_svc.consumer", "reporting_svc.consumer"} <= services
+        return {
+            "auth_svc.relay",
+            "user_svc.consumer",
+            "user_svc.relay",
+            "reporting_svc.consumer",
+        } <= services
 
     spans = stack.receiver.wait_for(complete, timeout=30)
     server = next(s for s in spans if s.attributes.get("http.request_id") == request_id)
