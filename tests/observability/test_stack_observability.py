@@ -162,12 +162,14 @@ def registered(stack: Stack) -> Registered:
             )
             assert bad.status_code == 401
             tokens = login.json()
+            # The registration creates the profile; a GET first would create it instead.
+            created = await user_events.wait_for(1)
             me = await http.get(
                 f"{stack.url('user')}/users/me",
                 headers={"Authorization": f"Bearer {tokens['access_token']}"},
             )
             assert me.status_code == 200, me.text
-            return r, tokens, await user_events.wait_for(1)
+            return r, tokens, created
 
     r, tokens, envelopes = asyncio.run(scenario())
     assert r.headers["x-request-id"] == request_id
