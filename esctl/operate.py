@@ -109,11 +109,13 @@ def replay(
     ] = 30.0,
 ) -> None:
     """Rebuild a projection from events.history; the old read model serves until the swap."""
+    from servicekit import telemetry
     from servicekit.replay import Progress as ReplayProgress
     from servicekit.replay import Replay, ReplayError
 
     require_dependencies()
     service = projection_service(projection)
+    telemetry.configure_tracing("esctl.replay")  # replay spans link to the original traces
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
