@@ -34,7 +34,7 @@ from tests.support.history import publish
 
 ENDPOINTS = 10
 EVENTS = 1000  # per round: 10,000 deliveries
-ROUNDS = 3
+ROUNDS = int(__import__("os").environ.get("BENCH_ROUNDS", "3"))
 ENDPOINT_CONCURRENCY = 8
 
 
