@@ -86,7 +86,7 @@ def envelope_for(event: Any, position: int, contract: ContractEvent) -> Envelope
     """The public envelope of a stored event (a `TracedAggregate.Event`)."""
     metadata: dict[str, str] = getattr(event, "metadata", {}) or {}
     return Envelope(
-        event_id=event_id_for(event.originator_id, event.originator_version),
+        event_id=event_id_for(contract.producer, event.originator_id, event.originator_version),
         event_type=contract.event_type,
         schema_version=contract.schema_version,
         occurred_at=event.timestamp.astimezone(UTC),

@@ -12,9 +12,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializ
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c9a57-2a0e-4d55-9a43-2b1f0c6f3e11")
 
 
-def event_id_for(aggregate_id: uuid.UUID, aggregate_version: int) -> uuid.UUID:
-    """Deterministic event id: a re-send of the same stored event carries the same id."""
-    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{aggregate_id}:{aggregate_version}")
+def event_id_for(producer: str, aggregate_id: uuid.UUID, aggregate_version: int) -> uuid.UUID:
+    """Deterministic event id: a re-send of the same stored event carries the same id.
+
+    The producer is part of it: two services may keep aggregates under the same id (an
+    account and its profile share the user id), and their events must not share an id.
+    """
+    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{producer}:{aggregate_id}:{aggregate_version}")
 
 
 class Envelope(BaseModel):

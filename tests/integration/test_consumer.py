@@ -25,7 +25,7 @@ def envelope(
 ) -> dict[str, Any]:
     user = uuid.uuid4()
     body = {
-        "event_id": str(event_id_for(user, 1)),
+        "event_id": str(event_id_for("auth_svc", user, 1)),
         "event_type": event_type,
         "schema_version": 1,
         "occurred_at": datetime.now(UTC).isoformat(),

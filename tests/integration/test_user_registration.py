@@ -38,7 +38,7 @@ def registered(
         user_id=user_id, email=f"{user_id.hex[:8]}@example.com", display_name=display_name
     )
     return Envelope(
-        event_id=event_id_for(user_id, 1),
+        event_id=event_id_for("auth_svc", user_id, 1),
         event_type=AccountRegistered.event_type,
         schema_version=AccountRegistered.schema_version,
         occurred_at=datetime.now(UTC),

@@ -59,7 +59,7 @@ async def publish(amqp_url: str, positions: range, *, poison: bool = False) -> N
         for position in positions:
             user = uuid.uuid4()
             envelope = Envelope(
-                event_id=event_id_for(user, 1),
+                event_id=event_id_for("auth_svc", user, 1),
                 event_type=AccountRegistered.event_type,
                 schema_version=1,
                 occurred_at=datetime.now(UTC),

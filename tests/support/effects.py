@@ -25,7 +25,7 @@ def envelope(
     """(exchange, routing key, body) of one public event about `user`."""
     producer = "auth_svc" if event_type.startswith("auth.") else "user_svc"
     body = {
-        "event_id": str(event_id_for(user, version + (0 if producer == "auth_svc" else 10**6))),
+        "event_id": str(event_id_for(producer, user, version)),
         "event_type": event_type,
         "schema_version": 1,
         "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),

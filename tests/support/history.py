@@ -76,9 +76,7 @@ def generate(events: int, *, seed: int = 7, users: int | None = None) -> History
         table[user] += 1
         history.envelopes.append(
             {
-                "event_id": str(
-                    event_id_for(user, table[user] + (0 if producer == "auth_svc" else 10**6))
-                ),
+                "event_id": str(event_id_for(producer, user, table[user])),
                 "event_type": event_type,
                 "schema_version": 1,
                 "occurred_at": clock.isoformat().replace("+00:00", "Z"),

@@ -5,6 +5,7 @@ additive. `shared_contracts/published/` holds the schemas as released; regenerat
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,12 @@ def test_the_asyncapi_document_names_every_exchange_and_event() -> None:
     assert addresses == {
         json.loads((PUBLISHED / n).read_text())["title"].rsplit(".v", 1)[0] for n in CURRENT
     }
+
+
+def test_event_ids_are_stable_and_differ_across_producers_sharing_an_aggregate_id() -> None:
+    from shared_contracts.envelope import event_id_for
+
+    user = uuid.uuid4()
+    assert event_id_for("auth_svc", user, 1) == event_id_for("auth_svc", user, 1)
+    assert event_id_for("auth_svc", user, 1) != event_id_for("user_svc", user, 1)
+    assert event_id_for("auth_svc", user, 1) != event_id_for("auth_svc", user, 2)

@@ -1,0 +1,861 @@
+"""The stack as separate processes on private servers, a load generator with a ledger of what
+was accepted and rejected, an audit of the exchanges, and the checks that nothing was lost.
+
+Used by tests/chaos (each fault, bounded) and bench/soak.py (minutes of mixed load).
+
+Every process talks to RabbitMQ and PostgreSQL through a `TcpProxy`, so a test can cut the
+network without touching the servers. A supervisor thread restarts any process that dies,
+as Kubernetes would: a SIGKILL needs no manual step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import jwt
+
+from servicekit.amqp import declare_producer_exchange
+from shared_contracts.envelope import event_id_for
+from shared_contracts.names import AUTH_EVENTS, PRODUCER_EXCHANGES, USER_EVENTS, dead_letter_queue
+from tests.support.instances import PrivatePostgres, PrivateRabbit, pick_port
+from tests.support.proxy import TcpProxy
+
+RETRYABLE = {429, 500, 502, 503, 504}
+AUDIT_QUEUE = "chaos.audit"
+CONSUMERS = ("user_svc.consumer", "reporting_svc.consumer")
+
+
+# -- the processes ------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    port: int
+    popen: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    # `consumer_messages_total` of incarnations that are gone, by outcome.
+    carried: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Stack:
+    """auth_svc, user_svc, both relays and both consumers, each its own process."""
+
+    def __init__(
+        self,
+        postgres: PrivatePostgres,
+        rabbit: PrivateRabbit,
+        workdir: Path,
+        *,
+        restart_delay: float = 0.5,
+        log_level: str = "INFO",
+    ) -> None:
+        self.postgres = postgres
+        self.rabbit = rabbit
+        self.workdir = workdir
+        self.restart_delay = restart_delay
+        self.amqp_proxy = TcpProxy(rabbit.port).start()
+        self.pg_proxy = TcpProxy(postgres.port).start()
+        via_pg = f"postgresql://postgres@127.0.0.1:{self.pg_proxy.port}"
+        self.direct_db = {n: postgres.url(n) for n in ("auth", "users", "reporting")}
+        ports = {n: pick_port() for n in ("auth", "user", "ar", "ur", "uc", "rc")}
+        self.auth = f"http://127.0.0.1:{ports['auth']}"
+        self.users = f"http://127.0.0.1:{ports['user']}"
+        self.env = {
+            **os.environ,
+            "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{self.amqp_proxy.port}/",
+            "AUTH_DATABASE_URL": f"{via_pg}/auth",
+            "USER_DATABASE_URL": f"{via_pg}/users",
+            "REPORTING_DATABASE_URL": f"{via_pg}/reporting",
+            "AUTH_PORT": str(ports["auth"]),
+            "USER_PORT": str(ports["user"]),
+            "AUTH_RELAY_PORT": str(ports["ar"]),
+            "USER_RELAY_PORT": str(ports["ur"]),
+            "USER_CONSUMER_PORT": str(ports["uc"]),
+            "REPORTING_CONSUMER_PORT": str(ports["rc"]),
+            "USER_JWKS_URL": f"{self.auth}/auth/.well-known/jwks.json",
+            "AUTH_ARGON2_TIME_COST": "1",
+            "AUTH_ARGON2_MEMORY_KIB": "1024",
+            "AUTH_LOCKOUT_THRESHOLD": "1000",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": log_level,
+        }
+        esctl = [sys.executable, "-m", "esctl.main"]
+        self.procs = {
+            p.name: p
+            for p in (
+                Proc("auth_svc", [*esctl, "serve", "auth_svc"], ports["auth"]),
+                Proc("user_svc", [*esctl, "serve", "user_svc"], ports["user"]),
+                Proc("auth_svc.relay", [*esctl, "relay", "auth_svc"], ports["ar"]),
+                Proc("user_svc.relay", [*esctl, "relay", "user_svc"], ports["ur"]),
+                Proc("user_svc.consumer", [*esctl, "consume", "user_svc"], ports["uc"]),
+                Proc("reporting_svc.consumer", [*esctl, "consume", "reporting_svc"], ports["rc"]),
+            )
+        }
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+
+    # lifecycle
+
+    def init_databases(self) -> None:
+        from auth_svc.main import init_db as init_auth
+        from auth_svc.settings import AuthSettings
+        from reporting_svc.main import init_db as init_reporting
+        from reporting_svc.settings import ReportingSettings
+        from user_svc.main import init_db as init_users
+        from user_svc.settings import UserSettings
+
+        init_auth(AuthSettings(database_url=self.direct_db["auth"]))
+        init_users(UserSettings(database_url=self.direct_db["users"]))
+        init_reporting(ReportingSettings(database_url=self.direct_db["reporting"]))
+
+    def start(self, timeout: float = 90) -> None:
+        self.init_databases()
+        for proc in self.procs.values():
+            self._spawn(proc)
+        self._supervisor.start()
+        self.wait_ready(timeout)
+
+    def _spawn(self, proc: Proc) -> None:
+        log = (self.workdir / f"{proc.name}.log").open("ab")
+        proc.popen = subprocess.Popen(proc.argv, env=self.env, stdout=log, stderr=log)
+        proc.started_at = time.monotonic()
+        log.close()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.2):
+            for proc in self.procs.values():
+                with self._lock:
+                    if proc.popen is not None and proc.popen.poll() is not None:
+                        dead_for = time.monotonic() - proc.started_at
+                        if dead_for < self.restart_delay:
+                            continue
+                        proc.restarts += 1
+                        self._spawn(proc)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process (after counting its metrics); the supervisor restarts it."""
+        proc = self.procs[name]
+        with contextlib.suppress(httpx.HTTPError):
+            proc.carried.update(consumer_outcomes(proc.url))
+        with self._lock:
+            assert proc.popen is not None
+            proc.popen.send_signal(signal.SIGKILL)
+            proc.popen.wait(timeout=10)
+            proc.started_at = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor.is_alive():
+            self._supervisor.join(timeout=5)
+        for proc in self.procs.values():
+            if proc.popen is not None and proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            if proc.popen is None:
+                continue
+            try:
+                proc.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        self.amqp_proxy.close()
+        self.pg_proxy.close()
+
+    # observing
+
+    def not_ready(self) -> list[str]:
+        down = []
+        with httpx.Client(timeout=2) as client:
+            for proc in self.procs.values():
+                try:
+                    ok = client.get(f"{proc.url}/health/ready").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if not ok:
+                    down.append(proc.name)
+        return down
+
+    def wait_ready(self, timeout: float) -> float:
+        started = time.monotonic()
+        while down := self.not_ready():
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"not ready after {timeout:.0f}s: {down}\n{self.log_tail()}")
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def duplicates_suppressed(self) -> int:
+        total = 0
+        for name in CONSUMERS:
+            proc = self.procs[name]
+            try:
+                live = consumer_outcomes(proc.url)
+            except httpx.HTTPError:
+                live = Counter()
+            total += proc.carried["duplicate"] + live["duplicate"]
+        return total
+
+    def rss_mib(self) -> dict[str, float]:
+        """Resident memory (MiB) of every process of the stack and of the private servers."""
+        out = {}
+        for proc in self.procs.values():
+            if proc.popen is not None and proc.popen.poll() is None:
+                out[proc.name] = _rss_mib([proc.popen.pid])
+        postgres = _pids_of(f"-D {self.postgres.data}", parent=True)
+        out["postgres (private, PSS)"] = _rss_mib(postgres, proportional=True)
+        out["rabbitmq (private)"] = _rss_mib(_pids_of(f"beam.*{self.rabbit.root}"))
+        return out
+
+    def log_tail(self, lines: int = 15) -> str:
+        parts = []
+        for proc in self.procs.values():
+            path = self.workdir / f"{proc.name}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {proc.name}\n" + "\n".join(t[:300] for t in tail))
+        return "\n".join(parts)
+
+
+def consumer_outcomes(url: str) -> Counter[str]:
+    text = httpx.get(f"{url}/metrics", timeout=2).text
+    found: Counter[str] = Counter()
+    for m in re.finditer(r"^consumer_messages_total\{([^}]*)\} ([\d.e+]+)$", text, re.M):
+        outcome = re.search(r'outcome="([^"]+)"', m.group(1))
+        if outcome:
+            found[outcome.group(1)] += int(float(m.group(2)))
+    return found
+
+
+def _pids_of(pattern: str, *, parent: bool = False) -> list[int]:
+    result = subprocess.run(
+        ["pgrep", "-f", "--", pattern], capture_output=True, text=True, check=False
+    )
+    pids = [int(p) for p in result.stdout.split()]
+    if parent:  # the postmaster and its children
+        children = (
+            subprocess.run(
+                ["pgrep", "-P", ",".join(map(str, pids))],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split()
+            if pids
+            else []
+        )
+        pids += [int(p) for p in children]
+    return pids
+
+
+def _rss_mib(pids: list[int], *, proportional: bool = False) -> float:
+    """Resident memory of `pids`; `proportional` shares shared pages among them (PSS), so
+    that a server's many processes are not each charged its whole shared buffers."""
+    total = 0
+    for pid in pids:
+        path, key = (
+            (f"/proc/{pid}/smaps_rollup", "Pss:")
+            if proportional
+            else (f"/proc/{pid}/status", "VmRSS:")
+        )
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    total += int(line.split()[1])
+    return round(total / 1024, 1)
+
+
+@contextlib.contextmanager
+def running_stack(
+    postgres: PrivatePostgres, rabbit: PrivateRabbit, workdir: Path, **kwargs: Any
+) -> Iterator[Stack]:
+    stack = Stack(postgres, rabbit, workdir, **kwargs)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+# -- the audit: what reached the exchanges ------------------------------------------------
+
+
+class Audit:
+    """A durable quorum queue bound to both exchanges, read on its own thread, directly from
+    the broker (not through the proxy). Reconnects when the broker restarts."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
+        # Keyed by producer and event id: an event id is unique per producer only (an
+        # account and its profile share the aggregate id, so their first events share ids).
+        self.envelopes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.copies: Counter[tuple[str, str]] = Counter()  # fresh deliveries seen
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> Audit:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the audit queue could not be declared")
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._consume()
+            except Exception:
+                await asyncio.sleep(0.5)
+
+    async def _consume(self) -> None:
+        connection = await aio_pika.connect(self.amqp_url, timeout=5)
+        async with connection:
+            closed = asyncio.Event()
+            connection.close_callbacks.add(lambda *_: closed.set())
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=500)
+            queue = await channel.declare_queue(
+                AUDIT_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            for name in (AUTH_EVENTS, USER_EVENTS):
+                await queue.bind(await declare_producer_exchange(channel, name), "#")
+            self._ready.set()
+
+            async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                body = json.loads(message.body)
+                key = (body["producer"], body["event_id"])
+                with self._lock:
+                    self.envelopes.setdefault(key, body)
+                    if not message.redelivered:
+                        self.copies[key] += 1
+                await message.ack()
+
+            await queue.consume(on_message)
+            while not self._stop.is_set() and not closed.is_set():
+                await asyncio.sleep(0.1)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every distinct event seen, in position order per producer."""
+        with self._lock:
+            return sorted(self.envelopes.values(), key=lambda e: (e["producer"], e["position"]))
+
+    def duplicates(self) -> int:
+        with self._lock:
+            return sum(c - 1 for c in self.copies.values() if c > 1)
+
+    def find(self, event_type: str, email: str) -> dict[str, Any] | None:
+        with self._lock:
+            for env in self.envelopes.values():
+                if env["event_type"] == event_type and env["data"].get("email") == email:
+                    return env
+        return None
+
+
+async def inject_duplicates(
+    amqp_url: str, envelopes: list[dict[str, Any]], *, seed: int = 1
+) -> int:
+    """Republish already published events, shuffled, as a broker redelivery or a relay
+    re-send would: same ids, old positions, out of order."""
+    sample = list(envelopes)
+    random.Random(seed).shuffle(sample)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchanges = {
+            n: await declare_producer_exchange(channel, n) for n in PRODUCER_EXCHANGES.values()
+        }
+        for env in sample:
+            await exchanges[PRODUCER_EXCHANGES[env["producer"]]].publish(
+                aio_pika.Message(
+                    json.dumps(env).encode(),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=env["event_id"],
+                    type=env["event_type"],
+                    headers={"x-position": env["position"]},
+                ),
+                routing_key=env["event_type"],
+            )
+    return len(sample)
+
+
+# -- the load generator and its ledger ----------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """What the clients were told: accepted (2xx) and rejected writes, retries, latencies."""
+
+    tag: str
+    sent: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    retries: int = 0
+    unresolved: int = 0  # gave up before a definitive answer (the check then fails)
+    users: dict[str, str] = field(default_factory=dict)  # email -> user_id (registered)
+    recovered_registrations: int = 0  # 409 after a failed try: an earlier try committed
+    logins: Counter[str] = field(default_factory=Counter)  # user_id -> accepted logins
+    ambiguous_logins: Counter[str] = field(default_factory=Counter)  # failed, may have landed
+    bios: dict[str, str] = field(default_factory=dict)  # user_id -> last accepted bio
+    rejected_bios: set[str] = field(default_factory=set)
+    unexpected: list[str] = field(default_factory=list)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: Counter[str] = field(default_factory=Counter)  # route -> failed attempts
+    requests: Counter[str] = field(default_factory=Counter)  # route -> attempts
+
+
+PASSWORD = "chaos password 1"
+
+
+class LoadGenerator:
+    """Clients that register, log in and edit their profile through the REST APIs, retrying
+    whatever failed without a definitive answer (transport errors, 5xx) as a client would."""
+
+    def __init__(self, stack: Stack, ledger: Ledger, *, give_up_after: float = 90.0) -> None:
+        self.auth = stack.auth
+        self.users = stack.users
+        self.ledger = ledger
+        self.give_up_after = give_up_after
+        self.client = httpx.AsyncClient(timeout=10)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _request(
+        self, route: str, method: str, url: str, **kwargs: Any
+    ) -> tuple[httpx.Response | None, int]:
+        """The first definitive response, and how many attempts failed before it."""
+        failures = 0
+        deadline = time.monotonic() + self.give_up_after
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            self.ledger.requests[route] += 1
+            try:
+                response = await self.client.request(method, url, **kwargs)
+            except httpx.TransportError:
+                response = None
+            self.ledger.latencies[route].append(time.perf_counter() - started)
+            if response is not None and response.status_code not in RETRYABLE:
+                return response, failures
+            failures += 1
+            self.ledger.retries += 1
+            self.ledger.errors[route] += 1
+            await asyncio.sleep(0.2)
+        return None, failures
+
+    async def register(self, email: str) -> str | None:
+        """Register; the user id once the account certainly exists (None if never)."""
+        ledger = self.ledger
+        ledger.sent += 1
+        response, failures = await self._request(
+            "POST /auth/register",
+            "POST",
+            f"{self.auth}/auth/register",
+            json={"email": email, "password": PASSWORD, "display_name": ledger.tag},
+        )
+        if response is None:
+            ledger.unresolved += 1
+            return None
+        if response.status_code == 201:
+            ledger.accepted += 1
+            ledger.users[email] = response.json()["user_id"]
+            return ledger.users[email]
+        if response.status_code == 409 and failures:
+            # An earlier attempt committed but its answer was lost: accepted, exactly once.
+            ledger.accepted += 1
+            ledger.recovered_registrations += 1
+            ledger.users[email] = ""  # the id comes with the first login
+            return ""
+        ledger.unexpected.append(f"register {email}: {response.status_code} {response.text}")
+        return None
+
+    async def login(self, email: str) -> str | None:
+        """Log in; the access token (None if never)."""
+        ledger = self.ledger
+        ledger.sent += 1
+        response, failures = await self._request(
+            "POST /auth/login",
+            "POST",
+            f"{self.auth}/auth/login",
+            json={"email": email, "password": PASSWORD},
+        )
+        if response is None or response.status_code != 200:
+            ledger.unresolved += response is None
+            if response is not None:
+                ledger.unexpected.append(f"login {email}: {response.status_code}")
+            return None
+        token = str(response.json()["access_token"])
+        user_id = str(jwt.decode(token, options={"verify_signature": False})["sub"])
+        ledger.users[email] = ledger.users.get(email) or user_id
+        ledger.accepted += 1
+        ledger.logins[user_id] += 1
+        ledger.ambiguous_logins[user_id] += failures
+        return token
+
+    async def edit_bio(self, token: str, user_id: str, bio: str) -> None:
+        ledger = self.ledger
+        ledger.sent += 1
+        response, _ = await self._request(
+            "PATCH /users/me",
+            "PATCH",
+            f"{self.users}/users/me",
+            headers={"authorization": f"Bearer {token}"},
+            json={"bio": bio},
+        )
+        if response is None:
+            ledger.unresolved += 1
+        elif response.status_code == 200:
+            ledger.accepted += 1
+            ledger.bios[user_id] = bio
+        else:
+            ledger.unexpected.append(f"patch {user_id}: {response.status_code} {response.text}")
+
+    async def read_profile(self, token: str) -> None:
+        response, _ = await self._request(
+            "GET /users/me",
+            "GET",
+            f"{self.users}/users/me",
+            headers={"authorization": f"Bearer {token}"},
+        )
+        if response is None or response.status_code != 200:
+            self.ledger.unexpected.append(f"read: {response and response.status_code}")
+
+    async def rejected_writes(self, email: str, token: str, user_id: str) -> None:
+        """Writes the services must refuse, leaving no trace: a taken e-mail, a stale If-Match."""
+        ledger = self.ledger
+        ledger.sent += 2
+        response, _ = await self._request(
+            "POST /auth/register",
+            "POST",
+            f"{self.auth}/auth/register",
+            json={"email": email, "password": PASSWORD, "display_name": "impostor"},
+        )
+        if response is not None and response.status_code == 409:
+            ledger.rejected += 1
+        else:
+            ledger.unexpected.append(f"taken e-mail accepted? {response and response.status_code}")
+        bio = f"rejected-{uuid.uuid4().hex[:8]}"
+        ledger.rejected_bios.add(bio)
+        response, _ = await self._request(
+            "PATCH /users/me",
+            "PATCH",
+            f"{self.users}/users/me",
+            headers={"authorization": f"Bearer {token}", "if-match": '"999999"'},
+            json={"bio": bio},
+        )
+        if response is not None and response.status_code == 412:
+            ledger.rejected += 1
+        else:
+            ledger.unexpected.append(
+                f"stale If-Match accepted? {response and response.status_code}"
+            )
+
+    async def one_user(self, index: int) -> str | None:
+        """A new user's session: register, log in, edit; every 5th also tries rejected writes.
+
+        Returns the e-mail once registered."""
+        email = f"{self.ledger.tag}-{index}-{uuid.uuid4().hex[:6]}@example.com"
+        if await self.register(email) is None:
+            return None
+        token = await self.login(email)
+        if token is None:
+            return email
+        user_id = self.ledger.users[email]
+        await self.edit_bio(token, user_id, f"bio-{index}-{uuid.uuid4().hex[:6]}")
+        if index % 5 == 0:
+            await self.rejected_writes(email, token, user_id)
+        return email
+
+    async def run(self, seconds: float, *, concurrency: int = 4, pause: float = 0.05) -> None:
+        """New users, `concurrency` at a time, for `seconds`."""
+        deadline = time.monotonic() + seconds
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                await self.one_user(next(counter))
+                await asyncio.sleep(pause)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+
+@dataclass
+class StoreEvent:
+    producer: str
+    position: int
+    event_id: str
+    event_type: str
+    data: dict[str, Any]
+
+
+def read_store(stack: Stack, producer: str) -> list[StoreEvent]:
+    """Every public event in a producer's own event store (read directly, not via a proxy)."""
+    from servicekit.eventstore import eventsourcing_env
+
+    if producer == "auth_svc":
+        from auth_svc.application import AuthService
+        from auth_svc.contracts import to_contract
+
+        app: Any = AuthService(env=eventsourcing_env(stack.direct_db["auth"], pool_size=1))
+    else:
+        from user_svc.application import ProfileService
+        from user_svc.contracts import to_contract  # type: ignore[assignment]
+
+        app = ProfileService(env=eventsourcing_env(stack.direct_db["users"], pool_size=1))
+    events: list[StoreEvent] = []
+    try:
+        position = 0
+        while True:
+            page = app.recorder.select_notifications(
+                start=position, limit=1000, inclusive_of_start=False
+            )
+            if not page:
+                break
+            for notification in page:
+                event = app.mapper.to_domain_event(notification)
+                contract = to_contract(event)
+                if contract is not None:
+                    events.append(
+                        StoreEvent(
+                            producer,
+                            notification.id,
+                            str(
+                                event_id_for(
+                                    producer, event.originator_id, event.originator_version
+                                )
+                            ),
+                            contract.event_type,
+                            contract.model_dump(mode="json"),
+                        )
+                    )
+            position = page[-1].id
+    finally:
+        app.close()
+    return events
+
+
+async def dlq_depths(amqp_url: str) -> dict[str, int]:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        depths = {}
+        for service in ("user_svc", "reporting_svc"):
+            queue = await channel.declare_queue(dead_letter_queue(service), passive=True)
+            depths[service] = int(queue.declaration_result.message_count or 0)
+        return depths
+
+
+@dataclass
+class Verdict:
+    """The outcome of one full check; `problems` is empty when every guarantee held."""
+
+    problems: list[str]
+    projected: int = 0  # this ledger's registrations counted by reporting_svc and profiled
+
+
+async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) -> Verdict:
+    """Event stores, exchanges and projections agree with what clients were told."""
+    from reporting_svc.reports import REPORTS, read_report
+    from servicekit.eventstore import eventsourcing_env
+    from tests.support.history import expected_reports
+    from user_svc.application import ProfileService
+
+    problems: list[str] = []
+    auth_events = await asyncio.to_thread(read_store, stack, "auth_svc")
+    user_events = await asyncio.to_thread(read_store, stack, "user_svc")
+    stored = auth_events + user_events
+
+    registered: dict[str, list[StoreEvent]] = defaultdict(list)
+    logins: Counter[str] = Counter()
+    created: Counter[str] = Counter()
+    bio: dict[str, str | None] = {}
+    bios_ever: set[str] = set()
+    for ev in auth_events:
+        if ev.event_type == "auth.account.registered":
+            registered[ev.data["email"]].append(ev)
+        elif ev.event_type == "auth.account.login_succeeded":
+            logins[ev.data["user_id"]] += 1
+    for ev in user_events:
+        if ev.event_type == "user.profile.created":
+            created[ev.data["user_id"]] += 1
+        bio[ev.data["user_id"]] = ev.data.get("bio")
+        if ev.data.get("bio"):
+            bios_ever.add(ev.data["bio"])
+
+    # 1. The event stores: every accepted write exactly once, no rejected one.
+    for ledger in ledgers:
+        problems += [f"{ledger.tag}: unexpected answer {u}" for u in ledger.unexpected[:5]]
+        if ledger.unresolved:
+            problems.append(f"{ledger.tag}: {ledger.unresolved} writes never got an answer")
+        mine = {e: evs for e, evs in registered.items() if e.startswith(f"{ledger.tag}-")}
+        if set(mine) != set(ledger.users):
+            problems.append(
+                f"{ledger.tag}: registrations stored {len(mine)} != accepted {len(ledger.users)}"
+            )
+        for email, user_id in ledger.users.items():
+            evs = registered.get(email, [])
+            if len(evs) != 1:
+                problems.append(f"{ledger.tag}: {email} registered {len(evs)} times")
+            elif user_id and evs[0].data["user_id"] != user_id:
+                problems.append(f"{ledger.tag}: {email} stored with another user id")
+            owner = user_id or (evs[0].data["user_id"] if evs else "")
+            if created[owner] != 1:
+                problems.append(f"{ledger.tag}: {email} has {created[owner]} profiles")
+        for user_id, accepted in ledger.logins.items():
+            most = accepted + ledger.ambiguous_logins[user_id]
+            if not accepted <= logins[user_id] <= most:
+                problems.append(
+                    f"{ledger.tag}: {user_id} logins stored {logins[user_id]}, "
+                    f"accepted {accepted} (+{ledger.ambiguous_logins[user_id]} unanswered)"
+                )
+        for user_id, last in ledger.bios.items():
+            if bio.get(user_id) != last:
+                problems.append(f"{ledger.tag}: {user_id} bio {bio.get(user_id)!r} != {last!r}")
+        if leaked := ledger.rejected_bios & bios_ever:
+            problems.append(f"{ledger.tag}: rejected edits were stored: {sorted(leaked)[:3]}")
+
+    # 2. The exchanges: every stored public event published (at least once), nothing else.
+    published = {(e["producer"], e["event_id"]): e for e in audit.snapshot()}
+    store_ids = {(e.producer, e.event_id) for e in stored}
+    if missing := store_ids - set(published):
+        problems.append(f"{len(missing)} stored events never reached an exchange")
+    if extra := set(published) - store_ids:
+        problems.append(f"{len(extra)} published events are in no event store")
+    for ev in stored:
+        env = published.get((ev.producer, ev.event_id))
+        if env and (env["position"], env["event_type"]) != (ev.position, ev.event_type):
+            problems.append(f"{ev.event_id} published with another position or type")
+            break
+
+    # 3. reporting_svc: its reports equal those computed independently from the events.
+    envelopes = sorted(published.values(), key=lambda e: (e["producer"], e["position"]))
+    expected = expected_reports(envelopes)
+    for name in REPORTS:
+        report = await asyncio.to_thread(read_report, stack.direct_db["reporting"], name)
+        if report.rows != expected[name]:
+            problems.append(f"report {name}: {report.rows[:3]} != expected {expected[name][:3]}")
+
+    # 4. user_svc's consumer has seen every registration (its tracked position).
+    profiles = ProfileService(env=eventsourcing_env(stack.direct_db["users"], pool_size=1))
+    try:
+        tracked = profiles.tracked_position("auth_svc")
+    finally:
+        profiles.close()
+    last_registration = max((e.position for evs in registered.values() for e in evs), default=0)
+    if tracked < last_registration:
+        problems.append(f"user_svc consumer at {tracked}, registrations up to {last_registration}")
+
+    # 5. Nothing parked in a dead-letter queue.
+    depths = await dlq_depths(stack.rabbit.url())
+    if any(depths.values()):
+        problems.append(f"dead-lettered: {depths}")
+
+    projected = 0
+    if ledgers:
+        ledger = ledgers[-1]
+        signed = {
+            e["data"]["email"] for e in envelopes if e["event_type"] == "auth.account.registered"
+        }
+        projected = (
+            sum(
+                1
+                for email in ledger.users
+                if email in signed and created[registered[email][0].data["user_id"]] == 1
+            )
+            if not problems
+            else 0
+        )
+    return Verdict(problems, projected)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Verdict]], timeout: float
+) -> tuple[Verdict, float]:
+    """Poll `check` until it finds no problem or `timeout` passes; (verdict, seconds)."""
+    started = time.monotonic()
+    while True:
+        verdict = await check()
+        elapsed = time.monotonic() - started
+        if not verdict.problems or elapsed > timeout:
+            return verdict, elapsed
+        await asyncio.sleep(0.5)
+
+
+async def end_to_end_recovery(
+    stack: Stack, audit: Audit, ledger: Ledger, since: float, timeout: float
+) -> float:
+    """Seconds from `since` until a new registration is accepted, published and applied by
+    both consumers, with every process ready: the system works again, untouched."""
+    from reporting_svc.reports import read_report
+
+    load = LoadGenerator(stack, ledger, give_up_after=timeout)
+    try:
+        deadline = since + timeout
+        email = f"{ledger.tag}-probe-{uuid.uuid4().hex[:6]}@example.com"
+        if await load.register(email) is None:
+            raise AssertionError(f"the probe registration failed\n{stack.log_tail()}")
+        while time.monotonic() < deadline:
+            env = audit.find("auth.account.registered", email)
+            if env is not None and not await asyncio.to_thread(stack.not_ready):
+                signups = await asyncio.to_thread(
+                    read_report, stack.direct_db["reporting"], "signups"
+                )
+                total = sum(row[1] for row in signups.rows)
+                registrations = sum(
+                    1 for e in audit.snapshot() if e["event_type"] == "auth.account.registered"
+                )
+                profile = await _profile_exists(stack, env["data"]["user_id"])
+                if total >= registrations and profile:
+                    return time.monotonic() - since
+            await asyncio.sleep(0.2)
+    finally:
+        await load.aclose()
+    raise AssertionError(
+        f"not recovered {timeout:.0f}s after the fault; not ready: {stack.not_ready()}\n"
+        + stack.log_tail()
+    )
+
+
+async def _profile_exists(stack: Stack, user_id: str) -> bool:
+    def created() -> bool:
+        from servicekit.eventstore import eventsourcing_env
+        from user_svc.application import ProfileService
+
+        app = ProfileService(env=eventsourcing_env(stack.direct_db["users"], pool_size=1))
+        try:
+            return app.public_profile(uuid.UUID(user_id)) is not None
+        finally:
+            app.close()
+
+    return await asyncio.to_thread(created)
