@@ -23,14 +23,12 @@ from typing import Any
 import httpx
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram
-from psycopg_pool import AsyncConnectionPool
 
 from integration_svc import deliveries, egress, signing
 from integration_svc.deliveries import NOTIFY_CHANNEL, Delivery, Outcome
 from integration_svc.endpoints import Endpoint, load_all
 from integration_svc.settings import IntegrationSettings
-from servicekit.aio import sleep_unless_stopped
-from servicekit.eventstore import connection_kwargs
+from servicekit.dispatch import IntentDispatcher
 
 log = logging.getLogger("integration_svc.dispatcher")
 
@@ -114,7 +112,7 @@ class DispatcherStatus:
     last_error: str | None = None
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(IntentDispatcher):
     """Construct, then `await run(stop)`."""
 
     def __init__(self, settings: IntegrationSettings) -> None:
@@ -124,39 +122,21 @@ class WebhookDispatcher:
             allow_private_networks=settings.allow_private_networks,
             allowed_networks=settings.allowed_networks,
         )
-        self.pool = AsyncConnectionPool(
-            kwargs=connection_kwargs(settings.database_url),
-            min_size=1,
-            max_size=settings.db_pool_size,
-            open=False,
+        super().__init__(
             name="integration_svc.dispatcher",
+            database_url=settings.database_url,
+            channel=NOTIFY_CHANNEL,
+            pool_size=settings.db_pool_size,
         )
         self.status = DispatcherStatus()
         self.states: dict[str, EndpointState] = {}
         self._outcomes: list[Outcome] = []
-        self._wake = asyncio.Event()  # new deliveries were recorded
         self._progress = asyncio.Event()  # an attempt finished
         self._loaded_at = 0.0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        async with self.pool:
-            listener = asyncio.create_task(self._listen(stop))
-            try:
-                while not stop.is_set():
-                    try:
-                        await self._dispatch(stop)
-                    except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
-                        self.status.role = "reconnecting"
-                        self.status.last_error = f"database unavailable: {exc}"
-                        log.warning("webhook dispatcher lost its database; retrying")
-                        await sleep_unless_stopped(stop, 1.0)
-            finally:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
-                for state in self.states.values():
-                    await state.client.aclose()
-                self.status.role = "stopped"
+    async def _closing(self) -> None:
+        for state in self.states.values():
+            await state.client.aclose()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -381,21 +361,6 @@ class WebhookDispatcher:
                 f"gave up after {delivery.attempt} attempts: {error}",
             )
         return Outcome(delivery, "pending", delay, code, error)
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """Wake the dispatcher when a transaction that recorded deliveries commits."""
-        while not stop.is_set():
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    **connection_kwargs(self.settings.database_url), autocommit=True
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self._wake.set()
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except (psycopg.Error, OSError):
-                await sleep_unless_stopped(stop, 1.0)
 
 
 def _describe(exc: BaseException) -> str:

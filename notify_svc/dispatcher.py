@@ -12,22 +12,18 @@ one mail probes the server before the rest follow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 from prometheus_client import Counter, Gauge
-from psycopg_pool import AsyncConnectionPool
 
 from notify_svc import intents
 from notify_svc.intents import NOTIFY_CHANNEL, Intent
 from notify_svc.mail import MailTransport, PermanentMailError, render, transport
 from notify_svc.projection import Notifications
 from notify_svc.settings import NotifySettings
-from servicekit.aio import sleep_unless_stopped
-from servicekit.eventstore import connection_kwargs
+from servicekit.dispatch import IntentDispatcher
 
 log = logging.getLogger("notify_svc.dispatcher")
 
@@ -48,7 +44,7 @@ class DispatcherStatus:
     last_error: str | None = None
 
 
-class MailDispatcher:
+class MailDispatcher(IntentDispatcher):
     """Construct, then `await run(stop)`."""
 
     def __init__(self, settings: NotifySettings, mail: MailTransport | None = None) -> None:
@@ -57,34 +53,14 @@ class MailDispatcher:
             settings.smtp_url, maildir=settings.maildir, timeout=settings.smtp_timeout_seconds
         )
         self.status = DispatcherStatus(transport=self.mail.describe())
-        self.pool = AsyncConnectionPool(
-            kwargs=connection_kwargs(settings.database_url),
-            min_size=1,
-            max_size=settings.db_pool_size,
-            open=False,
+        super().__init__(
             name="notify_svc.dispatcher",
+            database_url=settings.database_url,
+            channel=NOTIFY_CHANNEL,
+            pool_size=settings.db_pool_size,
         )
-        self._wake = asyncio.Event()
         self._failures = 0  # transient failures in a row
         self._paused_until = 0.0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with self.pool:
-            listener = asyncio.create_task(self._listen(stop))
-            try:
-                while not stop.is_set():
-                    try:
-                        await self._dispatch(stop)
-                    except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
-                        self.status.role = "reconnecting"
-                        self.status.last_error = f"database unavailable: {exc}"
-                        log.warning("mail dispatcher lost its database; retrying")
-                        await sleep_unless_stopped(stop, 1.0)
-            finally:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
-                self.status.role = "stopped"
 
     async def _dispatch(self, stop: asyncio.Event) -> None:
         inflight: set[asyncio.Task[None]] = set()
@@ -214,18 +190,3 @@ class MailDispatcher:
             log.warning("SMTP breaker %s", state, extra={"transport": self.status.transport})
         self.status.breaker = state
         BREAKER_OPEN.set(1 if state == "open" else 0)
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        """Wake the dispatcher when a transaction that recorded intents commits."""
-        while not stop.is_set():
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    **connection_kwargs(self.settings.database_url), autocommit=True
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self._wake.set()  # intents may have been recorded while we were away
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except (psycopg.Error, OSError):
-                await sleep_unless_stopped(stop, 1.0)
