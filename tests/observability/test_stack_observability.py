@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,33 +20,37 @@ from reporting_svc.projection import Reporting
 from servicekit import telemetry
 from servicekit.replay import Replay
 from tests.support.amqp import subscribed
-from tests.support.ports import free_port
+from tests.support.stack import Stack as RunningStack
+from tests.support.stack import running_stack
 
 PASSWORD = "correct horse battery staple"
-PROCESSES = (
-    "auth",
-    "user",
-    "auth_relay",
-    "user_relay",
-    "user_consumer",
-    "reporting_consumer",
-    "notify_consumer",
-    "integration_consumer",
-)
+# Each process `esctl up --no-gateway` starts, by the variable that sets its port.
+PROCESSES = {
+    "auth": "AUTH_PORT",
+    "user": "USER_PORT",
+    "auth_relay": "AUTH_RELAY_PORT",
+    "user_relay": "USER_RELAY_PORT",
+    "user_consumer": "USER_CONSUMER_PORT",
+    "reporting_consumer": "REPORTING_CONSUMER_PORT",
+    "notify_consumer": "NOTIFY_CONSUMER_PORT",
+    "integration_consumer": "INTEGRATION_CONSUMER_PORT",
+}
 
 
 @dataclass
 class Stack:
-    ports: dict[str, int]
-    env: dict[str, str]
+    running: RunningStack
     receiver: SpanReceiver
-    stderr: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.running.env
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
+        return self.running.url(PROCESSES[name])
 
     def log_lines(self) -> list[str]:
-        return [line for line in self.stderr.read_text().splitlines() if line.strip()]
+        return [line for line in self.running.log.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -70,58 +69,21 @@ def stack(
     make_vhost: Callable[[], str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    ports = {name: free_port() for name in PROCESSES}
-    logs = tmp_path_factory.mktemp("stack")
-    with SpanReceiver() as receiver:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-            "AMQP_URL": make_vhost(),
-            "AUTH_DATABASE_URL": make_database("obs_auth"),
-            "USER_DATABASE_URL": make_database("obs_users"),
-            "REPORTING_DATABASE_URL": make_database("obs_reporting"),
-            "AUTH_PORT": str(ports["auth"]),
-            "USER_PORT": str(ports["user"]),
-            "AUTH_RELAY_PORT": str(ports["auth_relay"]),
-            "USER_RELAY_PORT": str(ports["user_relay"]),
-            "USER_CONSUMER_PORT": str(ports["user_consumer"]),
-            "REPORTING_CONSUMER_PORT": str(ports["reporting_consumer"]),
-            "NOTIFY_DATABASE_URL": make_database("obs_notify"),
-            "NOTIFY_CONSUMER_PORT": str(ports["notify_consumer"]),
-            "NOTIFY_MAILDIR": str(logs / "mail"),
-            "INTEGRATION_DATABASE_URL": make_database("obs_integration"),
-            "INTEGRATION_CONSUMER_PORT": str(ports["integration_consumer"]),
-            "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth']}/auth/.well-known/jwks.json",
-            "AUTH_ARGON2_TIME_COST": "1",
-            "AUTH_ARGON2_MEMORY_KIB": "1024",
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "DEBUG",  # every line there is, the access log included
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "METRICS_QUEUE_POLL_SECONDS": "0.5",
-        }
-        stdout, stderr = logs / "stdout.log", logs / "stderr.log"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "esctl.main", "up", "--no-gateway"],
-                env=env,
-                stdout=out,
-                stderr=err,
-            )
-        try:
-            deadline = time.monotonic() + 90
-            while "eskit is running" not in stdout.read_text():
-                assert proc.poll() is None, stderr.read_text()[-3000:]
-                if time.monotonic() > deadline:
-                    pytest.fail("the stack did not start:\n" + stderr.read_text()[-3000:])
-                time.sleep(0.2)
-            yield Stack(ports, env, receiver, stderr)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    work = tmp_path_factory.mktemp("stack")
+    with (
+        SpanReceiver() as receiver,
+        running_stack(
+            make_database,
+            make_vhost,
+            work,
+            up_args=("--no-gateway",),
+            LOG_LEVEL="DEBUG",  # every line there is, the access log included
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+            METRICS_QUEUE_POLL_SECONDS="0.5",
+        ) as running,
+    ):
+        yield Stack(running, receiver)
 
 
 def trace_of(spans: list[SpanRecord], trace_id: str) -> list[SpanRecord]:

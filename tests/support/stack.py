@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ DATABASES = ("AUTH", "USER", "REPORTING", "NOTIFY", "INTEGRATION")
 @dataclass
 class Stack:
     env: dict[str, str]
-    log: Path
+    log: Path  # the processes' log lines (their stderr)
 
     def url(self, port_variable: str) -> str:
         return f"http://127.0.0.1:{self.env[port_variable]}"
@@ -72,11 +72,16 @@ def running_stack(
     make_database: Callable[[str], str],
     make_vhost: Callable[[], str],
     work: Path,
+    *,
+    up_args: Sequence[str] = (),
     **extra_env: str,
 ) -> Iterator[Stack]:
-    """Run `esctl up` until the block ends (SIGINT, as Ctrl-C would), logging to work/."""
+    """Run `esctl up` until the block ends (SIGINT, as Ctrl-C would).
+
+    Its output goes to work/stack.log, the processes' log lines (stderr) to work/stderr.log.
+    """
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
         "AMQP_URL": make_vhost(),
         **{v: str(free_port()) for v in PORT_VARIABLES},
         **{f"{db}_DATABASE_URL": make_database(db.lower()) for db in DATABASES},
@@ -89,17 +94,17 @@ def running_stack(
         **extra_env,
     }
     env["USER_JWKS_URL"] = f"http://127.0.0.1:{env['AUTH_PORT']}/auth/.well-known/jwks.json"
-    log_path = work / "stack.log"
-    with log_path.open("wb") as log:
+    out_path, log_path = work / "stack.log", work / "stderr.log"
+    with out_path.open("wb") as out, log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "esctl.main", "up"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "esctl.main", "up", *up_args], env=env, stdout=out, stderr=log
         )
         try:
             deadline = time.monotonic() + 90
-            while "eskit is running" not in log_path.read_text(errors="replace"):
+            while "eskit is running" not in out_path.read_text(errors="replace"):
                 assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
-                time.sleep(0.3)
+                time.sleep(0.2)
             yield Stack(env, log_path)
         finally:
             proc.send_signal(signal.SIGINT)
