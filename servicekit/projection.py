@@ -157,6 +157,7 @@ class ProjectionStore:
         self.projection = projection
         self.database_url = database_url
         self.key = lock_key(projection.name)
+        self._parked_here = False  # this process parked an event (see apply_in)
         kwargs = connection_kwargs(database_url)
         self.pool = AsyncConnectionPool(
             kwargs=kwargs, min_size=1, max_size=pool_size, open=False, name=projection.name
@@ -263,6 +264,10 @@ class ProjectionStore:
             else:
                 older.append(item)
                 outcomes.append("duplicate")
+        if fresh and self._parked_here:
+            # Parked before its last delivery (the process may die on it): applied now, so
+            # a later redelivery must be a duplicate again.
+            await self._unpark(tx, fresh)
         if older:  # a parked (dead-lettered) event coming back is applied after all
             unparked = await self._unpark(tx, older)
             for i, item in enumerate(events):
@@ -296,6 +301,7 @@ class ProjectionStore:
 
     async def park(self, envelope: Envelope, reason: str) -> None:
         """Remember a dead-lettered event, so that its retry is applied, not skipped."""
+        self._parked_here = True
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.key,))
             schema = await self.live_schema(conn)

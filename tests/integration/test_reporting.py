@@ -14,8 +14,11 @@ import httpx
 import psycopg
 import pytest
 
+from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
+from servicekit.projection import Applied, ProjectionStore, validated
+from shared_contracts.envelope import Envelope
 from tests.support.history import generate, publish
 from tests.support.ports import free_port
 from tests.support.projections import (
@@ -138,3 +141,23 @@ async def applied(conn: psycopg.AsyncConnection[Any]) -> int:
     )
     total = await cur.fetchone()
     return int(total[0]) if total else 0
+
+
+async def test_an_event_parked_before_its_last_delivery_is_applied_once(
+    settings: ReportingSettings,
+) -> None:
+    """The consumer parks a message near the delivery limit, then applies it: a later
+    redelivery of it must still be a duplicate."""
+    history = generate(40, seed=9)
+    items = [
+        Applied(env, event)
+        for env in (Envelope.model_validate(e) for e in history.envelopes)
+        if (event := validated(env)) is not None
+    ]
+    async with ProjectionStore(Reporting(), settings.database_url) as store:
+        await store.setup()
+        await store.park(items[0].envelope, "delivery limit reached")
+        assert await store.apply_batch(items) == ["applied"] * len(items)
+        assert await store.apply_batch(items[:1]) == ["duplicate"]
+        assert await store.parked_count() == 0
+    await assert_reports_match(settings, history)
