@@ -16,10 +16,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
-import psycopg
 
 from bench.harness import (
     auth_and_users,
@@ -99,36 +97,19 @@ def fill_traced(db: str) -> None:
 
 async def catch_up(db: str, amqp_url: str) -> float:
     """One relay catch-up of the whole backlog in this process; events per second."""
+    from bench.relay_backlog import relay_catch_up
     from servicekit import telemetry
-    from servicekit.eventstore import connection_kwargs, eventsourcing_env
-    from servicekit.relay import Relay, create_relay_table
-    from tests.support.producer import MemberApp, to_contract
+    from servicekit.eventstore import eventsourcing_env
+    from servicekit.relay import create_relay_table
+    from tests.support.producer import MemberApp
 
     telemetry.configure_tracing("bench.relay")
     create_relay_table(db)
-    with psycopg.connect(**connection_kwargs(db), autocommit=True) as conn:
-        conn.execute("DELETE FROM relay_positions")
     app = MemberApp(env=eventsourcing_env(db, pool_size=4))
-    latest = app.recorder.max_notification_id() or 0
-    relay = Relay(
-        app,
-        producer="bench",
-        exchange="bench.events",
-        to_contract=to_contract,
-        amqp_url=amqp_url,
-        database_url=db,
-        batch_size=BATCH,
-    )
-    stop = asyncio.Event()
-    started = time.perf_counter()
-    task = asyncio.create_task(relay.run(stop))
-    while relay.status.position < latest:
-        await asyncio.sleep(0.005)
-    elapsed = time.perf_counter() - started
-    stop.set()
-    await task
-    app.close()
-    return latest / elapsed
+    try:
+        return await relay_catch_up(app, db, amqp_url)
+    finally:
+        app.close()
 
 
 def relay() -> dict[str, object]:
