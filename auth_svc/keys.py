@@ -175,11 +175,20 @@ def init_signing_keys(settings: AuthSettings) -> None:
         ensure_signing_key(conn)
 
 
+def activation_delay(settings: AuthSettings) -> float:
+    """Seconds between a rotation and the new key's first signature: two refresh periods.
+
+    Every auth_svc replica re-reads the keys once per period, and the local gateway (or an
+    operator's `esctl gateway render`) must have reloaded with the new key before any token
+    signed by it reaches the edge; one period alone left the gateway racing auth_svc."""
+    return 2 * settings.keys_refresh_seconds
+
+
 def rotate_signing_key(settings: AuthSettings) -> str:
-    """`esctl keys rotate`: the new key's kid. Running services sign with it within about
-    `keys_refresh_seconds`, after every one of them has published it."""
+    """`esctl keys rotate`: the new key's kid. Running services sign with it
+    `activation_delay` later, after every one of them has published it."""
     with _connect(settings) as conn:
-        return rotate(conn, activate_after_seconds=settings.keys_refresh_seconds)
+        return rotate(conn, activate_after_seconds=activation_delay(settings))
 
 
 def list_keys(settings: AuthSettings) -> list[KeyInfo]:
@@ -332,8 +341,8 @@ class KeyStore:
     # --- writing ----------------------------------------------------------------------------
 
     def rotate(self) -> str:
-        """Start a rotation now; returns the new kid (it signs after `keys_refresh_seconds`)."""
+        """Start a rotation now; returns the new kid (it signs after `activation_delay`)."""
         with self._pool.connection() as conn:
-            kid = rotate(conn, activate_after_seconds=self._settings.keys_refresh_seconds)
+            kid = rotate(conn, activate_after_seconds=activation_delay(self._settings))
         self.reload()
         return kid

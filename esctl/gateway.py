@@ -767,6 +767,7 @@ def run() -> None:
                 raise typer.Exit(proxy.returncode or 1)
             time.sleep(poll)
             try:
+                store.reload()  # every poll, not the cached view: the key must beat its use
                 current = store.public_keys()
             except Exception as exc:  # the database may be restarting: keep serving
                 print(f"gateway: could not read keys: {exc}", file=sys.stderr)
