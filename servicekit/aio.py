@@ -6,7 +6,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+import uvloop
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run` on uvloop, the event loop uvicorn already gives the REST services.
+
+    Relays, consumers and dispatchers spend their time in socket I/O and callbacks, which
+    uvloop runs in C; psycopg, aio-pika and httpx work on it unchanged.
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from servicekit import telemetry
+from servicekit import aio, telemetry
 from servicekit.aio import sleep_unless_stopped
 from servicekit.consumer import Consumer, ProjectionHandler
 from servicekit.logs import configure_logging
@@ -146,7 +146,7 @@ def _serve(
 ) -> None:
     configure_logging(name, level=settings.log_level, fmt=settings.log_format)
     telemetry.configure_tracing(name)
-    asyncio.run(
+    aio.run(
         run_worker(
             name=name, host=settings.host, port=port, task=task, is_ready=is_ready, status=status
         )
