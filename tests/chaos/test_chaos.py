@@ -6,10 +6,14 @@ The whole stack runs as separate processes (`esctl serve|relay|consume`) on a PR
 PostgreSQL cluster and a PRIVATE RabbitMQ node started for this module (the machine's shared
 servers serve other tests at the same time and are never touched). Every process reaches
 them through TCP proxies the test controls. A supervisor restarts any process that dies.
+notify_svc mails to a maildir; integration_svc posts webhooks to a loopback receiver.
 
-Each case prints: sent, accepted, rejected, retried, projected, duplicates suppressed,
-recovery time (fault over -> a new write is accepted, published and applied by both
-consumers) and catch-up time (load over -> every check holds).
+Each case prints: sent, accepted, rejected, retried, projected, welcome mails and webhooks
+out for this case's registrations, duplicates suppressed, repeated sends so far (same
+Message-ID / webhook-id, allowed once after a crash between sending and marking), recovery
+time (fault over -> a new write is accepted, published, applied by user_svc's and
+reporting_svc's consumers, and its mail and webhook are out) and catch-up time (load over ->
+every check holds).
 """
 
 from __future__ import annotations
@@ -101,14 +105,18 @@ async def run_case(
             f"\n[chaos] {tag}: sent={ledger.sent} accepted={ledger.accepted} "
             f"rejected={ledger.rejected} retried={ledger.retries} "
             f"(recovered registrations={ledger.recovered_registrations}) "
-            f"projected={verdict.projected} duplicates suppressed={suppressed} "
+            f"projected={verdict.projected} mailed={verdict.effects.mails} "
+            f"webhooks={verdict.effects.webhooks} duplicates suppressed={suppressed} "
             f"exchange duplicates(total)={audit.duplicates()} "
+            f"resent(total) mails={verdict.effects.mail_copies} "
+            f"webhooks={verdict.effects.webhook_copies} "
             f"recovery={recovery:.1f}s catch-up={catch_up:.1f}s restarts={restarts}"
         )
     assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
     assert ledger.accepted > 0 and ledger.rejected > 0
     assert time.monotonic() - load_over < CATCH_UP_BOUND + 30
     assert verdict.projected == len(ledger.users)
+    assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
     return ledger
 
 
@@ -151,6 +159,8 @@ async def test_postgresql_restart_mid_stream_loses_nothing(
         "user_svc.relay",
         "user_svc.consumer",
         "reporting_svc.consumer",
+        "notify_svc.consumer",
+        "integration_svc.consumer",
         "auth_svc",
         "user_svc",
     ],

@@ -31,16 +31,40 @@ from typing import Any
 import aio_pika
 import httpx
 import jwt
+import psycopg
 
+from integration_svc.signing import new_secret
 from servicekit.amqp import declare_producer_exchange
 from shared_contracts.envelope import event_id_for
 from shared_contracts.names import AUTH_EVENTS, PRODUCER_EXCHANGES, USER_EVENTS, dead_letter_queue
+from tests.support.chaos_effects import (
+    MAIL_DOMAIN,
+    MAIL_FROM,
+    WEBHOOK_ENDPOINT,
+    WEBHOOK_EVENTS,
+    Effects,
+    MaildirReader,
+    Registration,
+    WebhookSink,
+    check_effects,
+    effect_seen,
+)
 from tests.support.instances import PrivatePostgres, PrivateRabbit, pick_port
 from tests.support.proxy import TcpProxy
 
 RETRYABLE = {429, 500, 502, 503, 504}
 AUDIT_QUEUE = "chaos.audit"
-CONSUMERS = ("user_svc.consumer", "reporting_svc.consumer")
+CONSUMERS = (
+    "user_svc.consumer",
+    "reporting_svc.consumer",
+    "notify_svc.consumer",
+    "integration_svc.consumer",
+)
+DLQ_SERVICES = ("user_svc", "reporting_svc", "notify_svc", "integration_svc")
+# How long a claimed mail or webhook stays reserved: after a crash between sending and marking,
+# it is sent again (same Message-ID / webhook-id) this long after the claim. Short here so that
+# a case sees the resend within its catch-up bound (the default, 120 s, would outlast it).
+EFFECT_LEASE_SECONDS = 10
 
 
 # -- the processes ------------------------------------------------------------------------
@@ -63,7 +87,10 @@ class Proc:
 
 
 class Stack:
-    """auth_svc, user_svc, both relays and both consumers, each its own process."""
+    """auth_svc, user_svc, both relays and the four consumers (user_svc, reporting_svc,
+    notify_svc, integration_svc), each its own process, as `esctl up` runs them. notify_svc
+    writes its mails to a maildir in `workdir`; integration_svc delivers to a webhook endpoint
+    on a loopback receiver the stack runs (subscribed to `WEBHOOK_EVENTS`)."""
 
     def __init__(
         self,
@@ -81,12 +108,22 @@ class Stack:
         self.amqp_proxy = TcpProxy(rabbit.port).start()
         self.pg_proxy = TcpProxy(postgres.port).start()
         via_pg = f"postgresql://postgres@127.0.0.1:{self.pg_proxy.port}"
-        self.direct_db = {n: postgres.url(n) for n in ("auth", "users", "reporting")}
-        ports = {n: pick_port() for n in ("auth", "user", "ar", "ur", "uc", "rc")}
+        self.direct_db = {
+            n: postgres.url(n) for n in ("auth", "users", "reporting", "notify", "integration")
+        }
+        ports = {n: pick_port() for n in ("auth", "user", "ar", "ur", "uc", "rc", "nc", "ic")}
+        self.maildir = MaildirReader(workdir / "maildir")
+        self.sink = WebhookSink().start()
+        self.webhook_secret = new_secret()
         self.auth = f"http://127.0.0.1:{ports['auth']}"
         self.users = f"http://127.0.0.1:{ports['user']}"
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SMTP_URL", "INTEGRATION_WEBHOOKS_FILE")
+        }
         self.env = {
-            **os.environ,
+            **inherited,
             "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{self.amqp_proxy.port}/",
             "AUTH_DATABASE_URL": f"{via_pg}/auth",
             "USER_DATABASE_URL": f"{via_pg}/users",
@@ -97,6 +134,16 @@ class Stack:
             "USER_RELAY_PORT": str(ports["ur"]),
             "USER_CONSUMER_PORT": str(ports["uc"]),
             "REPORTING_CONSUMER_PORT": str(ports["rc"]),
+            "NOTIFY_DATABASE_URL": f"{via_pg}/notify",
+            "NOTIFY_CONSUMER_PORT": str(ports["nc"]),
+            "NOTIFY_MAILDIR": str(self.maildir.path),  # no NOTIFY_SMTP_URL: the maildir
+            "NOTIFY_MAIL_FROM": MAIL_FROM,
+            "NOTIFY_LEASE_SECONDS": str(EFFECT_LEASE_SECONDS),
+            "INTEGRATION_DATABASE_URL": f"{via_pg}/integration",
+            "INTEGRATION_CONSUMER_PORT": str(ports["ic"]),
+            "INTEGRATION_ALLOW_LOOPBACK": "true",  # development only: the receiver is local
+            "INTEGRATION_LEASE_SECONDS": str(EFFECT_LEASE_SECONDS),
+            "INTEGRATION_RETRY_INITIAL_SECONDS": "1",
             "USER_JWKS_URL": f"{self.auth}/auth/.well-known/jwks.json",
             "AUTH_ARGON2_TIME_COST": "1",
             "AUTH_ARGON2_MEMORY_KIB": "1024",
@@ -114,6 +161,10 @@ class Stack:
                 Proc("user_svc.relay", [*esctl, "relay", "user_svc"], ports["ur"]),
                 Proc("user_svc.consumer", [*esctl, "consume", "user_svc"], ports["uc"]),
                 Proc("reporting_svc.consumer", [*esctl, "consume", "reporting_svc"], ports["rc"]),
+                Proc("notify_svc.consumer", [*esctl, "consume", "notify_svc"], ports["nc"]),
+                Proc(
+                    "integration_svc.consumer", [*esctl, "consume", "integration_svc"], ports["ic"]
+                ),
             )
         }
         self._lock = threading.Lock()
@@ -125,14 +176,38 @@ class Stack:
     def init_databases(self) -> None:
         from auth_svc.main import init_db as init_auth
         from auth_svc.settings import AuthSettings
+        from integration_svc import endpoints
+        from integration_svc.main import init_db as init_integration
+        from integration_svc.main import policy
+        from integration_svc.settings import IntegrationSettings
+        from notify_svc.main import init_db as init_notify
+        from notify_svc.settings import NotifySettings
         from reporting_svc.main import init_db as init_reporting
         from reporting_svc.settings import ReportingSettings
+        from servicekit.eventstore import connection_kwargs
         from user_svc.main import init_db as init_users
         from user_svc.settings import UserSettings
 
         init_auth(AuthSettings(database_url=self.direct_db["auth"]))
         init_users(UserSettings(database_url=self.direct_db["users"]))
         init_reporting(ReportingSettings(database_url=self.direct_db["reporting"]))
+        init_notify(NotifySettings(database_url=self.direct_db["notify"], mail_from=MAIL_FROM))
+        integration = IntegrationSettings(
+            database_url=self.direct_db["integration"], allow_loopback=True
+        )
+        init_integration(integration)
+        # The endpoint, registered before integration_svc's consumer starts (as
+        # `esctl webhooks add` does: checked by the same SSRF guard, loopback allowed).
+        endpoint = endpoints.validated(
+            endpoints.Endpoint(
+                WEBHOOK_ENDPOINT, self.sink.url, WEBHOOK_EVENTS, self.webhook_secret
+            ),
+            policy(integration),
+        )
+        with psycopg.connect(
+            **connection_kwargs(self.direct_db["integration"]), autocommit=True
+        ) as conn:
+            endpoints.add(conn, endpoint)
 
     def start(self, timeout: float = 90) -> None:
         self.init_databases()
@@ -186,6 +261,7 @@ class Stack:
                 proc.popen.wait()
         self.amqp_proxy.close()
         self.pg_proxy.close()
+        self.sink.close()
 
     # observing
 
@@ -670,7 +746,7 @@ async def dlq_depths(amqp_url: str) -> dict[str, int]:
     async with connection:
         channel = await connection.channel()
         depths = {}
-        for service in ("user_svc", "reporting_svc"):
+        for service in DLQ_SERVICES:
             queue = await channel.declare_queue(dead_letter_queue(service), passive=True)
             depths[service] = int(queue.declaration_result.message_count or 0)
         return depths
@@ -682,6 +758,7 @@ class Verdict:
 
     problems: list[str]
     projected: int = 0  # this ledger's registrations counted by reporting_svc and profiled
+    effects: Effects = field(default_factory=Effects)  # mails and webhooks
 
 
 async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) -> Verdict:
@@ -776,7 +853,29 @@ async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) ->
     if tracked < last_registration:
         problems.append(f"user_svc consumer at {tracked}, registrations up to {last_registration}")
 
-    # 5. Nothing parked in a dead-letter queue.
+    # 5. notify_svc and integration_svc: one welcome intent and one webhook delivery per
+    # stored registration (and per subscribed profile edit), each sent, and nothing else.
+    subscribed_types = set(WEBHOOK_EVENTS)
+    effects = await asyncio.to_thread(
+        check_effects,
+        notify_db=stack.direct_db["notify"],
+        integration_db=stack.direct_db["integration"],
+        maildir=stack.maildir,
+        sink=stack.sink,
+        secret=stack.webhook_secret,
+        registrations=[
+            Registration(
+                ev.event_id, ev.data["email"], ev.data["user_id"], ev.data.get("display_name")
+            )
+            for evs in registered.values()
+            for ev in evs
+        ],
+        subscribed={e.event_id: e.event_type for e in stored if e.event_type in subscribed_types},
+        ledgers=[(lg.tag, lg.users, lg.rejected_bios) for lg in ledgers],
+    )
+    problems += effects.problems
+
+    # 6. Nothing parked in a dead-letter queue.
     depths = await dlq_depths(stack.rabbit.url())
     if any(depths.values()):
         problems.append(f"dead-lettered: {depths}")
@@ -796,7 +895,7 @@ async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) ->
             if not problems
             else 0
         )
-    return Verdict(problems, projected)
+    return Verdict(problems, projected, effects)
 
 
 async def eventually(
@@ -815,8 +914,11 @@ async def eventually(
 async def end_to_end_recovery(
     stack: Stack, audit: Audit, ledger: Ledger, since: float, timeout: float
 ) -> float:
-    """Seconds from `since` until a new registration is accepted, published and applied by
-    both consumers, with every process ready: the system works again, untouched."""
+    """Seconds from `since` until a new registration is accepted, published, applied by
+    user_svc's and reporting_svc's consumers, and its welcome mail and webhook are out, with
+    every process ready: the system works again, untouched."""
+    from notify_svc.intents import message_id
+    from notify_svc.projection import WELCOME
     from reporting_svc.reports import read_report
 
     load = LoadGenerator(stack, ledger, give_up_after=timeout)
@@ -836,7 +938,12 @@ async def end_to_end_recovery(
                     1 for e in audit.snapshot() if e["event_type"] == "auth.account.registered"
                 )
                 profile = await _profile_exists(stack, env["data"]["user_id"])
-                if total >= registrations and profile:
+                event_id = env["event_id"]
+                mail = message_id(uuid.UUID(event_id), WELCOME, MAIL_DOMAIN)
+                sent = await asyncio.to_thread(
+                    effect_seen, stack.maildir, stack.sink, event_id, mail
+                )
+                if total >= registrations and profile and sent:
                     return time.monotonic() - since
             await asyncio.sleep(0.2)
     finally:
