@@ -3,9 +3,11 @@
 Target: >= 0.6 of the raw rate. The fan-out is measured end to end: events published to
 RabbitMQ, consumed by integration_svc (one delivery intent per event and endpoint, in the
 projection's transaction), claimed by the dispatcher, signed, POSTed (SSRF check and pinned
-address included) and marked delivered. The baseline POSTs the same number of bodies to the
-same receivers with the same concurrency (10 clients x ENDPOINT_CONCURRENCY), nothing else.
-The receivers run in their own process. Runs interleaved A B A B.
+address included) and marked delivered. integration_svc runs as in production: its own
+process (`esctl consume integration_svc`, on uvloop); its /status gives the count delivered.
+The baseline POSTs the same number of bodies to the same receivers with the same concurrency
+(10 clients x ENDPOINT_CONCURRENCY), nothing else, from one process on uvloop too. The
+receivers run in their own process. Runs interleaved A B A B.
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 
-from bench.harness import free_port, median, temp_database, temp_vhost, write_result
+from bench.harness import free_port, median, process, temp_database, temp_vhost, write_result
 from integration_svc import endpoints
 from integration_svc.endpoints import Endpoint
-from integration_svc.main import IntegrationWorker, init_db
+from integration_svc.main import init_db
 from integration_svc.settings import IntegrationSettings
 from integration_svc.signing import new_secret
+from servicekit import aio
 from servicekit.eventstore import connection_kwargs
 from tests.support.effects import envelope
 from tests.support.history import publish
 
 ENDPOINTS = 10
 EVENTS = 1000  # per round: 10,000 deliveries
-ROUNDS = int(__import__("os").environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(__import__("os").environ.get("BENCH_ROUNDS", "5"))
 ENDPOINT_CONCURRENCY = 8
 
 
@@ -76,16 +79,21 @@ async def raw_posts(urls: list[str], bodies: list[bytes]) -> float:
     return len(urls) * len(bodies) / (time.perf_counter() - started)
 
 
-async def fan_out(worker: IntegrationWorker, amqp_url: str, round_: int) -> float:
+async def delivered(status: httpx.AsyncClient) -> int:
+    count: int = (await status.get("/status")).json()["dispatcher"]["delivered"]
+    return count
+
+
+async def fan_out(status: httpx.AsyncClient, amqp_url: str, round_: int) -> float:
     messages = [
         envelope("auth.account.login_succeeded", uuid.uuid4(), version=1, position=p)
         for p in range(round_ * EVENTS + 1, (round_ + 1) * EVENTS + 1)
     ]
-    before = worker.dispatcher.status.delivered
+    before = await delivered(status)
     started = time.perf_counter()
     await publish(amqp_url, messages)
-    while worker.dispatcher.status.delivered - before < EVENTS * ENDPOINTS:
-        await asyncio.sleep(0.005)
+    while await delivered(status) - before < EVENTS * ENDPOINTS:
+        await asyncio.sleep(0.02)
     return EVENTS * ENDPOINTS / (time.perf_counter() - started)
 
 
@@ -93,15 +101,19 @@ async def run() -> dict[str, object]:
     ports = [free_port() for _ in range(ENDPOINTS)]
     urls = [f"http://127.0.0.1:{port}/hook" for port in ports]
     with temp_database("integration") as db, temp_vhost() as amqp_url, receivers(ports):
-        settings = IntegrationSettings(
-            database_url=db,
-            amqp_url=amqp_url,
-            allow_loopback=True,
-            endpoint_concurrency=ENDPOINT_CONCURRENCY,
-            endpoint_rate_per_second=100_000,  # a policy, not what is measured here
-            consumer_prefetch=500,
-            log_level="WARNING",
-        )
+        consumer_port = free_port()
+        env = {
+            "INTEGRATION_DATABASE_URL": db,
+            "AMQP_URL": amqp_url,
+            "INTEGRATION_ALLOW_LOOPBACK": "true",
+            "INTEGRATION_ENDPOINT_CONCURRENCY": str(ENDPOINT_CONCURRENCY),
+            # A policy, not what is measured here.
+            "INTEGRATION_ENDPOINT_RATE_PER_SECOND": "100000",
+            "INTEGRATION_CONSUMER_PREFETCH": "500",
+            "INTEGRATION_CONSUMER_PORT": str(consumer_port),
+            "LOG_LEVEL": "WARNING",
+        }
+        settings = IntegrationSettings(database_url=db, amqp_url=amqp_url)
         await asyncio.to_thread(init_db, settings)
         with psycopg.connect(**connection_kwargs(db), autocommit=True) as conn:
             for i, url in enumerate(urls):
@@ -109,18 +121,18 @@ async def run() -> dict[str, object]:
         sample = [
             envelope("auth.account.login_succeeded", uuid.uuid4(), version=1, position=1)[2]
         ] * EVENTS
-        worker = IntegrationWorker(settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
-        while not worker.ready():
-            await asyncio.sleep(0.05)
-        await raw_posts(urls, sample[:50])  # warm both paths up
         raw, fanned = [], []
-        for round_ in range(ROUNDS):
-            raw.append(await raw_posts(urls, sample))
-            fanned.append(await fan_out(worker, amqp_url, round_))
-        stop.set()
-        await task
+        with process(
+            [sys.executable, "-m", "esctl.main", "consume", "integration_svc"],
+            env,
+            f"http://127.0.0.1:{consumer_port}/health/ready",
+        ):
+            status = httpx.AsyncClient(base_url=f"http://127.0.0.1:{consumer_port}")
+            await raw_posts(urls, sample[:50])  # warm both paths up
+            for round_ in range(ROUNDS):
+                raw.append(await raw_posts(urls, sample))
+                fanned.append(await fan_out(status, amqp_url, round_))
+            await status.aclose()
         with psycopg.connect(**connection_kwargs(db)) as conn:
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) "
@@ -139,7 +151,7 @@ async def run() -> dict[str, object]:
 
 
 def main() -> None:
-    result = asyncio.run(run())
+    result = aio.run(run())
     write_result("webhooks", result)
     print(json.dumps(result))
 
