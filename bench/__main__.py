@@ -24,6 +24,7 @@ BENCHMARKS = [
     "bench.gateway",
     "bench.projection",
     "bench.webhooks",
+    "bench.observability",
     "bench.soak",  # SOAK_SECONDS (default 600): mixed load, a consumer killed, broker restarted
 ]
 
