@@ -59,6 +59,7 @@ __all__ = ["BatchHandler", "Consumer", "Outcome", "ProjectionHandler", "one_at_a
 
 # Failures of the infrastructure, not of the message: retried until they pass.
 INFRASTRUCTURE_ERRORS = TRANSIENT_ERRORS
+BACKLOG_BATCH = 16  # this many messages already queued means a backlog: batches may linger
 
 MESSAGES = Counter(
     "consumer_messages_total",
@@ -182,8 +183,10 @@ class Consumer:
         retry_delay_seconds: float = 0.5,
         max_backoff_seconds: float = 10.0,
         depth_poll_seconds: float | None = None,
+        linger_seconds: float = 0.01,
     ) -> None:
         self.service = service
+        self.linger = linger_seconds
         self.depth_poll = depth_poll_seconds
         self.amqp_url = amqp_url
         self.bindings = bindings
@@ -253,8 +256,7 @@ class Consumer:
                             raise ConnectionError("broker connection closed")
                         break
                     batch = [next_task.result()]
-                    while len(batch) < self.batch_size and not inbox.empty():
-                        batch.append(inbox.get_nowait())
+                    await self._fill(batch, inbox)
                     await self._process(channel, batch)
             finally:
                 stop_task.cancel()
@@ -262,6 +264,26 @@ class Consumer:
                 poller.cancel()
                 if not closed.is_set():
                     await queue.cancel(tag)
+
+    async def _fill(
+        self, batch: list[AbstractIncomingMessage], inbox: asyncio.Queue[AbstractIncomingMessage]
+    ) -> None:
+        """Add what is queued to `batch`; in a backlog, also what arrives within `linger`.
+
+        A live message (nothing queued behind it) goes at once: lingering would only add
+        latency. A backlog shows as messages already queued; the broker then delivers faster
+        than one transaction per handful of events can keep up with, so waiting a few
+        milliseconds turns batches of a few events into batches of hundreds.
+        """
+        while len(batch) < self.batch_size and not inbox.empty():
+            batch.append(inbox.get_nowait())
+        if len(batch) < BACKLOG_BATCH:
+            return
+        deadline = asyncio.get_running_loop().time() + self.linger
+        while len(batch) < self.batch_size and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.002)
+            while len(batch) < self.batch_size and not inbox.empty():
+                batch.append(inbox.get_nowait())
 
     async def _poll_depths(
         self, connection: aio_pika.abc.AbstractConnection, stop: asyncio.Event
