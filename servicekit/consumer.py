@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from servicekit import context, telemetry
-from servicekit.aio import sleep_unless_stopped, supervise
+from servicekit.aio import drain, fill, sleep_unless_stopped, supervise
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
 from servicekit.projection import (
     Applied,
@@ -271,19 +271,11 @@ class Consumer:
         """Add what is queued to `batch`; in a backlog, also what arrives within `linger`.
 
         A live message (nothing queued behind it) goes at once: lingering would only add
-        latency. A backlog shows as messages already queued; the broker then delivers faster
-        than one transaction per handful of events can keep up with, so waiting a few
-        milliseconds turns batches of a few events into batches of hundreds.
+        latency. A backlog shows as messages already queued.
         """
-        while len(batch) < self.batch_size and not inbox.empty():
-            batch.append(inbox.get_nowait())
-        if len(batch) < BACKLOG_BATCH:
-            return
-        deadline = asyncio.get_running_loop().time() + self.linger
-        while len(batch) < self.batch_size and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.002)
-            while len(batch) < self.batch_size and not inbox.empty():
-                batch.append(inbox.get_nowait())
+        drain(batch, inbox, self.batch_size)
+        if len(batch) >= BACKLOG_BATCH:
+            await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
 
     async def _poll_depths(
         self, connection: aio_pika.abc.AbstractConnection, stop: asyncio.Event

@@ -31,6 +31,7 @@ from psycopg import sql
 from pydantic import ValidationError
 
 from servicekit import telemetry
+from servicekit.aio import fill
 from servicekit.amqp import declare_history_stream
 from servicekit.projection import (
     Applied,
@@ -331,32 +332,14 @@ class Replay:
                     continue
                 stalled_since = asyncio.get_running_loop().time()
                 progress.stalled = False
-                batch = await self._gather(first, inbox)
+                batch = [first]
+                await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
                 await self._apply(batch, progress, refills, phase)
                 await batch[-1].ack(multiple=True)
                 self.on_progress(progress)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
-
-    async def _gather(
-        self, first: AbstractIncomingMessage, inbox: asyncio.Queue[AbstractIncomingMessage]
-    ) -> list[AbstractIncomingMessage]:
-        """A batch: `first`, and whatever arrives within `linger` seconds, up to batch_size.
-
-        Applying is quicker than the broker delivers one message at a time, so taking only
-        what is already queued made batches of about ten events: one transaction each, and
-        its round trips, for every ten events. Waiting a few milliseconds fills them.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.linger
-        batch = [first]
-        while True:
-            while len(batch) < self.batch_size and not inbox.empty():
-                batch.append(inbox.get_nowait())
-            if len(batch) >= self.batch_size or loop.time() >= deadline:
-                return batch
-            await asyncio.sleep(0.002)
 
     async def _apply(
         self,
