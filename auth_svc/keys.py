@@ -164,7 +164,7 @@ def _insert_key(conn: psycopg.Connection[Any], *, activate_after_seconds: float)
 
 @contextmanager
 def _connect(settings: AuthSettings) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(**connection_kwargs(settings.database_url), connect_timeout=5) as conn:
+    with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
         yield conn
 
 
@@ -226,7 +226,7 @@ class KeyStore:
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            kwargs={**connection_kwargs(settings.database_url), "connect_timeout": 5},
+            kwargs=connection_kwargs(settings.database_url),
             min_size=1,
             max_size=2,
             open=False,

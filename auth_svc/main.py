@@ -67,7 +67,7 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
 
     async def database() -> None:
         conn = await psycopg.AsyncConnection.connect(
-            **connection_kwargs(settings.database_url), connect_timeout=3
+            **connection_kwargs(settings.database_url, connect_timeout=3)
         )
         async with conn:
             await conn.execute("SELECT 1")

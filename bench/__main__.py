@@ -23,6 +23,7 @@ BENCHMARKS = [
     "bench.relay_backlog",
     "bench.gateway",
     "bench.projection",
+    "bench.replay_live",  # REPLAY_LIVE_TIMEOUT_SECONDS (default 300) bounds each live replay
     "bench.webhooks",
     "bench.observability",
     "bench.soak",  # SOAK_SECONDS (default 600): mixed load, a consumer killed, broker restarted

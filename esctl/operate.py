@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from esctl.console import choose, err, fail, out, require_dependencies
+from servicekit import amqp
 from servicekit.amqp import broker_address
 from servicekit.eventstore import connection_kwargs
 from servicekit.projection import Projection, ProjectionStore
@@ -105,7 +106,11 @@ def replay(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=10_000)] = 1000,
     stall_seconds: Annotated[
-        float, typer.Option(help="Give up when nothing new arrives for this long while behind.")
+        float,
+        typer.Option(
+            help="Give up when, this long after reading past the stream's end as it was, "
+            "positions the live read model had then applied are still missing."
+        ),
     ] = 30.0,
 ) -> None:
     """Rebuild a projection from events.history; the old read model serves until the swap."""
@@ -121,12 +126,13 @@ def replay(
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("applied {task.fields[applied]}"),
+        TextColumn("{task.fields[behind]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
         transient=False,
     )
-    task = bar.add_task(f"replay {projection}", total=None, applied=0)
+    task = bar.add_task(f"replay {projection}", total=None, applied=0, behind="")
     start: list[int] = []
 
     def show(progress: ReplayProgress) -> None:
@@ -138,7 +144,8 @@ def replay(
             total=total or None,
             completed=max(progress.offset - start[0], 0),
             applied=progress.applied,
-            description=f"replay {projection} ({progress.phase}, {progress.generation})",
+            behind=_behind_live(progress),
+            description=f"replay {projection} ({progress.phase.value}, {progress.generation})",
         )
 
     rebuild = Replay(
@@ -179,6 +186,13 @@ def replay(
             raise typer.Exit(3)
         return
     out.print(f"[green]✓[/green] {projection} now serves {p.generation} ({summary})")
+
+
+def _behind_live(progress: Any) -> str:
+    """How far the rebuild is behind the live edge: stream messages, and live positions."""
+    parts = [f"{progress.behind_edge} to the stream's end"] if progress.behind_edge else []
+    parts += [f"{producer} {n} behind live" for producer, n in sorted(progress.behind.items())]
+    return ", ".join(parts) or "at the live edge"
 
 
 def republish(
@@ -314,7 +328,7 @@ def _latest_position(producer: str) -> int | None:
         if hasattr(app_module, n)
     )
     try:
-        with psycopg.connect(**connection_kwargs(config.database_url), connect_timeout=5) as conn:
+        with psycopg.connect(**connection_kwargs(config.database_url)) as conn:
             row = conn.execute(
                 psycopg.sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(
                     psycopg.sql.Identifier(f"{app_name.lower()}_events")
@@ -334,7 +348,7 @@ async def _positions(service: ProjectionService) -> dict[str, Any]:
 
 
 async def _queue_depths(services: tuple[str, ...]) -> dict[str, tuple[int | None, int | None]]:
-    connection = await aio_pika.connect(amqp_url(), timeout=10)
+    connection = await amqp.connect(amqp_url())
     depths: dict[str, tuple[int | None, int | None]] = {}
     async with connection:
         for service in services:
@@ -417,7 +431,7 @@ async def _with_dead_letters(
 
     Messages left unsettled go back to the queue when the channel closes, in their order.
     """
-    connection = await aio_pika.connect(amqp_url(), timeout=10)
+    connection = await amqp.connect(amqp_url())
     async with connection:
         channel = await connection.channel()
         try:

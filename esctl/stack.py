@@ -11,7 +11,7 @@ from auth_svc.settings import AuthSettings
 from integration_svc.settings import IntegrationSettings
 from notify_svc.settings import NotifySettings
 from reporting_svc.settings import ReportingSettings
-from servicekit.amqp import broker_address
+from servicekit.amqp import amqp_urls, broker_address
 from servicekit.eventstore import connection_kwargs
 from user_svc.settings import UserSettings
 
@@ -105,8 +105,8 @@ def dependency_problems() -> list[str]:
                 "or point the services' *_DATABASE_URL variables at a running server."
             )
     amqp = AuthSettings().amqp_url
-    parts = urlsplit(amqp)
-    if not reachable(parts.hostname or "127.0.0.1", parts.port or 5672):
+    nodes = [urlsplit(url) for url in amqp_urls(amqp)]
+    if not any(reachable(n.hostname or "127.0.0.1", n.port or 5672) for n in nodes):
         problems.append(
             f"RabbitMQ is not reachable at {broker_address(amqp)}. Start it with "
             "`rabbitmq-server -detached && rabbitmqctl await_startup` or set AMQP_URL."

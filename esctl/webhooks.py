@@ -43,9 +43,7 @@ def _settings() -> IntegrationSettings:
 @contextmanager
 def _database(settings: IntegrationSettings) -> Iterator[psycopg.Connection[Any]]:
     try:
-        conn = psycopg.connect(
-            **connection_kwargs(settings.database_url), autocommit=True, connect_timeout=5
-        )
+        conn = psycopg.connect(**connection_kwargs(settings.database_url), autocommit=True)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise fail(

@@ -17,6 +17,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from servicekit.projection import live_generation
+
 NOTIFY_CHANNEL = "notify_svc_mail_intents"
 MESSAGE_ID_NAMESPACE = uuid.UUID("8f3c1e52-3c1b-4d57-9a55-6e0f9b7a2d10")
 
@@ -64,15 +66,10 @@ async def claim(
 ) -> list[Intent]:
     """Reserve up to `limit` due intents with what the live generation knows of each user."""
     async with conn.transaction():
-        row = await (
-            await conn.execute(
-                "SELECT live FROM public.projection_generations WHERE projection = %s",
-                (projection,),
-            )
-        ).fetchone()
-        if row is None:
+        live = await live_generation(conn, projection)
+        if live is None:
             return []
-        recipients = sql.Identifier(str(row[0]), "recipients")
+        recipients = sql.Identifier(live, "recipients")
         rows = await (
             await conn.execute(
                 "WITH due AS (SELECT event_id, effect FROM public.mail_intents "

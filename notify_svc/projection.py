@@ -42,25 +42,37 @@ class Notifications(Projection):
     # The account's address and the name given at sign-up come from auth_svc; display name,
     # locale and timezone from the profile once one is known (`profile`), whichever producer's
     # event arrives first.
+    # Each source's columns are written only by a newer version of its aggregate (the account,
+    # the profile): a retried old event never overwrites what a newer one said.
     tables = {
         "recipients": "user_id uuid PRIMARY KEY, email text, registered_name text, "
-        "profile boolean NOT NULL DEFAULT false, display_name text, locale text, timezone text",
+        "profile boolean NOT NULL DEFAULT false, display_name text, locale text, timezone text, "
+        "account_version bigint, profile_version bigint",
     }
+    migrations = (
+        "ALTER TABLE {recipients} ADD COLUMN IF NOT EXISTS account_version bigint",
+        "ALTER TABLE {recipients} ADD COLUMN IF NOT EXISTS profile_version bigint",
+    )
     order_by = {"recipients": "user_id"}
 
     def __init__(self, mail_domain: str = "eskit.local") -> None:
         self.mail_domain = mail_domain
 
     async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
-        accounts: dict[uuid.UUID, tuple[str, str | None]] = {}
-        profiles: dict[uuid.UUID, tuple[str | None, str | None, str | None, str | None]] = {}
+        accounts: dict[uuid.UUID, tuple[int, str, str | None]] = {}
+        profiles: dict[uuid.UUID, tuple[int, str | None, str | None, str | None, str | None]] = {}
         intents: list[tuple[uuid.UUID, str, uuid.UUID, str, dict[str, Any]]] = []
         for item in events:
             event, env = item.event, item.envelope
             context: dict[str, Any]
             match event:
                 case AccountRegistered():
-                    accounts[event.user_id] = (event.email, event.display_name)
+                    if env.aggregate_version > accounts.get(event.user_id, (0,))[0]:
+                        accounts[event.user_id] = (
+                            env.aggregate_version,
+                            event.email,
+                            event.display_name,
+                        )
                     context = {"email": event.email, "display_name": event.display_name}
                     intents.append((env.event_id, WELCOME, event.user_id, env.event_type, context))
                 case PasswordChanged():
@@ -75,23 +87,30 @@ class Notifications(Projection):
                     }
                     intents.append((env.event_id, LOCKED, event.user_id, env.event_type, context))
                 case ProfileCreated() | ProfileUpdated():
-                    profiles[event.user_id] = (
-                        event.display_name,
-                        event.locale,
-                        event.timezone,
-                        event.email,
-                    )
+                    if env.aggregate_version > profiles.get(event.user_id, (0,))[0]:
+                        profiles[event.user_id] = (
+                            env.aggregate_version,
+                            event.display_name,
+                            event.locale,
+                            event.timezone,
+                            event.email,
+                        )
         await tx.executemany(
-            "INSERT INTO {recipients} AS t (user_id, email, registered_name) VALUES (%s, %s, %s) "
-            "ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, "
-            "registered_name = excluded.registered_name",
-            [(user, email, name) for user, (email, name) in accounts.items()],
+            "INSERT INTO {recipients} AS t (user_id, account_version, email, registered_name) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET "
+            "account_version = excluded.account_version, email = excluded.email, "
+            "registered_name = excluded.registered_name "
+            "WHERE coalesce(t.account_version, 0) < excluded.account_version",
+            [(user, *fields) for user, fields in accounts.items()],
         )
         await tx.executemany(
-            "INSERT INTO {recipients} AS t (user_id, profile, display_name, locale, timezone, "
-            "email) VALUES (%s, true, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET "
-            "profile = true, display_name = excluded.display_name, locale = excluded.locale, "
-            "timezone = excluded.timezone, email = coalesce(t.email, excluded.email)",
+            "INSERT INTO {recipients} AS t (user_id, profile, profile_version, display_name, "
+            "locale, timezone, email) VALUES (%s, true, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (user_id) DO UPDATE SET profile = true, "
+            "profile_version = excluded.profile_version, display_name = excluded.display_name, "
+            "locale = excluded.locale, timezone = excluded.timezone, "
+            "email = coalesce(t.email, excluded.email) "
+            "WHERE coalesce(t.profile_version, 0) < excluded.profile_version",
             [(user, *fields) for user, fields in profiles.items()],
         )
         if tx.replaying or not intents:

@@ -54,8 +54,13 @@ class Reporting(Projection):
         "PRIMARY KEY (day, user_id)",
         "activity": "day date NOT NULL, user_id uuid NOT NULL, PRIMARY KEY (day, user_id)",
         "profiles": "user_id uuid PRIMARY KEY, created_on date NOT NULL, "
-        + ", ".join(f"{f} boolean NOT NULL" for f in PROFILE_FIELDS),
+        + ", ".join(f"{f} boolean NOT NULL" for f in PROFILE_FIELDS)
+        + ", version bigint NOT NULL DEFAULT 0",
     }
+    # Generations made before profiles kept their version: 0, so any event is newer.
+    migrations = (
+        "ALTER TABLE {profiles} ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0",
+    )
     order_by = {
         "signups": "day",
         "logins": "day",
@@ -69,7 +74,7 @@ class Reporting(Projection):
         logins: dict[date, list[int]] = {}
         locks: Counter[tuple[date, uuid.UUID]] = Counter()
         active: set[tuple[date, uuid.UUID]] = set()
-        profiles: dict[uuid.UUID, tuple[date, ProfileFields]] = {}
+        profiles: dict[uuid.UUID, tuple[date, int, ProfileFields]] = {}
         for item in events:
             day = item.envelope.occurred_at.date()
             event = item.event
@@ -87,9 +92,13 @@ class Reporting(Projection):
                 case PasswordChanged():
                     active.add((day, event.user_id))
                 case ProfileCreated() | ProfileUpdated():
-                    # Each event carries the whole profile: the last one in the batch wins.
-                    created = profiles.get(event.user_id, (day, event))[0]
-                    profiles[event.user_id] = (created, event)
+                    # Each event carries the whole profile: the newest version wins, here and
+                    # in the table (a retried old event may arrive after newer ones).
+                    version = item.envelope.aggregate_version
+                    first, newest, fields = profiles.get(event.user_id, (day, 0, event))
+                    if version > newest:
+                        newest, fields = version, event
+                    profiles[event.user_id] = (min(first, day), newest, fields)
                     if isinstance(event, ProfileUpdated):
                         active.add((day, event.user_id))
         await tx.executemany(
@@ -113,13 +122,18 @@ class Reporting(Projection):
             sorted(active),
         )
         columns = ", ".join(PROFILE_FIELDS)
+        newer = "excluded.version > t.version"
         await tx.executemany(
-            f"INSERT INTO {{profiles}} (user_id, created_on, {columns}) "  # noqa: S608
-            f"VALUES (%s, %s, {', '.join(['%s'] * len(PROFILE_FIELDS))}) "
+            f"INSERT INTO {{profiles}} AS t (user_id, created_on, version, {columns}) "  # noqa: S608
+            f"VALUES (%s, %s, %s, {', '.join(['%s'] * len(PROFILE_FIELDS))}) "
             "ON CONFLICT (user_id) DO UPDATE SET "
-            + ", ".join(f"{f} = excluded.{f}" for f in PROFILE_FIELDS),
+            "created_on = least(t.created_on, excluded.created_on), "
+            "version = greatest(t.version, excluded.version), "
+            + ", ".join(
+                f"{f} = CASE WHEN {newer} THEN excluded.{f} ELSE t.{f} END" for f in PROFILE_FIELDS
+            ),
             sorted(
-                (user, created, *(bool(getattr(event, f)) for f in PROFILE_FIELDS))
-                for user, (created, event) in profiles.items()
+                (user, created, version, *(bool(getattr(event, f)) for f in PROFILE_FIELDS))
+                for user, (created, version, event) in profiles.items()
             ),
         )

@@ -12,6 +12,7 @@ from psycopg import sql
 
 from reporting_svc.projection import PROFILE_FIELDS, Reporting
 from servicekit.eventstore import connection_kwargs
+from servicekit.projection import LIVE_GENERATION, SHARED_LOCK, lock_key
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,8 @@ def read_report(
     if spec is None:
         raise UnknownReport(f"unknown report {name!r}; expected one of: {', '.join(REPORTS)}")
     with connect(**connection_kwargs(database_url), autocommit=False) as conn:
-        row = conn.execute(
-            "SELECT live FROM public.projection_generations WHERE projection = %s",
-            (Reporting.name,),
-        ).fetchone()
+        conn.execute(SHARED_LOCK, (lock_key(Reporting.name),))  # see SHARED_LOCK
+        row = conn.execute(LIVE_GENERATION, (Reporting.name,)).fetchone()
         if row is None:
             raise LookupError("reporting_svc's database is not initialised (run `esctl db init`)")
         schema = str(row[0])

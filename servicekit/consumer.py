@@ -13,12 +13,20 @@ Outcomes, each logged and counted in `consumer_messages_total`:
 - the handler fails: the batch is retried one message at a time, in place (requeueing would
   let later messages overtake it), with backoff; after `delivery_limit` failures the message
   is dead-lettered with its error and the messages behind it go on;
+- the process dies while handling it, `delivery_limit` times (counted by the handler in its
+  own store, see `attempts`): dead-lettered the same way;
 - the database or the broker is down: retried until it is back, never dead-lettered.
 
-A dead-lettered message is published to `<service>.dlx` with the error in its headers, then
-acked; the handler is told (`park`) so that a later `esctl dlq retry` is applied even though
-later positions have been applied meanwhile. The broker's own delivery limit still catches a
-message that crashes the process every time; its last attempt is parked beforehand.
+Only handler failures count toward `delivery_limit`. The broker's `x-delivery-count` does
+not: on a quorum queue it rises for every unacked message whenever the consumer's connection
+goes away, so a few flaps during a backlog would bring healthy messages to any small limit.
+The broker's own limit is a high backstop (servicekit.amqp.BROKER_DELIVERY_LIMIT).
+
+A poison message is first parked by the handler (`park`, so that a later `esctl dlq retry`
+is applied even though later positions have been applied meanwhile), then published to
+`<service>.dlx` with the error in its headers (confirmed), then acked. In that order, a
+failure in between leaves the message in the live queue, parked: its redelivery is applied
+like a retry, never skipped as a duplicate.
 """
 
 from __future__ import annotations
@@ -32,14 +40,14 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from servicekit import context, telemetry
+from servicekit import amqp, context, telemetry
 from servicekit.aio import drain, fill, sleep_unless_stopped, supervise
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
 from servicekit.projection import (
@@ -54,6 +62,7 @@ from shared_contracts.envelope import Envelope
 from shared_contracts.names import dead_letter_queue, live_queue
 
 log = logging.getLogger("servicekit.consumer")
+T = TypeVar("T")
 
 __all__ = ["BatchHandler", "Consumer", "Outcome", "ProjectionHandler", "one_at_a_time"]
 
@@ -123,7 +132,13 @@ class BatchHandler(Protocol):
 
     async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]: ...
 
-    async def park(self, envelope: Envelope, reason: str) -> None: ...
+    async def park(self, envelope: Envelope, reason: str) -> bool:
+        """Remember a poison event before it is dead-lettered; False if already applied."""
+        ...
+
+    async def attempts(self, envelopes: Sequence[Envelope], *, count: bool) -> dict[Any, int]:
+        """Crashed handlings per event id; `count` adds the one about to start."""
+        ...
 
 
 class ProjectionHandler:
@@ -135,8 +150,11 @@ class ProjectionHandler:
     async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
         return await self.store.apply_batch(events)
 
-    async def park(self, envelope: Envelope, reason: str) -> None:
-        await self.store.park(envelope, reason)
+    async def park(self, envelope: Envelope, reason: str) -> bool:
+        return await self.store.park(envelope, reason)
+
+    async def attempts(self, envelopes: Sequence[Envelope], *, count: bool) -> dict[Any, int]:
+        return await self.store.attempts(envelopes, count=count)
 
 
 class _OneAtATime:
@@ -150,8 +168,15 @@ class _OneAtATime:
                 outcomes.append(await self._handle(item.envelope))
         return outcomes
 
-    async def park(self, envelope: Envelope, reason: str) -> None:
-        """Nothing to remember: such handlers track positions themselves."""
+    async def park(self, envelope: Envelope, reason: str) -> bool:
+        """Nothing to remember: such handlers are idempotent by themselves."""
+        return True
+
+    async def attempts(self, envelopes: Sequence[Envelope], *, count: bool) -> dict[Any, int]:
+        """Not counted: the broker's backstop limit catches a message that kills the process
+        every time, and a retry from the dead-letter queue is safe (the handler is
+        idempotent)."""
+        return {}
 
 
 def one_at_a_time(handle: Callable[[Envelope], Awaitable[Outcome]]) -> BatchHandler:
@@ -220,13 +245,11 @@ class Consumer:
         self.status.last_error = f"{type(exc).__name__}: {exc}"
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        connection = await aio_pika.connect(self.amqp_url, timeout=10)
+        connection = await amqp.connect(self.amqp_url)
         async with connection:
             channel = await connection.channel()
+            queue = await declare_consumer_queues(channel, self.service, self.bindings)
             await channel.set_qos(prefetch_count=self.prefetch)
-            queue = await declare_consumer_queues(
-                channel, self.service, self.bindings, delivery_limit=self.delivery_limit
-            )
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             closed = asyncio.Event()
             connection.close_callbacks.add(lambda *_: closed.set())
@@ -368,15 +391,12 @@ class Consumer:
             try:
                 event = validated(envelope)
             except ValidationError as exc:
-                await self._dead_letter(channel, message, envelope, "data failed its schema", exc)
+                await self._poison(channel, message, envelope, "data failed its schema", exc)
                 continue
             if event is None:
                 self._skip(envelope)
                 self._outcome(message, "skipped")
                 continue
-            if _delivery_count(message) >= self.delivery_limit - 1:
-                # The broker dead-letters this message if the process dies once more.
-                await self.handler.park(envelope, "delivery limit reached")
             good.append((message, Applied(envelope, event)))
         if good:
             await self._handle(channel, good)
@@ -387,41 +407,84 @@ class Consumer:
     async def _handle(
         self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, Applied]]
     ) -> None:
-        events = [applied for _, applied in good]
         spans = {
             applied.envelope.event_id: self._spans[message.delivery_tag or 0]
             for message, applied in good
         }
         token = _message_spans.set(spans)
         try:
-            await self._handle_batch(channel, good, events)
+            await self._handle_batch(channel, good)
         finally:
             _message_spans.reset(token)
 
     async def _handle_batch(
-        self,
-        channel: AbstractChannel,
-        good: list[tuple[AbstractIncomingMessage, Applied]],
-        events: list[Applied],
+        self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, Applied]]
     ) -> None:
-        try:
-            outcomes = await self._call(events)
-        except _HandlerFailed:
-            for message, applied in good:  # find the poison, apply the others
-                try:
-                    outcome = (await self._call([applied], retries=self.delivery_limit))[0]
-                except _HandlerFailed as failed:
-                    await self._dead_letter(
-                        channel, message, applied.envelope, "handler failed", failed.error
+        """The batch in one call; one message at a time to isolate a failure or a crash.
+
+        Redelivered messages may be the ones a crash interrupted. Their handling is counted
+        (`attempts`) before it starts; if an earlier handling of one of them never finished,
+        the batch goes one message at a time, each counted on its own, so that only the
+        message that kills the process reaches the limit.
+        """
+        events = [applied for _, applied in good]
+        redelivered = [a.envelope for m, a in good if m.redelivered]
+        crashed = bool(redelivered) and any(
+            n > 0 for n in (await self._attempts(redelivered, count=False)).values()
+        )
+        if not crashed:
+            if redelivered:
+                await self._attempts(redelivered, count=True)
+            try:
+                outcomes = await self._call(events)
+            except _HandlerFailed:
+                pass  # find the poison, apply the others
+            else:
+                for (message, applied), outcome in zip(good, outcomes, strict=True):
+                    self._count(applied.envelope, outcome)
+                    self._outcome(message, outcome)
+                return
+        for message, applied in good:
+            if crashed and message.redelivered:
+                counted = await self._attempts([applied.envelope], count=True)
+                crashes = counted.get(applied.envelope.event_id, 0) - 1
+                if crashes >= self.delivery_limit:
+                    reason = f"the consumer died {crashes} times while handling it"
+                    await self._poison(
+                        channel, message, applied.envelope, reason, RuntimeError(reason)
                     )
-                    await self.handler.park(applied.envelope, f"handler failed: {failed.error}")
                     continue
-                self._count(applied.envelope, outcome)
-                self._outcome(message, outcome)
-            return
-        for (message, applied), outcome in zip(good, outcomes, strict=True):
+            try:
+                outcome = (await self._call([applied], retries=self.delivery_limit))[0]
+            except _HandlerFailed as failed:
+                await self._poison(
+                    channel, message, applied.envelope, "handler failed", failed.error
+                )
+                continue
             self._count(applied.envelope, outcome)
             self._outcome(message, outcome)
+
+    async def _attempts(self, envelopes: Sequence[Envelope], *, count: bool) -> dict[Any, int]:
+        return await self._waiting_out(lambda: self.handler.attempts(envelopes, count=count))
+
+    async def _waiting_out(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, waiting out database and broker outages (never counted as failures)."""
+        delay = self.retry_delay
+        while True:
+            try:
+                return await call()
+            except INFRASTRUCTURE_ERRORS as exc:
+                if self._stop.is_set():
+                    raise
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "handler's database or broker is unavailable; waiting",
+                    extra={"error": self.status.last_error},
+                )
+            await sleep_unless_stopped(self._stop, delay)
+            if self._stop.is_set():
+                raise ConnectionAbortedError("stopping with the batch unacked")
+            delay = min(delay * 2, self.max_backoff)
 
     async def _call(self, events: list[Applied], retries: int = 1) -> Sequence[Outcome]:
         """Run the handler; infrastructure failures are waited out, others retried."""
@@ -431,15 +494,9 @@ class Consumer:
         while True:
             try:
                 with self._scope(events):
-                    return await self.handler.handle(events)
-            except INFRASTRUCTURE_ERRORS as exc:
-                if self._stop.is_set():
-                    raise
-                self.status.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "handler's database or broker is unavailable; waiting",
-                    extra={"error": self.status.last_error},
-                )
+                    return await self._waiting_out(lambda: self.handler.handle(events))
+            except INFRASTRUCTURE_ERRORS:  # raised by _waiting_out only when stopping
+                raise
             except Exception as exc:
                 attempt += 1
                 MESSAGES.labels(self.service, "retried").inc()
@@ -518,6 +575,23 @@ class Consumer:
             },
         )
 
+    async def _poison(
+        self,
+        channel: AbstractChannel,
+        message: AbstractIncomingMessage,
+        envelope: Envelope,
+        reason: str,
+        exc: BaseException,
+    ) -> None:
+        """Park, then dead-letter; an event already applied is only a duplicate."""
+        error = f"{type(exc).__name__}: {exc}"
+        parked = await self._waiting_out(lambda: self.handler.park(envelope, f"{reason}: {error}"))
+        if not parked:
+            self._count(envelope, "duplicate")
+            self._outcome(message, "duplicate")
+            return
+        await self._dead_letter(channel, message, envelope, reason, exc)
+
     async def _dead_letter(
         self,
         channel: AbstractChannel,
@@ -570,8 +644,3 @@ class _HandlerFailed(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get("x-delivery-count", 0)
-    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0

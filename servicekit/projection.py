@@ -3,10 +3,17 @@
 A projection owns a set of tables in its service's own PostgreSQL database. They live in a
 *generation*: a schema `<projection>_g<N>` holding the read-model tables and three of ours:
 
-- `_positions`: the last position applied per producer, written in the same transaction as
-  the read-model change, so an event at or below it is a duplicate (acked and skipped);
-- `_parked`: events dead-lettered by this projection (poison). A parked event is applied
-  when it comes back (`esctl dlq retry`) even though later positions were applied meanwhile;
+- `_positions`: per producer, the highest position *decided*: applied, or parked. It is
+  written in the same transaction as the read-model change;
+- `_parked`: events decided but not applied: dead-lettered as poison. Every parked position
+  is at or below its producer's `_positions`, so for any event at or below it, "applied" is
+  exactly "not parked". A redelivery of an applied event is therefore always a duplicate,
+  whatever its delivery count, and a parked event coming back (`esctl dlq retry`) is applied
+  although later positions were applied meanwhile. Parking is decided in the transaction
+  that moves the position, so an applied event is never parked;
+- `_attempts`: how often handling an undecided event began again after a redelivery and did
+  not finish (the process died): the consumer's count of crashes, apart from the broker's
+  redelivery count, which also rises with every lost connection;
 - `_replay`: how far a rebuild has read `events.history` (only in a generation being built).
 
 `projection_generations` (in `public`) says which generation is live and which, if any, is
@@ -21,7 +28,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -50,6 +57,9 @@ OWN_TABLES: dict[str, str] = {
     "_parked": "producer text NOT NULL, position bigint NOT NULL, event_id uuid NOT NULL, "
     "event_type text NOT NULL, reason text NOT NULL, parked_at timestamptz NOT NULL "
     "DEFAULT now(), PRIMARY KEY (producer, position)",
+    "_attempts": "producer text NOT NULL, position bigint NOT NULL, event_id uuid NOT NULL, "
+    "attempts integer NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), "
+    "PRIMARY KEY (producer, position)",
     "_replay": "id boolean PRIMARY KEY DEFAULT true CHECK (id), stream_offset bigint NOT NULL, "
     "applied bigint NOT NULL DEFAULT 0, started_at timestamptz NOT NULL DEFAULT now(), "
     "updated_at timestamptz NOT NULL DEFAULT now()",
@@ -101,6 +111,9 @@ class Projection:
     bindings: dict[str, list[str]]  # producer exchange -> routing keys (event types)
     tables: dict[str, str]
     indexes: Sequence[str] = ()  # e.g. "CREATE INDEX ON {logins} (day)"
+    # Idempotent statements that bring a generation made by an older build up to date, e.g.
+    # "ALTER TABLE {profiles} ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0".
+    migrations: Sequence[str] = ()
     order_by: dict[str, str] = {}  # table -> ORDER BY used when comparing generations
 
     async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
@@ -140,6 +153,21 @@ def is_newer_version(envelope: Envelope) -> bool:
     return any(t == envelope.event_type and v < envelope.schema_version for (t, v) in CONTRACTS)
 
 
+# Whoever reads a generation (the consumer, the mail dispatcher, reports) first takes the
+# projection's advisory lock shared, in its transaction, then reads which generation is live,
+# in a second statement: its snapshot is taken after the lock is granted, so it sees a swap
+# that committed meanwhile, and the swap (exclusive) cannot drop the tables it then reads.
+SHARED_LOCK = "SELECT pg_advisory_xact_lock_shared(%s)"
+LIVE_GENERATION = "SELECT live FROM public.projection_generations WHERE projection = %s"
+
+
+async def live_generation(conn: psycopg.AsyncConnection[Any], projection: str) -> str | None:
+    """The live generation of `projection`, under the shared lock (within a transaction)."""
+    await conn.execute(SHARED_LOCK, (lock_key(projection),))
+    row = await (await conn.execute(LIVE_GENERATION, (projection,))).fetchone()
+    return None if row is None else str(row[0])
+
+
 def lock_key(projection: str) -> int:
     """A stable 63-bit advisory-lock key for a projection's generations."""
     digest = hashlib.blake2b(f"projection:{projection}".encode(), digest_size=8).digest()
@@ -157,7 +185,6 @@ class ProjectionStore:
         self.projection = projection
         self.database_url = database_url
         self.key = lock_key(projection.name)
-        self._parked_here = False  # this process parked an event (see apply_in)
         kwargs = connection_kwargs(database_url)
         self.pool = AsyncConnectionPool(
             kwargs=kwargs, min_size=1, max_size=pool_size, open=False, name=projection.name
@@ -183,12 +210,7 @@ class ProjectionStore:
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.key,))
             await conn.execute(CONTROL_DDL)
-            row = await (
-                await conn.execute(
-                    "SELECT live FROM public.projection_generations WHERE projection = %s",
-                    (self.projection.name,),
-                )
-            ).fetchone()
+            row = await (await conn.execute(LIVE_GENERATION, (self.projection.name,))).fetchone()
             if row is not None:
                 await self._create_tables(conn, row[0])  # new tables of a newer build
                 return str(row[0])
@@ -209,19 +231,22 @@ class ProjectionStore:
                     sql.Identifier(schema, name)
                 )
             )
+        tx = Transaction(conn.cursor(), schema, replaying=False)
         for index in self.projection.indexes:
-            tx = Transaction(conn.cursor(), schema, replaying=False)
-            await conn.execute(
-                tx.compose(index.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"))
-            )
+            await tx.execute(index.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"))
+        for statement in self.projection.migrations:
+            await tx.execute(statement)
+        # Older builds parked events above the position; a parked event is decided.
+        await tx.execute(
+            "INSERT INTO {_positions} AS t (producer, position, event_id, occurred_at) "
+            "SELECT DISTINCT ON (producer) producer, position, event_id, parked_at "
+            "FROM {_parked} ORDER BY producer, position DESC "
+            "ON CONFLICT (producer) DO UPDATE SET position = excluded.position, "
+            "event_id = excluded.event_id WHERE t.position < excluded.position"
+        )
 
     async def live_schema(self, conn: psycopg.AsyncConnection[Any]) -> str:
-        row = await (
-            await conn.execute(
-                "SELECT live FROM public.projection_generations WHERE projection = %s",
-                (self.projection.name,),
-            )
-        ).fetchone()
+        row = await (await conn.execute(LIVE_GENERATION, (self.projection.name,))).fetchone()
         if row is None:
             raise LookupError(f"projection {self.projection.name} has not been set up")
         return str(row[0])
@@ -231,9 +256,7 @@ class ProjectionStore:
     async def apply_batch(self, events: Sequence[Applied]) -> list[Outcome]:
         """Apply new events to the live generation in one transaction; report each outcome."""
         async with self.pool.connection() as conn, conn.transaction():
-            # Two statements on purpose: the second one's snapshot is taken after the lock is
-            # granted, so it sees a swap that committed while this batch waited.
-            await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.key,))
+            await conn.execute(SHARED_LOCK, (self.key,))  # see SHARED_LOCK
             schema = await self.live_schema(conn)
             return await self.apply_in(conn, schema, events, replaying=False)
 
@@ -245,46 +268,51 @@ class ProjectionStore:
         *,
         replaying: bool,
     ) -> list[Outcome]:
-        """Apply `events` to generation `schema` within the caller's transaction."""
+        """Apply `events` to generation `schema` within the caller's transaction.
+
+        An event above its producer's position is new; at or below it, a duplicate unless
+        it is parked, in which case it is unparked and applied now.
+        """
         cur = conn.cursor()
         tx = Transaction(cur, schema, replaying=replaying)
         await cur.execute(tx.compose("SELECT producer, position FROM {_positions} FOR UPDATE"))
-        applied_at: dict[str, int] = {p: pos for p, pos in await cur.fetchall()}
+        decided: dict[str, int] = {p: pos for p, pos in await cur.fetchall()}
         outcomes: list[Outcome] = []
         fresh: list[Applied] = []
-        older: list[Applied] = []
+        older: list[int] = []
         last: dict[str, Envelope] = {}
-        for item in events:
+        for i, item in enumerate(events):
             env = item.envelope
-            if env.position > applied_at.get(env.producer, 0):
-                applied_at[env.producer] = env.position
+            if env.position > decided.get(env.producer, 0):
+                decided[env.producer] = env.position
                 last[env.producer] = env
                 fresh.append(item)
                 outcomes.append("applied")
             else:
-                older.append(item)
+                older.append(i)
                 outcomes.append("duplicate")
-        if fresh and self._parked_here:
-            # Parked before its last delivery (the process may die on it): applied now, so
-            # a later redelivery must be a duplicate again.
-            await self._unpark(tx, fresh)
         if older:  # a parked (dead-lettered) event coming back is applied after all
-            unparked = await self._unpark(tx, older)
-            for i, item in enumerate(events):
-                if outcomes[i] == "duplicate" and item.envelope.event_id in unparked:
+            unparked = await self._unpark(tx, [events[i] for i in older])
+            for i in older:
+                if events[i].envelope.event_id in unparked:
                     outcomes[i] = "applied"
-                    fresh.append(item)
+                    fresh.append(events[i])
         if not fresh:
             return outcomes
         await self.projection.apply(tx, fresh)
-        await tx.executemany(
-            "INSERT INTO {_positions} (producer, position, event_id, occurred_at, applied_at) "
-            "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (producer) DO UPDATE SET "
-            "position = excluded.position, event_id = excluded.event_id, "
-            "occurred_at = excluded.occurred_at, applied_at = excluded.applied_at",
-            [(p, e.position, e.event_id, e.occurred_at) for p, e in last.items()],
-        )
+        await self._advance(tx, list(last.values()))
         return outcomes
+
+    async def _advance(self, tx: Transaction, last: Sequence[Envelope]) -> None:
+        """Move each producer's position up to the given envelope's."""
+        await tx.executemany(
+            "INSERT INTO {_positions} AS t (producer, position, event_id, occurred_at, "
+            "applied_at) VALUES (%s, %s, %s, %s, now()) ON CONFLICT (producer) DO UPDATE SET "
+            "position = excluded.position, event_id = excluded.event_id, "
+            "occurred_at = excluded.occurred_at, applied_at = excluded.applied_at "
+            "WHERE t.position < excluded.position",
+            [(e.producer, e.position, e.event_id, e.occurred_at) for e in last],
+        )
 
     async def _unpark(self, tx: Transaction, older: Sequence[Applied]) -> set[Any]:
         await tx.cursor.execute(
@@ -299,25 +327,95 @@ class ProjectionStore:
         )
         return {row[0] for row in await tx.cursor.fetchall()}
 
-    async def park(self, envelope: Envelope, reason: str) -> None:
-        """Remember a dead-lettered event, so that its retry is applied, not skipped."""
-        self._parked_here = True
+    async def park(self, envelope: Envelope, reason: str) -> bool:
+        """Park a poison event in the live generation before it is dead-lettered.
+
+        False when the event is already applied: it is a duplicate, with nothing to park or
+        dead-letter. A later `esctl dlq retry` of a parked event applies it.
+        """
         async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.key,))
-            schema = await self.live_schema(conn)
-            tx = Transaction(conn.cursor(), schema, replaying=False)
+            await conn.execute(SHARED_LOCK, (self.key,))
+            return await self.park_in(conn, await self.live_schema(conn), envelope, reason)
+
+    async def park_in(
+        self, conn: psycopg.AsyncConnection[Any], schema: str, envelope: Envelope, reason: str
+    ) -> bool:
+        """`park`, in generation `schema` within the caller's transaction."""
+        tx = Transaction(conn.cursor(), schema, replaying=False)
+        await tx.execute(
+            "SELECT position FROM {_positions} WHERE producer = %s FOR UPDATE",
+            (envelope.producer,),
+        )
+        row = await tx.cursor.fetchone()
+        row_values = (
+            envelope.producer,
+            envelope.position,
+            envelope.event_id,
+            envelope.event_type,
+            reason[:500],
+        )
+        if envelope.position > (int(row[0]) if row else 0):
+            await self._advance(tx, [envelope])
             await tx.execute(
                 "INSERT INTO {_parked} (producer, position, event_id, event_type, reason) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (producer, position) DO UPDATE SET "
-                "reason = excluded.reason, parked_at = now()",
-                (
-                    envelope.producer,
-                    envelope.position,
-                    envelope.event_id,
-                    envelope.event_type,
-                    reason[:500],
-                ),
+                "VALUES (%s, %s, %s, %s, %s)",
+                row_values,
             )
+            parked = True
+        else:  # decided already: parked before (then kept), or applied
+            await tx.execute(
+                "UPDATE {_parked} SET reason = %s, parked_at = now() "
+                "WHERE producer = %s AND position = %s",
+                (reason[:500], envelope.producer, envelope.position),
+            )
+            parked = tx.cursor.rowcount > 0
+        if parked:  # a retry after a fix starts counting its crashes afresh
+            await tx.execute(
+                "DELETE FROM {_attempts} WHERE producer = %s AND position = %s",
+                (envelope.producer, envelope.position),
+            )
+        return parked
+
+    async def attempts(self, envelopes: Sequence[Envelope], *, count: bool) -> dict[Any, int]:
+        """Crashed handlings of each undecided event (above its position, or parked).
+
+        `count` records one more for each, first: the consumer is about to handle them
+        again after a redelivery. Rows of events decided since are cleaned up on the way.
+        """
+        if not envelopes:
+            return {}
+        params = (
+            [e.producer for e in envelopes],
+            [e.position for e in envelopes],
+            [e.event_id for e in envelopes],
+        )
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(SHARED_LOCK, (self.key,))
+            tx = Transaction(conn.cursor(), await self.live_schema(conn), replaying=False)
+            undecided = (
+                "FROM unnest(%s::text[], %s::bigint[], %s::uuid[]) AS e(producer, position, "
+                "event_id) LEFT JOIN {_positions} p USING (producer) "
+                "WHERE e.position > coalesce(p.position, 0) OR EXISTS (SELECT 1 FROM {_parked} k "
+                "WHERE k.producer = e.producer AND k.position = e.position)"
+            )
+            if not count:
+                peek = "SELECT a.event_id, a.attempts FROM {_attempts} a JOIN (SELECT "
+                peek += f"e.producer, e.position {undecided}) u USING (producer, position)"
+                await tx.execute(peek, params)
+                return {r[0]: int(r[1]) for r in await tx.cursor.fetchall()}
+            await tx.execute(
+                "DELETE FROM {_attempts} a USING {_positions} p WHERE a.producer = p.producer "
+                "AND a.position <= p.position AND NOT EXISTS (SELECT 1 FROM {_parked} k "
+                "WHERE k.producer = a.producer AND k.position = a.position)"
+            )
+            await tx.execute(
+                "INSERT INTO {_attempts} AS a (producer, position, event_id, attempts) "
+                f"SELECT e.producer, e.position, e.event_id, 1 {undecided} "
+                "ON CONFLICT (producer, position) DO UPDATE SET attempts = a.attempts + 1, "
+                "updated_at = now() RETURNING a.event_id, a.attempts",
+                params,
+            )
+            return {r[0]: int(r[1]) for r in await tx.cursor.fetchall()}
 
     # -- reading ------------------------------------------------------------------------
 
@@ -331,11 +429,20 @@ class ProjectionStore:
                 for row in await tx.cursor.fetchall()
             }
 
-    async def positions_in(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
-        """The live generation's positions, read on the caller's connection."""
+    async def decided_in(self, conn: psycopg.AsyncConnection[Any]) -> Decided:
+        """The live generation's positions and parked events, in one snapshot."""
         tx = Transaction(conn.cursor(), await self.live_schema(conn), replaying=False)
-        await tx.execute("SELECT producer, position FROM {_positions}")
-        return {str(p): int(pos) for p, pos in await tx.cursor.fetchall()}
+        await tx.execute(
+            "SELECT producer, position, false FROM {_positions} UNION ALL "
+            "SELECT producer, position, true FROM {_parked}"
+        )
+        decided = Decided()
+        for producer, position, parked in await tx.cursor.fetchall():
+            if parked:
+                decided.parked.add((str(producer), int(position)))
+            else:
+                decided.positions[str(producer)] = int(position)
+        return decided
 
     async def parked_count(self) -> int:
         async with self.pool.connection() as conn:
@@ -343,6 +450,21 @@ class ProjectionStore:
             await tx.execute("SELECT count(*) FROM {_parked}")
             row = await tx.cursor.fetchone()
             return int(row[0]) if row else 0
+
+
+@dataclass
+class Decided:
+    """What a generation has decided: positions per producer, and the parked among them."""
+
+    positions: dict[str, int] = field(default_factory=dict)
+    parked: set[tuple[str, int]] = field(default_factory=set)
+
+    def applied(self, envelope: Envelope) -> bool:
+        """Whether this generation has applied the event (decided, and not parked)."""
+        key = (envelope.producer, envelope.position)
+        return envelope.position <= self.positions.get(envelope.producer, 0) and (
+            key not in self.parked
+        )
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import Notification
 from prometheus_client import Counter, Gauge, Histogram
 
-from servicekit import telemetry
+from servicekit import amqp, telemetry
 from servicekit.aio import sleep_unless_stopped, supervise
 from servicekit.amqp import declare_producer_exchange
 from servicekit.eventstore import connection_kwargs
@@ -180,13 +180,11 @@ class Relay:
 
     async def _lead(self, stop: asyncio.Event) -> None:
         kw = connection_kwargs(self.database_url)
-        async with await psycopg.AsyncConnection.connect(
-            **kw, autocommit=True, connect_timeout=5
-        ) as conn:
+        async with await psycopg.AsyncConnection.connect(**kw, autocommit=True) as conn:
             if not await self._become_leader(conn, stop):
                 return
             await conn.execute(f'LISTEN "{self._channel_name}"')
-            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            connection = await amqp.connect(self.amqp_url)
             async with connection:
                 channel = await connection.channel(publisher_confirms=True)
                 exchange = await declare_producer_exchange(channel, self.exchange_name)
@@ -347,7 +345,7 @@ async def republish(
 
     latest = await asyncio.to_thread(lambda: relay.app.recorder.max_notification_id() or 0)
     result = Republished(run=uuid.uuid4().hex, start=start, to=latest, position=start - 1)
-    connection = await aio_pika.connect(relay.amqp_url, timeout=10)
+    connection = await amqp.connect(relay.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await declare_producer_exchange(channel, relay.exchange_name)

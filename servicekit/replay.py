@@ -8,6 +8,15 @@ generation has read the whole stream and holds every position the live one has a
 swap happens under the projection's exclusive advisory lock: the live consumer's next batch
 goes to the new generation, which skips what it already has as duplicates.
 
+A live system never goes quiet, so nothing here waits for silence: once the rebuilt
+generation has caught up with the live one's positions (checked after every batch), the
+replay tries to swap, and the swap re-checks under the lock. A replay that reaches what was
+the end of the stream and still lacks positions the live generation had applied then has
+found a gap in the stream (a stall), decided from offsets and positions alone.
+
+An event the live generation has parked (dead-lettered, not applied) is not history: the
+replay applies it as new, recording its effects, keyed by (event_id, effect), once.
+
 Retention: when the stream no longer starts at offset 0, the start of a producer's history
 may be gone. The replay then needs, per producer, a complete refill made by `esctl republish
 <producer> --from 1` (messages carrying `x-republish-*` headers) and reads in two phases:
@@ -18,19 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import psycopg
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter, Gauge
 from psycopg import sql
 from pydantic import ValidationError
 
-from servicekit import telemetry
+from servicekit import amqp, telemetry
 from servicekit.aio import fill
 from servicekit.amqp import declare_history_stream
 from servicekit.projection import (
@@ -71,17 +81,29 @@ class ReplayError(Exception):
     """A replay cannot go on; the message says why and what to do."""
 
 
+class Phase(enum.Enum):
+    REFILLS = "refills"  # reading `esctl republish` refills of a truncated stream
+    READING = "reading"  # reading the stream up to the live edge
+
+
 @dataclass
 class Progress:
     generation: str
     resumed: bool
     offset: int = -1  # last stream offset applied
-    end: int = -1  # last stream offset known to exist
+    end: int = -1  # last stream offset known to exist: the live edge
     applied: int = 0
     skipped: int = 0
     failed: int = 0
-    phase: str = "reading"
-    stalled: bool = False  # no new message for `stall_seconds` while still behind
+    phase: Phase = Phase.READING
+    # Per producer, how many positions the live generation has decided beyond the rebuilt
+    # one (when last checked); empty once caught up.
+    behind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def behind_edge(self) -> int:
+        """Stream messages between what was applied and the live edge."""
+        return max(self.end - self.offset, 0)
 
 
 @dataclass
@@ -108,6 +130,23 @@ class _Refill:
     run: str
     start: int  # stream offset of its first message
     to: int  # the producer's latest position when the run began
+    last: int = -1  # stream offset of its last message
+
+
+@dataclass
+class _Watch:
+    """The live generation's positions at `at`, and the stream's end read just after.
+
+    Every event the live generation had decided by then was in the stream by `end`, so a
+    rebuild that has read past `end` and still lacks one of those positions (for longer
+    than the stall bound after `reached`, for replication to settle) has found a gap in
+    the stream.
+    """
+
+    at: float
+    live: dict[str, int]
+    end: int
+    reached: float | None = None  # when the rebuild first read past `end`
 
 
 class Replay:
@@ -125,6 +164,7 @@ class Replay:
         idle_seconds: float = 1.0,
         stall_seconds: float = 30.0,
         linger_seconds: float = 0.02,
+        watch_seconds: float = 5.0,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.projection = projection
@@ -136,6 +176,7 @@ class Replay:
         self.idle = idle_seconds
         self.stall = stall_seconds
         self.linger = linger_seconds
+        self.watch_every = watch_seconds
         self.on_progress = on_progress or (lambda _: None)
 
     async def run(self, stop: asyncio.Event) -> ReplayResult:
@@ -143,28 +184,30 @@ class Replay:
             await self.store.setup()
             progress = await self._begin()
             self.on_progress(progress)
-            connection = await aio_pika.connect(self.amqp_url, timeout=10)
+            connection = await amqp.connect(self.amqp_url)
             async with connection:
                 first = await _first_offset(connection)
-                progress.end = await _last_offset(connection)
+                progress.end = await _stream_end(connection)
                 refills: dict[str, _Refill] = {}
                 phase, start = 0, progress.offset + 1
                 if first is not None and first > 0:
                     live = await self.store.positions()
                     refills = await self._refills(connection, progress.end, set(live))
                     start = min((r.start for r in refills.values()), default=first)
-                    progress.phase = "refills"
-                    await self._read(connection, progress, stop, start, refills, phase=1)
+                    progress.phase = Phase.REFILLS
+                    until = max((r.last for r in refills.values()), default=-1)
+                    if until >= start:
+                        await self._read(
+                            connection, progress, stop, start, refills, phase=1, until=until
+                        )
                     phase = 2
-                    progress.phase = "reading"
-                while not stop.is_set():
-                    await self._read(connection, progress, stop, start, refills, phase=phase)
-                    if stop.is_set():
-                        break
-                    result = await self._finish(progress)
+                    progress.phase = Phase.READING
+                if not stop.is_set():
+                    result = await self._read(
+                        connection, progress, stop, start, refills, phase=phase
+                    )
                     if result is not None:
                         return result
-                    start = progress.offset + 1 if phase == 0 else start
                 return ReplayResult(progress, swapped=False, interrupted=True)
 
     # -- generations --------------------------------------------------------------------
@@ -212,23 +255,15 @@ class Replay:
             return Progress(building, resumed=False)
 
     async def _finish(self, progress: Progress) -> ReplayResult | None:
-        """Swap (or, for a dry run, compare) once the rebuilt generation has caught up.
+        """Swap (or, for a dry run, compare) if the rebuilt generation has caught up.
 
         None: the live generation moved ahead meanwhile; read on.
         """
         async with self.store.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.store.key,))
             live = await self.store.live_schema(conn)
-            behind = await _behind(conn, live, progress.generation)
-            if behind and not progress.stalled:
+            if await _behind(conn, live, progress.generation):
                 return None
-            if behind:
-                raise ReplayError(
-                    "the rebuilt generation lacks positions the live one has applied ("
-                    + ", ".join(f"{p}: {have} < {want}" for p, have, want in behind)
-                    + "); events.history does not hold them. Refill it with `esctl republish "
-                    "<producer> --from <position>` and run the replay again."
-                )
             if self.dry_run:
                 diffs = await self._compare(conn, live, progress.generation)
                 return ReplayResult(progress, swapped=False, previous=live, differences=diffs)
@@ -237,7 +272,8 @@ class Replay:
                 "swapped_at = now() WHERE projection = %s",
                 (self.projection.name,),
             )
-        async with self.store.pool.connection() as conn:
+            # In the same transaction: whoever reads the live generation under the shared
+            # lock (the consumer, the mail dispatcher) never finds it dropped under them.
             await conn.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(live))
             )
@@ -280,6 +316,7 @@ class Replay:
         has applied, or that the stream still holds.
         """
         runs: dict[str, _Refill] = {}
+        last: dict[str, int] = {}  # stream offset of each run's last message
         bound = set(_producers(self.projection))
         needed = live & bound
         async for message in _scan(connection, "first", end, self.idle):
@@ -287,11 +324,16 @@ class Replay:
                 needed.add(str(message.app_id))
             headers = message.headers or {}
             run, producer = headers.get(RUN), headers.get(RUN_PRODUCER)
-            if run is None or producer is None or int(str(headers.get(RUN_FROM, 1))) > 1:
+            if run is None or producer is None:
+                continue
+            last[str(run)] = _offset(message)
+            if int(str(headers.get(RUN_FROM, 1))) > 1:
                 continue
             current = runs.get(str(producer))
             if current is None or (current.run != str(run) and _offset(message) > current.start):
                 runs[str(producer)] = _Refill(str(run), _offset(message), int(str(headers[RUN_TO])))
+        for refill in runs.values():
+            refill.last = last[refill.run]
         missing = sorted(p for p in needed if p not in runs)
         if missing:
             raise ReplayError(
@@ -311,35 +353,81 @@ class Replay:
         refills: dict[str, _Refill],
         *,
         phase: int,
-    ) -> None:
-        """Apply the stream from offset `start` until idle at its end (phase 0, 1 or 2)."""
+        until: int | None = None,
+    ) -> ReplayResult | None:
+        """Apply the stream from offset `start` (phase 0, 1 or 2).
+
+        Phase 1 (refills) ends at offset `until`. Phases 0 and 2 end with the swap, tried
+        after every batch once the rebuilt generation has caught up: the result. None when
+        stopped, or when phase 1 is done.
+        """
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self.batch_size * 2)
         stream = await declare_history_stream(channel)
         await stream.consume(inbox.put, arguments={"x-stream-offset": max(start, 0)}, no_ack=False)
-        stalled_since = asyncio.get_running_loop().time()
+        watch: _Watch | None = None
         try:
             while not stop.is_set():
-                try:
-                    first = await asyncio.wait_for(inbox.get(), timeout=self.idle)
-                except TimeoutError:
-                    if await self._caught_up(progress) or phase == 1:
-                        return
-                    if asyncio.get_running_loop().time() - stalled_since > self.stall:
-                        progress.stalled = True
-                        return  # _finish explains what is missing
+                batch: list[AbstractIncomingMessage] = []
+                with contextlib.suppress(TimeoutError):  # nothing new: check anyway
+                    batch.append(await asyncio.wait_for(inbox.get(), timeout=self.idle))
+                if batch:
+                    await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
+                    await self._apply(batch, progress, refills, phase)
+                    await batch[-1].ack(multiple=True)
+                if phase == 1:
+                    self.on_progress(progress)
+                    if progress.offset >= (until or 0):
+                        return None
                     continue
-                stalled_since = asyncio.get_running_loop().time()
-                progress.stalled = False
-                batch = [first]
-                await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
-                await self._apply(batch, progress, refills, phase)
-                await batch[-1].ack(multiple=True)
+                result, watch = await self._try_finish(connection, progress, watch)
                 self.on_progress(progress)
+                if result is not None:
+                    return result
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
+        return None
+
+    async def _try_finish(
+        self, connection: AnyConnection, progress: Progress, watch: _Watch | None
+    ) -> tuple[ReplayResult | None, _Watch | None]:
+        """Swap if caught up; otherwise keep a watch on the live edge to detect a stall."""
+        async with self.store.pool.connection() as conn:
+            live = await self.store.live_schema(conn)
+            behind = await _behind(conn, live, progress.generation)
+            live_positions = await _positions(conn, live)
+        progress.behind = {p: want - have for p, have, want in behind}
+        if not behind:
+            result = await self._finish(progress)
+            return result, None if result is None else watch
+        now = asyncio.get_running_loop().time()
+        if watch is None:
+            end = await _stream_end(connection)
+            progress.end = max(progress.end, end)
+            return None, _Watch(now, live_positions, end)
+        if progress.offset < watch.end:
+            return None, watch
+        if watch.reached is None:
+            watch.reached = now
+        rebuilt = {p: have for p, have, _ in behind}
+        lacking = [
+            (p, rebuilt.get(p, want), want)
+            for p, want in watch.live.items()
+            if rebuilt.get(p, want) < want
+        ]
+        if not lacking:  # read past the watched edge with nothing missing: watch anew
+            return None, None if now - watch.at >= self.watch_every else watch
+        if now - watch.reached < self.stall:
+            return None, watch
+        raise ReplayError(
+            "the rebuilt generation lacks positions the live one has applied ("
+            + ", ".join(f"{p}: {have} < {want}" for p, have, want in lacking)
+            + f") although it has read events.history past where they should be (offset "
+            f"{watch.end}); the stream does not hold them. Refill it with `esctl republish "
+            "<producer> --from <position>` and run the replay again."
+        )
 
     async def _apply(
         self,
@@ -409,9 +497,9 @@ class Replay:
                 raise
             except Exception:  # noqa: BLE001 - find the event that fails, park it, go on
                 outcomes = await self._one_by_one(conn, progress, events, invalid)
-            tx = Transaction(conn.cursor(), progress.generation, replaying=True)
             for envelope, reason in invalid:
-                await self._park(tx, envelope, reason)
+                await self.store.park_in(conn, progress.generation, envelope, reason)
+            tx = Transaction(conn.cursor(), progress.generation, replaying=True)
             applied = sum(1 for o in outcomes if o == "applied")
             await tx.execute(
                 "UPDATE {_replay} SET stream_offset = %s, applied = applied + %s, "
@@ -437,18 +525,19 @@ class Replay:
         An event the live generation has not applied yet (above its position) is new to this
         projection: its side effects are recorded now, keyed by (event_id, effect), so that
         it does not matter whether the live consumer records them too before the swap, or
-        skips the event as a duplicate after it. A producer the live generation has never
+        skips the event as a duplicate after it. An event the live generation parked is new
+        too: its effects were never recorded. A producer the live generation has never
         applied anything from is all history: a replay must not re-send a backlog.
         """
-        live = await self.store.positions_in(conn)
-        history: list[Applied] = []
-        new: list[Applied] = []
-        for e in events:
-            applied = live.get(e.envelope.producer, 0)
-            (history if applied == 0 or e.envelope.position <= applied else new).append(e)
-        outcomes = await self.store.apply_in(conn, generation, history, replaying=True)
-        if new:
-            outcomes += await self.store.apply_in(conn, generation, new, replaying=False)
+        live = await self.store.decided_in(conn)
+        outcomes: list[Outcome] = []
+        # In stream order, one run of history or of new events at a time: a parked event
+        # is new between two history ones, and must be applied before the later one.
+        for replaying, run in itertools.groupby(
+            events,
+            key=lambda e: e.envelope.producer not in live.positions or live.applied(e.envelope),
+        ):
+            outcomes += await self.store.apply_in(conn, generation, list(run), replaying=replaying)
         return outcomes
 
     async def _one_by_one(
@@ -472,18 +561,6 @@ class Replay:
                 )
                 invalid.append((item.envelope, f"handler failed: {type(exc).__name__}: {exc}"))
         return outcomes
-
-    async def _park(self, tx: Transaction, envelope: Envelope, reason: str) -> None:
-        await tx.execute(
-            "INSERT INTO {_parked} (producer, position, event_id, event_type, reason) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (envelope.producer, envelope.position, envelope.event_id, envelope.event_type, reason),
-        )
-
-    async def _caught_up(self, progress: Progress) -> bool:
-        async with self.store.pool.connection() as conn:
-            live = await self.store.live_schema(conn)
-            return not await _behind(conn, live, progress.generation)
 
 
 def _wanted(
@@ -526,6 +603,17 @@ async def _behind(
     return [(str(p), int(have), int(want)) for p, have, want in rows]
 
 
+async def _positions(conn: psycopg.AsyncConnection[Any], schema: str) -> dict[str, int]:
+    rows = await (
+        await conn.execute(
+            sql.SQL("SELECT producer, position FROM {}").format(
+                sql.Identifier(schema, "_positions")
+            )
+        )
+    ).fetchall()
+    return {str(p): int(pos) for p, pos in rows}
+
+
 def _producers(projection: Projection) -> list[str]:
     return [p for p, exchange in PRODUCER_EXCHANGES.items() if exchange in projection.bindings]
 
@@ -540,9 +628,14 @@ async def _first_offset(connection: AnyConnection) -> int | None:
     return None
 
 
-async def _last_offset(connection: AnyConnection) -> int:
+async def _stream_end(connection: AnyConnection, window: float = 0.3) -> int:
+    """The stream's last offset, or a little beyond: read from its last chunk for `window`.
+
+    Reading stops after `window` seconds however busy the stream is (under steady traffic
+    it is never quiet), or sooner once the last chunk has been read.
+    """
     last = -1
-    async for message in _scan(connection, "last", None, 0.3):
+    async for message in _scan(connection, "last", None, 0.1, seconds=window):
         last = max(last, _offset(message))
     return last
 
@@ -552,19 +645,27 @@ async def _scan(
     start: str | int,
     end: int | None,
     idle: float,
+    *,
     limit: int | None = None,
+    seconds: float | None = None,
 ) -> AsyncIterator[AbstractIncomingMessage]:
-    """Read the stream from `start` until `end`, `limit` messages, or `idle` seconds of quiet."""
+    """Read the stream from `start` until `end`, `limit` messages, `seconds`, or `idle`
+    seconds of quiet (the end of an empty or finished stream)."""
     inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=1000)
     stream = await declare_history_stream(channel)
     await stream.consume(inbox.put, arguments={"x-stream-offset": start}, no_ack=False)
     seen = 0
+    loop = asyncio.get_running_loop()
+    deadline = None if seconds is None else loop.time() + seconds
     try:
         while limit is None or seen < limit:
+            wait = idle if deadline is None else min(idle, deadline - loop.time())
+            if wait <= 0:
+                return
             try:
-                message = await asyncio.wait_for(inbox.get(), timeout=idle)
+                message = await asyncio.wait_for(inbox.get(), timeout=wait)
             except TimeoutError:
                 return
             await message.ack()

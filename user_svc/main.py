@@ -70,7 +70,7 @@ def create_app(
 
     async def database_ready() -> None:
         conn = await psycopg.AsyncConnection.connect(
-            **connection_kwargs(settings.database_url), connect_timeout=2, autocommit=True
+            **connection_kwargs(settings.database_url, connect_timeout=2), autocommit=True
         )
         async with conn:
             await conn.execute("SELECT 1")

@@ -28,7 +28,9 @@ class UserSettings(ServiceSettings):
     )
     consumer_prefetch: int = Field(default=100, description="AMQP prefetch of the consumer.")
     consumer_delivery_limit: int = Field(
-        default=5, description="Failed deliveries before a message is dead-lettered."
+        default=5,
+        description="Handler failures (errors, or the consumer dying while handling it) before a "
+        "message is parked and dead-lettered; lost connections never count.",
     )
     db_pool_size: int = Field(
         default=10,
