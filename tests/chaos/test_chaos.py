@@ -19,21 +19,36 @@ every check holds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aio_pika
+import httpx
+import psycopg
+import psycopg.sql
 import pytest
 
+from servicekit.eventstore import connection_kwargs
+from shared_contracts.names import live_queue
 from tests.support.chaos import (
+    CONSUMERS,
+    DLQ_SERVICES,
     Audit,
     Ledger,
     LoadGenerator,
     Stack,
     check_everything,
+    dlq_depths,
     end_to_end_recovery,
     eventually,
     inject_duplicates,
@@ -205,3 +220,288 @@ async def test_duplicate_and_reordered_deliveries_change_nothing(
     # registrations also reach user_svc: each must have been recognised as a duplicate.
     assert injected and injected[0] > 0
     assert suppressed >= injected[0]
+
+
+# -- faults of operations: parked events, replays and retries under load, flapping links ----
+
+DELIVERY_LIMIT = 5  # the consumers' default *_CONSUMER_DELIVERY_LIMIT
+POISON_TABLES = {  # database -> the table a poisoned user's profile events cannot be written to
+    "reporting": "profiles",
+    "notify": "recipients",
+}
+
+
+def live_schema(stack: Stack, database: str, projection: str) -> str:
+    with psycopg.connect(**connection_kwargs(stack.direct_db[database])) as conn:
+        row = conn.execute(
+            "SELECT live FROM projection_generations WHERE projection = %s", (projection,)
+        ).fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+@contextlib.contextmanager
+def poisoned_profile(stack: Stack, user_id: str, *, webhooks: bool) -> Iterator[None]:
+    """Until the block ends, the live generations cannot apply `user_id`'s profile events: a
+    trigger raises (a handler failure, as a bug would be), so each consumer parks the event
+    and dead-letters it. `webhooks` also fails integration_svc's delivery of them."""
+    made: list[tuple[str, str]] = []
+    targets = [(db, f"{db}_svc", table) for db, table in POISON_TABLES.items()]
+    try:
+        for database, projection, table in targets:
+            schema = live_schema(stack, database, projection)
+            target = f'"{schema}"."{table}"'
+            made.append((database, f"DROP TRIGGER IF EXISTS chaos_poison ON {target}"))
+            _poison(stack, database, target, f"NEW.user_id = '{user_id}'::uuid")
+        if webhooks:
+            target = "public.webhook_deliveries"
+            made.append(("integration", f"DROP TRIGGER IF EXISTS chaos_poison ON {target}"))
+            _poison(
+                stack,
+                "integration",
+                target,
+                "EXISTS (SELECT 1 FROM public.webhook_messages m WHERE m.event_id = "  # noqa: S608
+                "NEW.event_id AND m.event_type LIKE 'user.profile.%' AND "
+                f"m.body::jsonb #>> '{{data,user_id}}' = '{user_id}')",
+            )
+        yield
+    finally:
+        for database, drop in made:  # the fix is deployed
+            with psycopg.connect(
+                **connection_kwargs(stack.direct_db[database]), autocommit=True
+            ) as conn:
+                conn.execute(drop)
+
+
+def _poison(stack: Stack, database: str, target: str, condition: str) -> None:
+    with psycopg.connect(**connection_kwargs(stack.direct_db[database]), autocommit=True) as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION public.chaos_poison() RETURNS trigger LANGUAGE plpgsql "
+            f"AS $$ BEGIN IF {condition} THEN RAISE EXCEPTION 'chaos: this event cannot be "
+            "applied (a bug)'; END IF; RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER chaos_poison BEFORE INSERT OR UPDATE ON {target} FOR EACH ROW "
+            "EXECUTE FUNCTION public.chaos_poison()"
+        )
+
+
+def esctl(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The CLI against the chaos stack's servers, as an operator runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "esctl.main", *args],
+        env={**stack.env, "NO_COLOR": "1", "COLUMNS": "200", "LOG_FORMAT": "console"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, f"esctl {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result
+
+
+async def one_user(stack: Stack, ledger: Ledger) -> tuple[str, str]:
+    """A registered, projected user of `ledger`: (user id, access token)."""
+    load = LoadGenerator(stack, ledger)
+    try:
+        email = f"{ledger.tag}-poisoned-{uuid.uuid4().hex[:6]}@example.com"
+        assert await load.register(email) is not None
+        token = await load.login(email)
+        assert token is not None
+    finally:
+        await load.aclose()
+    user_id = ledger.users[email]
+    await eventually_true(lambda: profile_projected(stack, user_id), "the user's profile")
+    return user_id, token
+
+
+def profile_projected(stack: Stack, user_id: str) -> bool:
+    for database, projection, table in [(d, f"{d}_svc", t) for d, t in POISON_TABLES.items()]:
+        schema = live_schema(stack, database, projection)
+        with psycopg.connect(**connection_kwargs(stack.direct_db[database])) as conn:
+            found = conn.execute(
+                psycopg.sql.SQL("SELECT 1 FROM {} WHERE user_id = %s").format(
+                    psycopg.sql.Identifier(schema, table)
+                ),
+                (user_id,),
+            ).fetchone()
+            if found is None or (table == "recipients" and not _has_profile(conn, schema, user_id)):
+                return False
+    return True
+
+
+def _has_profile(conn: psycopg.Connection[Any], schema: str, user_id: str) -> bool:
+    row = conn.execute(
+        psycopg.sql.SQL("SELECT profile FROM {} WHERE user_id = %s").format(
+            psycopg.sql.Identifier(schema, "recipients")
+        ),
+        (user_id,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+async def eventually_true(check: Callable[[], bool], what: str, timeout: float = 45) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+async def patch_profile(
+    stack: Stack, ledger: Ledger, token: str, user_id: str, changes: dict[str, str]
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.patch(
+            f"{stack.users}/users/me", headers={"authorization": f"Bearer {token}"}, json=changes
+        )
+    assert response.status_code == 200, response.text
+    ledger.sent += 1
+    ledger.accepted += 1
+    if "bio" in changes:
+        ledger.bios[user_id] = changes["bio"]
+
+
+async def dead_letters(stack: Stack) -> dict[str, int]:
+    return await dlq_depths(stack.rabbit.url())
+
+
+async def test_replays_of_every_projection_under_load_carry_a_parked_event_and_swap(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event parked in each live generation, then a replay of each projection while
+    clients keep writing: each swaps within seconds, the parked event's effects (its
+    webhook) are recorded once, and a `dlq retry` after the swap changes nothing."""
+    stack, audit = world.stack, world.audit
+    ledger = Ledger(tag="replay-under-load")
+    user_id, token = await one_user(stack, ledger)
+    with poisoned_profile(stack, user_id, webhooks=True):
+        await patch_profile(stack, ledger, token, user_id, {"bio": "parked everywhere"})
+        await eventually_true(
+            lambda: (
+                asyncio.run(dead_letters(stack))
+                == {"user_svc": 0, "reporting_svc": 1, "notify_svc": 1, "integration_svc": 1}
+            ),
+            "the profile update parked and dead-lettered by the three projections",
+        )
+    load = LoadGenerator(stack, ledger)
+    traffic = asyncio.create_task(load.run(60.0))
+    durations: dict[str, float] = {}
+    try:
+        await asyncio.sleep(2)
+        for projection in ("reporting_svc", "notify_svc", "integration_svc"):
+            started = time.monotonic()
+            done = await asyncio.to_thread(esctl, stack, "replay", projection)
+            durations[projection] = time.monotonic() - started
+            assert "now serves" in done.stdout, done.stdout
+            assert not traffic.done(), f"the load ended before the replays swapped: {durations}"
+        for projection in ("reporting_svc", "notify_svc", "integration_svc"):
+            await asyncio.to_thread(esctl, stack, "dlq", "retry", projection, "--all")
+    finally:
+        await traffic
+        await load.aclose()
+    verdict, catch_up = await eventually(
+        lambda: check_everything(stack, audit, [ledger]), CATCH_UP_BOUND
+    )
+    with capsys.disabled():
+        print(
+            f"\n[chaos] replay-under-load: sent={ledger.sent} accepted={ledger.accepted} "
+            f"replays (start to swap, esctl included)="
+            + ", ".join(f"{p} {s:.1f}s" for p, s in durations.items())
+            + f" catch-up={catch_up:.1f}s webhooks={verdict.effects.webhooks}"
+        )
+    assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
+    assert all(seconds < 30 for seconds in durations.values()), durations
+
+
+async def test_a_dlq_retry_of_an_old_profile_update_keeps_the_newer_state(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack, audit = world.stack, world.audit
+    ledger = Ledger(tag="old-retry")
+    user_id, token = await one_user(stack, ledger)
+    with poisoned_profile(stack, user_id, webhooks=False):
+        await patch_profile(stack, ledger, token, user_id, {"bio": "", "display_name": "Old"})
+        await eventually_true(
+            lambda: (
+                asyncio.run(dead_letters(stack))
+                == {"user_svc": 0, "reporting_svc": 1, "notify_svc": 1, "integration_svc": 0}
+            ),
+            "the old update parked by reporting_svc and notify_svc",
+        )
+    await patch_profile(stack, ledger, token, user_id, {"display_name": "Newer"})
+    await patch_profile(stack, ledger, token, user_id, {"bio": "newest", "display_name": "New"})
+    await eventually_true(lambda: recipient_name(stack, user_id) == "New", "the newest name")
+    for projection in ("reporting_svc", "notify_svc"):
+        await asyncio.to_thread(esctl, stack, "dlq", "retry", projection, "--all")
+    verdict, catch_up = await eventually(
+        lambda: check_everything(stack, audit, [ledger]), CATCH_UP_BOUND
+    )
+    with capsys.disabled():
+        print(f"\n[chaos] old-retry: catch-up={catch_up:.1f}s")
+    assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
+    assert recipient_name(stack, user_id) == "New"  # not the retried "Old"
+
+
+def recipient_name(stack: Stack, user_id: str) -> str | None:
+    schema = live_schema(stack, "notify", "notify_svc")
+    with psycopg.connect(**connection_kwargs(stack.direct_db["notify"])) as conn:
+        row = conn.execute(
+            psycopg.sql.SQL("SELECT display_name FROM {} WHERE user_id = %s").format(
+                psycopg.sql.Identifier(schema, "recipients")
+            ),
+            (user_id,),
+        ).fetchone()
+    return None if row is None else row[0]
+
+
+def flap_during_a_backlog(world: World, rounds: int, seen: list[int]) -> None:
+    """Stop every consumer, then let stand-ins take their backlogs and lose their
+    connections `rounds` times (each loss raises every unacked message's delivery count),
+    then let the consumers go on. `seen` gets the highest x-delivery-count observed."""
+    stack = world.stack
+    consumers = [stack.procs[name] for name in CONSUMERS]
+    for proc in consumers:
+        assert proc.popen is not None
+        proc.popen.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the load piles up behind them
+        seen.append(asyncio.run(_stand_ins(stack, rounds)))
+    finally:
+        for proc in consumers:
+            assert proc.popen is not None
+            proc.popen.send_signal(signal.SIGCONT)
+
+
+async def _stand_ins(stack: Stack, rounds: int) -> int:
+    highest = 0
+    for _ in range(rounds):
+        connection = await aio_pika.connect(stack.rabbit.url())
+        received: list[int] = []
+
+        async def keep(
+            message: aio_pika.abc.AbstractIncomingMessage, counts: list[int] = received
+        ) -> None:
+            counts.append(int((message.headers or {}).get("x-delivery-count", 0) or 0))
+
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=10_000)
+        for service in DLQ_SERVICES:
+            queue = await channel.declare_queue(live_queue(service), passive=True)
+            await queue.consume(keep, no_ack=False)
+        await asyncio.sleep(0.7)
+        highest = max([highest, *received])
+        stack.rabbit.ctl("close_all_connections", "chaos: a flap during a backlog")
+        with contextlib.suppress(Exception):
+            await connection.close()
+    return highest
+
+
+async def test_connections_lost_twice_the_delivery_limit_during_a_backlog_dead_letter_nothing(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[int] = []
+    rounds = 2 * DELIVERY_LIMIT
+    await run_case(world, "flaps", lambda w: flap_during_a_backlog(w, rounds, seen), capsys)
+    # The broker's own count went past the limit: healthy messages would have been
+    # dead-lettered had it counted (the DLQ check in run_case found none).
+    assert seen and seen[0] >= DELIVERY_LIMIT

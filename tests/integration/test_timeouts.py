@@ -98,7 +98,7 @@ def test_a_broker_setting_names_every_node_and_negotiates_a_short_heartbeat() ->
     )
     assert (
         settings.amqp_url
-        == "amqp://guest:guest@a:5672/v?heartbeat=10,amqp://guest:guest@b:5673/v?heartbeat=3"
+        == "amqp://guest:guest@a:5672/v?heartbeat=5,amqp://guest:guest@b:5673/v?heartbeat=3"
     )
     assert amqp.broker_address(settings.amqp_url) == "a:5672, b:5673"
     with pytest.raises(ValueError, match="not an amqp"):

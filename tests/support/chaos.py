@@ -5,7 +5,12 @@ Used by tests/chaos (each fault, bounded) and bench/soak.py (minutes of mixed lo
 
 Every process talks to RabbitMQ and PostgreSQL through a `TcpProxy`, so a test can cut the
 network without touching the servers. A supervisor thread restarts any process that dies,
-as Kubernetes would: a SIGKILL needs no manual step.
+as Kubernetes would: a SIGKILL needs no manual step. Against a RabbitMQ cluster, each node
+has its own proxy and AMQP_URL lists them all (comma-separated).
+
+A `NamespacedReplica` is one more replica of a relay or consumer, run inside a network
+namespace (tests/support/netns.py) and reaching the servers directly at the namespace's
+host address, so that a blackhole cuts it off silently.
 """
 
 from __future__ import annotations
@@ -49,7 +54,13 @@ from tests.support.chaos_effects import (
     check_effects,
     effect_seen,
 )
-from tests.support.instances import PrivatePostgres, PrivateRabbit, pick_port
+from tests.support.instances import (
+    PrivatePostgres,
+    PrivateRabbit,
+    PrivateRabbitCluster,
+    pick_port,
+)
+from tests.support.netns import NetworkNamespace
 from tests.support.proxy import TcpProxy
 
 RETRYABLE = {429, 500, 502, 503, 504}
@@ -95,7 +106,7 @@ class Stack:
     def __init__(
         self,
         postgres: PrivatePostgres,
-        rabbit: PrivateRabbit,
+        rabbit: PrivateRabbit | PrivateRabbitCluster,
         workdir: Path,
         *,
         restart_delay: float = 0.5,
@@ -105,7 +116,10 @@ class Stack:
         self.rabbit = rabbit
         self.workdir = workdir
         self.restart_delay = restart_delay
-        self.amqp_proxy = TcpProxy(rabbit.port).start()
+        # One proxy per broker node (a cluster has several); AMQP_URL lists them all.
+        upstreams = rabbit.ports if isinstance(rabbit, PrivateRabbitCluster) else [rabbit.port]
+        self.amqp_proxies = [TcpProxy(port).start() for port in upstreams]
+        self.amqp_proxy = self.amqp_proxies[0]
         self.pg_proxy = TcpProxy(postgres.port).start()
         via_pg = f"postgresql://postgres@127.0.0.1:{self.pg_proxy.port}"
         self.direct_db = {
@@ -124,7 +138,9 @@ class Stack:
         }
         self.env = {
             **inherited,
-            "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{self.amqp_proxy.port}/",
+            "AMQP_URL": ",".join(
+                f"amqp://guest:guest@127.0.0.1:{proxy.port}/" for proxy in self.amqp_proxies
+            ),
             "AUTH_DATABASE_URL": f"{via_pg}/auth",
             "USER_DATABASE_URL": f"{via_pg}/users",
             "REPORTING_DATABASE_URL": f"{via_pg}/reporting",
@@ -168,6 +184,7 @@ class Stack:
             )
         }
         self._lock = threading.Lock()
+        self._held: set[str] = set()  # processes the supervisor must not restart
         self._stopping = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True)
 
@@ -226,6 +243,8 @@ class Stack:
         while not self._stopping.wait(0.2):
             for proc in self.procs.values():
                 with self._lock:
+                    if proc.name in self._held:
+                        continue
                     if proc.popen is not None and proc.popen.poll() is not None:
                         dead_for = time.monotonic() - proc.started_at
                         if dead_for < self.restart_delay:
@@ -244,6 +263,17 @@ class Stack:
             proc.popen.wait(timeout=10)
             proc.started_at = time.monotonic()
 
+    def hold(self, name: str) -> None:
+        """SIGKILL a process and keep it down (the supervisor leaves it) until `release`."""
+        with self._lock:
+            self._held.add(name)
+        self.kill(name)
+
+    def release(self, name: str) -> None:
+        """Let the supervisor restart a held process (counted as a restart)."""
+        with self._lock:
+            self._held.discard(name)
+
     def stop(self) -> None:
         self._stopping.set()
         if self._supervisor.is_alive():
@@ -259,7 +289,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
-        self.amqp_proxy.close()
+        for proxy in self.amqp_proxies:
+            proxy.close()
         self.pg_proxy.close()
         self.sink.close()
 
@@ -366,7 +397,10 @@ def _rss_mib(pids: list[int], *, proportional: bool = False) -> float:
 
 @contextlib.contextmanager
 def running_stack(
-    postgres: PrivatePostgres, rabbit: PrivateRabbit, workdir: Path, **kwargs: Any
+    postgres: PrivatePostgres,
+    rabbit: PrivateRabbit | PrivateRabbitCluster,
+    workdir: Path,
+    **kwargs: Any,
 ) -> Iterator[Stack]:
     stack = Stack(postgres, rabbit, workdir, **kwargs)
     try:
@@ -376,15 +410,150 @@ def running_stack(
         stack.stop()
 
 
+# -- replicas in a network namespace ------------------------------------------------------
+
+# process -> (its settings' prefix, the variable of its health port, its database)
+REPLICA_SETTINGS = {
+    "auth_svc.relay": ("AUTH", "AUTH_RELAY_PORT", "auth"),
+    "user_svc.relay": ("USER", "USER_RELAY_PORT", "users"),
+    "user_svc.consumer": ("USER", "USER_CONSUMER_PORT", "users"),
+    "reporting_svc.consumer": ("REPORTING", "REPORTING_CONSUMER_PORT", "reporting"),
+    "notify_svc.consumer": ("NOTIFY", "NOTIFY_CONSUMER_PORT", "notify"),
+    "integration_svc.consumer": ("INTEGRATION", "INTEGRATION_CONSUMER_PORT", "integration"),
+}
+
+
+class NamespacedReplica:
+    """One more replica of a relay or consumer of `stack`, run inside `ns`.
+
+    It reaches PostgreSQL and RabbitMQ DIRECTLY at the namespace's host address (the servers
+    must listen there: `private_servers(listen=[ns.host_ip], ...)`), with no proxy whose
+    kernel would keep its sessions alive through `ns.blackhole()`. Its health server listens
+    on the namespace's address (`url`). It is not one of `stack.procs`: nothing restarts it,
+    and the stack's readiness does not count it.
+    """
+
+    def __init__(self, stack: Stack, ns: NetworkNamespace, name: str) -> None:
+        prefix, port_variable, database = REPLICA_SETTINGS[name]
+        rabbit = stack.rabbit
+        amqp_url = (
+            rabbit.amqp_url_list(host=ns.host_ip)
+            if isinstance(rabbit, PrivateRabbitCluster)
+            else rabbit.url(host=ns.host_ip)
+        )
+        self.name = name
+        self.ns = ns
+        self.port = pick_port()
+        self.url = f"http://{ns.ns_ip}:{self.port}"
+        self.argv = list(stack.procs[name].argv)
+        self.log = stack.workdir / f"{name}.netns.log"
+        self.env = {
+            **stack.env,
+            "AMQP_URL": amqp_url,
+            f"{prefix}_DATABASE_URL": stack.postgres.url(database, host=ns.host_ip),
+            f"{prefix}_HOST": ns.ns_ip,
+            port_variable: str(self.port),
+        }
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NamespacedReplica:
+        with self.log.open("ab") as log:
+            self.popen = self.ns.popen(self.argv, self.env, stdout=log, stderr=log)
+        return self
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def status(self) -> dict[str, Any] | None:
+        """Its /status (None when it cannot be reached)."""
+        try:
+            response = httpx.get(f"{self.url}/status", timeout=2)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def role(self) -> str | None:
+        """A relay's role, or a consumer's (its projection's consumer)."""
+        status = self.status()
+        if status is None:
+            return None
+        role = status.get("role") or (status.get("consumer") or {}).get("role")
+        return str(role) if role is not None else None
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float) -> float:
+        """Seconds until `predicate()` holds; fails (with its log) after `timeout`."""
+        started = time.monotonic()
+        while not predicate():
+            if not self.alive():
+                raise AssertionError(f"{self.name} (netns) exited\n{self.log_tail()}")
+            if time.monotonic() - started > timeout:
+                raise AssertionError(
+                    f"{self.name} (netns) not {what} after {timeout:.0f}s "
+                    f"(role {self.role()})\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        popen = self.popen
+        if popen is None or popen.poll() is not None:
+            return
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=10)
+
+    def log_tail(self, lines: int = 15) -> str:
+        if not self.log.exists():
+            return ""
+        tail = self.log.read_text(errors="replace").splitlines()[-lines:]
+        return f"--- {self.name} (netns)\n" + "\n".join(t[:300] for t in tail)
+
+
+def queue_consumers(
+    rabbit: PrivateRabbit | PrivateRabbitCluster, queue: str
+) -> list[tuple[str, bool]]:
+    """(client address, active?) of each consumer of `queue`: with a single active consumer,
+    one is active (none while the broker fails over) and the others wait behind it."""
+    node = rabbit.a_running_node() if isinstance(rabbit, PrivateRabbitCluster) else rabbit
+    listed = node.ctl(
+        "list_consumers", "-p", "/", "queue_name", "channel_pid", "active", "--formatter", "json"
+    )
+    channels = node.ctl("list_channels", "pid", "name", "--formatter", "json")
+    # A channel's name is "client-ip:port -> server-ip:port (n)".
+    peers = {c["pid"]: c["name"].split(":")[0] for c in json.loads(channels)}
+    return [
+        (peers.get(c["channel_pid"], "?"), bool(c["active"]))
+        for c in json.loads(listed)
+        if c["queue_name"] == queue
+    ]
+
+
+def active_consumer_hosts(rabbit: PrivateRabbit | PrivateRabbitCluster, queue: str) -> list[str]:
+    """Client addresses of the consumers the broker delivers `queue` to."""
+    return [host for host, active in queue_consumers(rabbit, queue) if active]
+
+
 # -- the audit: what reached the exchanges ------------------------------------------------
 
 
 class Audit:
     """A durable quorum queue bound to both exchanges, read on its own thread, directly from
-    the broker (not through the proxy). Reconnects when the broker restarts."""
+    the broker (not through the proxy). Reconnects when the broker restarts; given several
+    node URLs (comma-separated, a cluster), it moves to the next node when one fails."""
 
     def __init__(self, amqp_url: str) -> None:
         self.amqp_url = amqp_url
+        self._urls = [u.strip() for u in amqp_url.split(",") if u.strip()]
+        self._node = 0
         # Keyed by producer and event id: an event id is unique per producer only (an
         # account and its profile share the aggregate id, so their first events share ids).
         self.envelopes: dict[tuple[str, str], dict[str, Any]] = {}
@@ -407,12 +576,13 @@ class Audit:
     async def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                await self._consume()
+                await self._consume(self._urls[self._node])
             except Exception:
                 await asyncio.sleep(0.5)
+            self._node = (self._node + 1) % len(self._urls)  # lost: try the next node
 
-    async def _consume(self) -> None:
-        connection = await aio_pika.connect(self.amqp_url, timeout=5)
+    async def _consume(self, url: str) -> None:
+        connection = await aio_pika.connect(url, timeout=5)
         async with connection:
             closed = asyncio.Event()
             connection.close_callbacks.add(lambda *_: closed.set())
@@ -927,8 +1097,11 @@ async def end_to_end_recovery(
         email = f"{ledger.tag}-probe-{uuid.uuid4().hex[:6]}@example.com"
         if await load.register(email) is None:
             raise AssertionError(f"the probe registration failed\n{stack.log_tail()}")
+        seen = "the probe was never published"
         while time.monotonic() < deadline:
             env = audit.find("auth.account.registered", email)
+            if env is not None:
+                seen = "published, but not every process was ready"
             if env is not None and not await asyncio.to_thread(stack.not_ready):
                 signups = await asyncio.to_thread(
                     read_report, stack.direct_db["reporting"], "signups"
@@ -945,12 +1118,17 @@ async def end_to_end_recovery(
                 )
                 if total >= registrations and profile and sent:
                     return time.monotonic() - since
+                seen = (
+                    f"published; signups counted {total} of {registrations} registrations, "
+                    f"profile {'made' if profile else 'missing'}, "
+                    f"mail and webhook {'out' if sent else 'not out'}"
+                )
             await asyncio.sleep(0.2)
     finally:
         await load.aclose()
     raise AssertionError(
-        f"not recovered {timeout:.0f}s after the fault; not ready: {stack.not_ready()}\n"
-        + stack.log_tail()
+        f"not recovered {timeout:.0f}s after the fault; last seen: {seen}; "
+        f"not ready: {stack.not_ready()}\n" + stack.log_tail()
     )
 
 
@@ -966,3 +1144,103 @@ async def _profile_exists(stack: Stack, user_id: str) -> bool:
             app.close()
 
     return await asyncio.to_thread(created)
+
+
+# -- a fault that lasts until the system has recovered -----------------------------------
+
+
+@dataclass
+class LastingFaultCase:
+    """What `run_lasting_fault` saw: `recovery` from the fault's start (while it lasted)."""
+
+    ledger: Ledger
+    verdict: Verdict
+    recovery: float
+    catch_up: float
+    suppressed: int
+
+    def summary(self, stack: Stack, audit: Audit) -> str:
+        ledger, verdict = self.ledger, self.verdict
+        restarts = {p.name: p.restarts for p in stack.procs.values() if p.restarts}
+        return (
+            f"[chaos] {ledger.tag}: sent={ledger.sent} accepted={ledger.accepted} "
+            f"rejected={ledger.rejected} retried={ledger.retries} "
+            f"projected={verdict.projected} mailed={verdict.effects.mails} "
+            f"webhooks={verdict.effects.webhooks} duplicates suppressed={self.suppressed} "
+            f"exchange duplicates(total)={audit.duplicates()} "
+            f"resent(total) mails={verdict.effects.mail_copies} "
+            f"webhooks={verdict.effects.webhook_copies} "
+            f"recovery(since the fault began)={self.recovery:.1f}s "
+            f"catch-up={self.catch_up:.1f}s restarts={restarts}"
+        )
+
+
+async def run_lasting_fault(
+    stack: Stack,
+    audit: Audit,
+    tag: str,
+    *,
+    begin: Callable[[], None],
+    end: Callable[[], None],
+    load_seconds: float = 6.0,
+    fault_after: float = 2.0,
+    recovery_bound: float = 30.0,
+    catch_up_bound: float = 45.0,
+    diagnose: Callable[[], str] | None = None,
+) -> LastingFaultCase:
+    """Load for `load_seconds`; after `fault_after` s, `begin()` the fault and KEEP it: a new
+    registration must go end to end within `recovery_bound` s of the fault's start while it
+    lasts. Then `end()` undoes the fault (always, even when recovery failed or `begin` failed
+    half-way: `end` must be idempotent) and every check must hold within `catch_up_bound` s.
+    `diagnose()`, if given, says what it sees when recovery fails (the fault still on)."""
+    ledger = Ledger(tag=tag)
+    duplicates_before = await asyncio.to_thread(stack.duplicates_suppressed)
+    load = LoadGenerator(stack, ledger)
+    traffic = asyncio.create_task(load.run(load_seconds))
+    try:
+        await asyncio.sleep(fault_after)
+        try:
+            fault_began = time.monotonic()
+            await asyncio.to_thread(begin)
+            try:
+                recovery = await end_to_end_recovery(
+                    stack, audit, ledger, fault_began, recovery_bound
+                )
+            except AssertionError as exc:
+                if diagnose is None:
+                    raise
+                seen = await asyncio.to_thread(_diagnosis, diagnose)
+                raise AssertionError(f"{exc}\n--- while the fault lasted:\n{seen}") from None
+            await traffic
+        finally:
+            await asyncio.to_thread(end)
+    finally:
+        with contextlib.suppress(Exception):
+            await traffic
+        await load.aclose()
+    verdict, catch_up = await eventually(
+        lambda: check_everything(stack, audit, [ledger]), catch_up_bound
+    )
+    suppressed = await asyncio.to_thread(stack.duplicates_suppressed) - duplicates_before
+    return LastingFaultCase(ledger, verdict, recovery, catch_up, suppressed)
+
+
+def _diagnosis(diagnose: Callable[[], str]) -> str:
+    try:
+        return diagnose()
+    except Exception as exc:  # a diagnosis must not hide the failure it explains
+        return f"(diagnosis failed: {type(exc).__name__}: {exc})"
+
+
+def database_sessions(stack: Stack, database: str) -> str:
+    """Every session on one of the stack's databases: client, state, waits, age, query."""
+    from servicekit.eventstore import connection_kwargs
+
+    kwargs = connection_kwargs(stack.direct_db[database])
+    with psycopg.connect(**kwargs, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, client_addr, state, wait_event_type, wait_event, "
+            "round(extract(epoch FROM now() - state_change))::int, left(query, 80) "
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return "\n".join(" | ".join(str(v) for v in row) for row in rows)

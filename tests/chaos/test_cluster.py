@@ -1,0 +1,156 @@
+"""Chaos: a RabbitMQ node of a three-node cluster goes down under load.
+
+The module starts a private PostgreSQL and a PRIVATE three-node RabbitMQ cluster
+(tests/support/instances.py: three nodes of this machine, one cookie), and the stack's
+processes with AMQP_URL listing the three nodes (each through its own TCP proxy), so that a
+client whose node goes away fails over to the next one. Quorum queues and the history stream
+have a member on every node.
+
+The case stops the node that leads the consumer queues (the one leading most of them),
+mid-load, and keeps it down: within 30 s of the stop, a new registration must be published
+and projected end to end through the two remaining nodes. Then the node is started again
+(it rejoins by itself) and every check of the chaos suite must hold: nothing lost, nothing
+applied twice, every effect once, the dead-letter queues empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared_contracts.names import HISTORY_STREAM, live_queue
+from tests.support.chaos import (
+    AUDIT_QUEUE,
+    DLQ_SERVICES,
+    Audit,
+    Stack,
+    run_lasting_fault,
+    running_stack,
+)
+from tests.support.instances import RABBITMQ_BIN, PrivateRabbitCluster, private_cluster_servers
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (RABBITMQ_BIN / "rabbitmq-server").exists() or shutil.which("runuser") is None,
+        reason="needs RabbitMQ's and PostgreSQL's server binaries for private instances",
+    ),
+]
+
+FAULT_AFTER = 2.0
+RECOVERY_BOUND = 30.0  # seconds from the node's stop to a write seen end to end
+CATCH_UP_BOUND = 45.0
+CONSUMER_QUEUES = [live_queue(service) for service in DLQ_SERVICES]
+
+
+@dataclass
+class World:
+    stack: Stack
+    audit: Audit
+    cluster: PrivateRabbitCluster
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with (
+        tempfile.TemporaryDirectory(
+            prefix="eskit-cluster-logs-", ignore_cleanup_errors=True
+        ) as logs,
+        private_cluster_servers() as (postgres, cluster),
+    ):
+        audit = Audit(cluster.amqp_url_list()).start()  # directly, any node
+        try:
+            with running_stack(postgres, cluster, Path(logs)) as stack:
+                yield World(stack, audit, cluster)
+        finally:
+            audit.close()
+
+
+def _wait_all_online(cluster: PrivateRabbitCluster, queues: list[str], timeout: float) -> float:
+    """Seconds until every member of `queues` is online again."""
+    started = time.monotonic()
+    everyone = sorted(n.node for n in cluster.nodes)
+    while True:
+        info = cluster.queue_info()
+        offline = {q: sorted(info[q].get("online") or []) for q in queues}
+        if all(online == everyone for online in offline.values()):
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"members still offline after {timeout:.0f}s: {offline}")
+        time.sleep(0.5)
+
+
+def test_the_cluster_has_three_running_nodes_and_every_queue_on_each(world: World) -> None:
+    cluster = world.cluster
+    assert sorted(cluster.running_nodes()) == sorted(n.node for n in cluster.nodes)
+    assert len(cluster.nodes) == 3
+    queues = [*CONSUMER_QUEUES, *(f"{s}.dlq" for s in DLQ_SERVICES), HISTORY_STREAM, AUDIT_QUEUE]
+    cluster.assert_replicated(queues)
+    info = cluster.queue_info()
+    assert info[HISTORY_STREAM]["type"] == "stream"
+    assert all(info[q]["type"] == "quorum" for q in CONSUMER_QUEUES)
+    # Every process reaches the broker with the three nodes' URLs.
+    assert world.stack.env["AMQP_URL"].count(",") == 2
+
+
+async def test_stopping_the_node_leading_the_consumer_queues_loses_nothing(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack, audit, cluster = world.stack, world.audit, world.cluster
+    info = await asyncio.to_thread(cluster.queue_info)
+    leaders = Counter(cluster.index_of(info[q]["leader"]) for q in CONSUMER_QUEUES)
+    reporting = cluster.index_of(info[live_queue("reporting_svc")]["leader"])
+    target = max(leaders, key=lambda i: (leaders[i], i == reporting))
+    node = cluster.nodes[target].node
+    led_during: list[dict[str, str]] = []
+    running_during: list[list[str]] = []
+
+    def stop() -> None:
+        cluster.stop_node(target)
+
+    def start() -> None:
+        if not cluster.nodes[target].running:  # the node is down: look before it returns
+            info = cluster.queue_info()
+            led_during.append({q: str(info[q]["leader"]) for q in CONSUMER_QUEUES})
+            running_during.append(cluster.running_nodes())
+        cluster.start_node(target)
+
+    try:
+        case = await run_lasting_fault(
+            stack,
+            audit,
+            "cluster-node-stop",
+            begin=stop,
+            end=start,
+            fault_after=FAULT_AFTER,
+            recovery_bound=RECOVERY_BOUND,
+            catch_up_bound=CATCH_UP_BOUND,
+        )
+    finally:
+        cluster.start_node(target)  # idempotent: never leave the node down
+    online_after = await asyncio.to_thread(_wait_all_online, cluster, CONSUMER_QUEUES, 60)
+    ready_after = await asyncio.to_thread(stack.wait_ready, 60)
+    with capsys.disabled():
+        print(
+            f"\n{case.summary(stack, audit)} stopped {node} (led {leaders[target]} of "
+            f"{len(CONSUMER_QUEUES)} consumer queues); members online again "
+            f"{online_after:.1f}s after its start, stack ready {ready_after:.1f}s"
+        )
+    verdict, ledger = case.verdict, case.ledger
+    assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
+    assert ledger.accepted > 0 and ledger.rejected > 0
+    assert verdict.projected == len(ledger.users)
+    assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
+    assert case.recovery <= RECOVERY_BOUND
+    # While it was down, the two others ran the cluster and led every consumer queue.
+    assert running_during and node not in running_during[0]
+    assert led_during and node not in led_during[0].values(), led_during
+    assert sorted(cluster.running_nodes()) == sorted(n.node for n in cluster.nodes)
