@@ -187,7 +187,8 @@ class Replay:
             connection = await amqp.connect(self.amqp_url)
             async with connection:
                 first = await _first_offset(connection)
-                progress.end = await _stream_end(connection)
+                watch = await self._watch(connection)  # also the first sight of the live edge
+                progress.end = watch.end
                 refills: dict[str, _Refill] = {}
                 phase, start = 0, progress.offset + 1
                 if first is not None and first > 0:
@@ -204,7 +205,7 @@ class Replay:
                     progress.phase = Phase.READING
                 if not stop.is_set():
                     result = await self._read(
-                        connection, progress, stop, start, refills, phase=phase
+                        connection, progress, stop, start, refills, phase=phase, watch=watch
                     )
                     if result is not None:
                         return result
@@ -354,6 +355,7 @@ class Replay:
         *,
         phase: int,
         until: int | None = None,
+        watch: _Watch | None = None,
     ) -> ReplayResult | None:
         """Apply the stream from offset `start` (phase 0, 1 or 2).
 
@@ -366,7 +368,6 @@ class Replay:
         await channel.set_qos(prefetch_count=self.batch_size * 2)
         stream = await declare_history_stream(channel)
         await stream.consume(inbox.put, arguments={"x-stream-offset": max(start, 0)}, no_ack=False)
-        watch: _Watch | None = None
         try:
             while not stop.is_set():
                 batch: list[AbstractIncomingMessage] = []
@@ -390,6 +391,13 @@ class Replay:
                 await channel.close()
         return None
 
+    async def _watch(self, connection: AnyConnection, live: dict[str, int] | None = None) -> _Watch:
+        """The live generation's positions (given, or read now), then the stream's end."""
+        at = asyncio.get_running_loop().time()
+        if live is None:
+            live = {p: v.position for p, v in (await self.store.positions()).items()}
+        return _Watch(at, live, await _stream_end(connection))
+
     async def _try_finish(
         self, connection: AnyConnection, progress: Progress, watch: _Watch | None
     ) -> tuple[ReplayResult | None, _Watch | None]:
@@ -404,9 +412,9 @@ class Replay:
             return result, None if result is None else watch
         now = asyncio.get_running_loop().time()
         if watch is None:
-            end = await _stream_end(connection)
-            progress.end = max(progress.end, end)
-            return None, _Watch(now, live_positions, end)
+            watch = await self._watch(connection, live_positions)
+            progress.end = max(progress.end, watch.end)
+            return None, watch
         if progress.offset < watch.end:
             return None, watch
         if watch.reached is None:
