@@ -4,11 +4,13 @@ with compose/kong.yml (nothing here can run Docker or a cluster)."""
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -17,11 +19,15 @@ from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings
 
 from esctl.gateway import GatewaySettings, k8s_credentials, load_kong
+from servicekit.amqp import amqp_urls
 from servicekit.telemetry import TelemetrySettings
 
 ROOT = Path(__file__).parents[2]
 BIN = ROOT / ".venv" / "bin"
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
+COMPOSE_ENV_EXAMPLE = ROOT / "compose" / ".env.example"
+K8S_SECRETS_EXAMPLE = ROOT / "k8s" / "secrets.example.env"
+RABBITMQ_NODES = 3  # compose and Kubernetes both describe a three-node RabbitMQ cluster
 SHARED_ENV = {"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"} | {
     # read by servicekit.telemetry.TelemetrySettings in every process
     name
@@ -75,6 +81,25 @@ def check_env_names(where: str, names: Iterator[str] | set[str]) -> list[str]:
             unknown.append(f"{where}: {name}")
     assert unknown == []
     return sorted(missing)
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """The KEY=VALUE lines of an env file (`docker compose --env-file`, `--from-env-file`)."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def rabbitmq_conf(text: str) -> dict[str, str]:
+    """The settings of a rabbitmq.conf (sysctl format: `key = value`, `#` comments)."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    pairs = (line.split("=", 1) for line in lines if line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def node_addresses(amqp_url: str) -> set[tuple[str | None, int]]:
+    """(host, port) of each node of an AMQP_URL, split as the runtime splits it."""
+    return {(parts.hostname, parts.port or 5672) for parts in map(urlsplit, amqp_urls(amqp_url))}
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -135,8 +160,8 @@ def test_compose_runs_every_process_healthy_and_in_order() -> None:
     assert expected <= set(commands.values())
     assert services["kong"]["image"] == "kong:3.9.3"
     assert services["kong"]["environment"]["KONG_DATABASE"] == "off"
-    assert {"postgres", "rabbitmq"} <= set(services)
-    assert services["rabbitmq"]["image"].endswith("-management")
+    assert "postgres" in services
+    assert all(s["image"].endswith("-management") for s in rabbitmq_nodes().values())
     one_shots = {n for n, c in commands.items() if c[:1] in (("db",), ("gateway",))}
     for name, service in services.items():
         for dependency, condition in (service.get("depends_on") or {}).items():
@@ -157,6 +182,90 @@ def test_compose_health_checks_probe_the_port_each_process_is_told_to_listen_on(
         if ports and "health/ready" in test:
             assert f"127.0.0.1:{ports[0]}/health/ready" in test, name
             assert len(ports) == 1, name
+
+
+def rabbitmq_nodes() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    return {n: s for n, s in services.items() if str(s.get("image", "")).startswith("rabbitmq:")}
+
+
+def compose_interpolated(value: str) -> str:
+    """`value` as docker compose interpolates it with the values of compose/.env.example."""
+    env = env_file(COMPOSE_ENV_EXAMPLE)
+
+    def substitute(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2) or "", match.group(3) or ""
+        if env.get(name):
+            return env[name]
+        assert "?" not in operator, f"{name} is required and compose/.env.example lacks it"
+        return argument if "-" in operator else ""
+
+    return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", substitute, value)
+
+
+def test_compose_runs_a_three_node_rabbitmq_cluster_sharing_one_cookie() -> None:
+    nodes = rabbitmq_nodes()
+    assert len(nodes) == RABBITMQ_NODES
+    assert len({s["image"] for s in nodes.values()}) == 1  # one version in the cluster
+    assert all(s["image"].startswith("rabbitmq:3.13") for s in nodes.values())
+    node_names = set()
+    for name, service in nodes.items():
+        assert service["hostname"] == name  # the node name is rabbit@<host name>
+        node_names.add(f"rabbit@{service['hostname']}")
+        assert "rabbitmq-diagnostics" in service["healthcheck"]["test"], name
+    # One cookie, from the env file, and a placeholder for it in the example.
+    cookies = {s["environment"]["RABBITMQ_ERLANG_COOKIE"] for s in nodes.values()}
+    assert len(cookies) == 1
+    (cookie,) = cookies
+    assert cookie.startswith("${RABBITMQ_ERLANG_COOKIE")
+    assert env_file(COMPOSE_ENV_EXAMPLE).get("RABBITMQ_ERLANG_COOKIE")
+    # Each node its own data volume; all of them the same rabbitmq.conf.
+    data, configs = [], set()
+    for service in nodes.values():
+        mounts = {
+            target: source for source, target, *_ in (v.split(":") for v in service["volumes"])
+        }
+        data.append(mounts["/var/lib/rabbitmq"])
+        configs.add(mounts["/etc/rabbitmq/rabbitmq.conf"])
+    assert len(set(data)) == RABBITMQ_NODES
+    assert set(data) <= set(compose()["volumes"])
+    (config,) = configs
+    conf = rabbitmq_conf((COMPOSE.parent / config).read_text())
+    assert conf["cluster_formation.peer_discovery_backend"] in ("classic_config", "classic")
+    listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == node_names
+    assert conf["cluster_partition_handling"] == "pause_minority"
+    # The management UI of one node, on the loopback interface only.
+    published = [p for s in nodes.values() for p in s.get("ports", [])]
+    assert len(published) == 1
+    assert published[0].startswith("127.0.0.1:")
+    assert published[0].endswith(":15672")
+
+
+def test_every_compose_process_lists_the_three_nodes_and_waits_for_them_healthy() -> None:
+    nodes = rabbitmq_nodes()
+    expected = {(s["hostname"], 5672) for s in nodes.values()}
+    users = {
+        compose_interpolated(s["environment"]["RABBITMQ_DEFAULT_USER"]) for s in nodes.values()
+    }
+    passwords = {
+        compose_interpolated(s["environment"]["RABBITMQ_DEFAULT_PASS"]) for s in nodes.values()
+    }
+    processes = 0
+    for name, service in compose()["services"].items():
+        if not str(service.get("image", "")).startswith("${ESKIT_IMAGE"):
+            continue
+        url = compose_interpolated(service["environment"]["AMQP_URL"])
+        assert node_addresses(url) == expected, name
+        assert {urlsplit(u).username for u in amqp_urls(url)} == users, name
+        assert {urlsplit(u).password for u in amqp_urls(url)} == passwords, name
+        if service["command"][:1] in (["db"], ["gateway"]):
+            continue  # one-shots that do not use the broker
+        processes += 1
+        depends = service.get("depends_on") or {}
+        for node in nodes:
+            assert depends[node]["condition"] == "service_healthy", (name, node)
+    assert processes >= len(CONSUMER_SERVICES) + 4  # REST services, relays and consumers
 
 
 def test_compose_sets_only_variables_the_code_reads() -> None:
@@ -212,6 +321,25 @@ def test_the_credentials_render_of_esctl_validates_for_kubernetes(tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def env_names_read(container: dict[str, Any]) -> list[str]:
+    """The container's variables, less those that only feed others (as `$(NAME)`)."""
+    values = " ".join(str(e.get("value", "")) for e in container.get("env", []))
+    return [e["name"] for e in container.get("env", []) if f"$({e['name']})" not in values]
+
+
+def expanded_env(container: dict[str, Any]) -> dict[str, str]:
+    """Each variable's value as the kubelet expands it: $(NAME) of a variable defined earlier in
+    the list (literal values, or `<NAME>` for values from a Secret or the Downward API)."""
+    defined: dict[str, str] = {}
+    for entry in container.get("env", []):
+        value = str(entry.get("value", f"<{entry['name']}>"))
+        for reference in re.findall(r"\$\((\w+)\)", value):
+            assert reference in defined, f"{entry['name']} uses $({reference}) before it is defined"
+            value = value.replace(f"$({reference})", defined[reference])
+        defined[entry["name"]] = value
+    return defined
+
+
 def _app_for(args: list[str]) -> FastAPI:
     if args[0] == "serve":
         module = importlib.import_module(f"{args[1]}.main")
@@ -251,7 +379,7 @@ def test_every_deployment_has_probes_resources_and_a_restricted_security_context
                 port = next(p for p in container["ports"] if p["name"] == get["port"])
                 env = {e["name"]: e.get("value") for e in container["env"]}
                 assert str(port["containerPort"]) in env.values(), name
-            missing = check_env_names(name, {e["name"] for e in container["env"]})
+            missing = check_env_names(name, set(env_names_read(container)))
             assert set(missing) <= {SETTINGS[p] for p in ("REPORTING_", "NOTIFY_", "INTEGRATION_")}
     assert {("consume", s) for s in CONSUMER_SERVICES} <= commands
     assert {("serve", "auth_svc"), ("serve", "user_svc")} <= commands
@@ -261,6 +389,7 @@ def test_every_deployment_has_probes_resources_and_a_restricted_security_context
 def test_rest_services_scale_and_every_deployment_has_a_disruption_budget(overlay: str) -> None:
     docs = rendered(overlay)
     deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    statefulsets = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
     hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
     assert all(h["apiVersion"] == "autoscaling/v2" for h in hpas)
     assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {"auth-svc", "user-svc"}
@@ -269,10 +398,176 @@ def test_rest_services_scale_and_every_deployment_has_a_disruption_budget(overla
         for d in docs
         if d["kind"] == "PodDisruptionBudget"
     }
-    assert budgets == deployments
+    assert budgets == deployments | statefulsets
     (job,) = [d for d in docs if d["kind"] == "Job"]
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "init"]
     assert not [d for d in docs if d["kind"] == "Secret"]  # referenced, never committed
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def rabbitmq_statefulset(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (sts,) = [
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet"
+        and d["spec"]["template"]["spec"]["containers"][0]["image"].startswith("rabbitmq:")
+    ]
+    return sts
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_rabbitmq_is_a_three_node_statefulset_that_forms_its_cluster_by_peer_discovery(
+    overlay: str,
+) -> None:
+    docs = rendered(overlay)
+    sts = rabbitmq_statefulset(docs)
+    spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] == RABBITMQ_NODES
+    assert spec["podManagementPolicy"] == "Parallel"  # OrderedReady deadlocks a full restart
+    (container,) = pod["containers"]
+    assert container["image"].startswith("rabbitmq:3.13")
+    # Stable node names from the headless service, resolvable before the nodes are ready.
+    headless = one(docs, "Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert selects(headless["spec"]["selector"], labels)
+    clients = [
+        d
+        for d in docs
+        if d["kind"] == "Service"
+        and d["spec"].get("clusterIP") != "None"
+        and selects(d["spec"].get("selector", {}), labels)
+    ]
+    assert [p["port"] for c in clients for p in c["spec"]["ports"] if p["name"] == "amqp"] == [5672]
+    env = {e["name"]: e for e in container["env"]}
+    suffix = env["K8S_HOSTNAME_SUFFIX"]["value"]
+    assert suffix.startswith(f".{spec['serviceName']}.")
+    assert env["RABBITMQ_NODENAME"]["value"] == f"rabbit@$(MY_POD_NAME){suffix}"
+    assert env["RABBITMQ_USE_LONGNAME"]["value"] == "true"
+    # Peer discovery through the Kubernetes API, with the rights it needs.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config = mounts["/etc/rabbitmq/rabbitmq.conf"]
+    plugins = mounts["/etc/rabbitmq/enabled_plugins"]
+    assert config["name"] == plugins["name"]
+    configmap = one(docs, "ConfigMap", volumes[config["name"]]["configMap"]["name"])
+    conf = rabbitmq_conf(configmap["data"][config["subPath"]])
+    assert conf["cluster_formation.peer_discovery_backend"] in ("rabbit_peer_discovery_k8s", "k8s")
+    assert conf["cluster_formation.k8s.service_name"] == spec["serviceName"]
+    assert conf["cluster_formation.k8s.address_type"] == "hostname"
+    assert conf["cluster_partition_handling"] == "pause_minority"
+    assert conf["queue_leader_locator"] == "balanced"
+    assert "rabbitmq_peer_discovery_k8s" in configmap["data"][plugins["subPath"]]
+    assert pod["automountServiceAccountToken"] is True
+    account = one(docs, "ServiceAccount", pod["serviceAccountName"])["metadata"]
+    subject = {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding" and subject in d["subjects"]]
+    role = one(docs, "Role", binding["roleRef"]["name"])
+    assert any(
+        "endpoints" in rule["resources"] and "get" in rule["verbs"] for rule in role["rules"]
+    )
+    # The Erlang cookie from the Secret, written to $HOME/.erlang.cookie before the node starts.
+    (cookie,) = [v for v in volumes.values() if "projected" in v]
+    (source,) = cookie["projected"]["sources"]
+    assert source["secret"]["name"] == "eskit-secrets"
+    assert [i["key"] for i in source["secret"]["items"]] == ["erlang-cookie"]
+    (init,) = pod["initContainers"]
+    home = mounts["/var/lib/rabbitmq"]["name"]
+    assert {m["name"] for m in init["volumeMounts"]} == {cookie["name"], home}
+    assert "/var/lib/rabbitmq/.erlang.cookie" in " ".join(init["command"])
+    # Its data on a volume claim per node; one node down at a time at most.
+    (claim,) = spec["volumeClaimTemplates"]
+    assert mounts["/var/lib/rabbitmq/mnesia"]["name"] == claim["metadata"]["name"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    (budget,) = [
+        d
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+        and selects(d["spec"]["selector"]["matchLabels"], labels)
+    ]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in budget["spec"]
+    # Probes through rabbitmq-diagnostics, resources, and the restricted security profile.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"][0] == "rabbitmq-diagnostics"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for each in (container, init):
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(each["resources"][kind]), each["name"]
+        sc = each["securityContext"]
+        assert sc["runAsNonRoot"] is True, each["name"]
+        assert sc["readOnlyRootFilesystem"] is True, each["name"]
+        assert sc["allowPrivilegeEscalation"] is False, each["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], each["name"]
+
+
+def test_in_production_no_two_rabbitmq_nodes_share_a_machine() -> None:
+    sts = rabbitmq_statefulset(rendered("prod"))
+    pod = sts["spec"]["template"]["spec"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert selects(term["labelSelector"]["matchLabels"], labels)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_every_process_lists_every_rabbitmq_node_in_amqp_url(overlay: str) -> None:
+    docs = rendered(overlay)
+    sts = rabbitmq_statefulset(docs)
+    name, headless = sts["metadata"]["name"], sts["spec"]["serviceName"]
+    expected = {(f"{name}-{i}.{headless}", 5672) for i in range(sts["spec"]["replicas"])}
+    broker_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    credentials = (
+        broker_env["RABBITMQ_DEFAULT_USER"]["valueFrom"],
+        broker_env["RABBITMQ_DEFAULT_PASS"]["valueFrom"],
+    )
+    processes = 0
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "Job"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            url = expanded_env(container)["AMQP_URL"]
+            assert node_addresses(url) == expected, where
+            # The user the broker creates, from the same Secret keys (expanded_env leaves
+            # `<NAME>` for a value from a Secret).
+            (user,) = {urlsplit(u).username for u in amqp_urls(url)}
+            (password,) = {urlsplit(u).password for u in amqp_urls(url)}
+            env = {e["name"]: e for e in container["env"]}
+            sources = (env[user.strip("<>")]["valueFrom"], env[password.strip("<>")]["valueFrom"])
+            assert sources == credentials, where
+            processes += 1
+    assert processes >= len(CONSUMER_SERVICES) + 5  # REST services, relays, consumers, db-init
+
+
+def test_every_secret_key_the_manifests_use_is_in_the_example() -> None:
+    keys = set(env_file(K8S_SECRETS_EXAMPLE))
+    used = set()
+    for overlay in ("dev", "prod"):
+        for doc in rendered(overlay):
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                for entry in container.get("env", []):
+                    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                    if ref and ref["name"] == "eskit-secrets":
+                        used.add(ref["key"])
+            for volume in pod.get("volumes", []):
+                sources = volume.get("projected", {}).get("sources", [])
+                secrets = [s["secret"] for s in sources if "secret" in s]
+                for secret in [*secrets, volume.get("secret", {})]:
+                    if "eskit-secrets" in (secret.get("name"), secret.get("secretName")):
+                        used |= {item["key"] for item in secret["items"]}
+    assert used == keys
 
 
 def test_the_ingress_and_kong_resources_mirror_kong_yml() -> None:
