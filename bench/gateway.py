@@ -26,7 +26,8 @@ from bench.harness import (
     write_result,
     wrk,
 )
-from esctl.gateway import DEFAULT_KONG_CONFIG, load_kong
+from gateway.kong import load_kong
+from gateway.settings import DEFAULT_KONG_CONFIG
 
 ROUNDS = 3
 SECONDS = 5

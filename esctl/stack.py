@@ -62,7 +62,7 @@ def processes() -> list[Process]:
 
 def gateway_process() -> Process:
     """The local gateway (HAProxy rendered from compose/kong.yml); probed on its status port."""
-    from esctl.gateway import GatewaySettings
+    from gateway.settings import GatewaySettings
 
     gw = GatewaySettings()
     return Process(

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from esctl.gateway import load_kong
+from gateway.kong import load_kong
 from servicekit.eventstore import connection_kwargs
 from tests.support.amqp import subscribed
 from tests.support.stack import Stack, running_stack

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings
 
-from esctl.gateway import GatewaySettings, k8s_credentials, load_kong
+from gateway.kong import k8s_credentials, load_kong
+from gateway.settings import GatewaySettings
 from servicekit.amqp import amqp_urls
 from servicekit.telemetry import TelemetrySettings
 
@@ -40,7 +41,7 @@ SETTINGS = {
     "REPORTING_": "reporting_svc.settings:ReportingSettings",
     "NOTIFY_": "notify_svc.settings:NotifySettings",
     "INTEGRATION_": "integration_svc.settings:IntegrationSettings",
-    "GATEWAY_": "esctl.gateway:GatewaySettings",
+    "GATEWAY_": "gateway.settings:GatewaySettings",
 }
 CONSUMER_SERVICES = ("user_svc", "reporting_svc", "notify_svc", "integration_svc")
 

@@ -14,16 +14,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
-from esctl.gateway import (
+from gateway.haproxy import render_haproxy
+from gateway.kong import (
     GatewayConfigError,
-    GatewaySettings,
     dump_kong,
-    gateway_model,
     k8s_credentials,
     load_kong,
-    render_haproxy,
     with_credentials,
 )
+from gateway.model import gateway_model
+from gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).parents[2]
 KONG_YML = ROOT / "compose" / "kong.yml"
