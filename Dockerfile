@@ -29,6 +29,7 @@ COPY reporting_svc ./reporting_svc
 COPY notify_svc ./notify_svc
 COPY integration_svc ./integration_svc
 COPY gateway ./gateway
+COPY registry ./registry
 COPY esctl ./esctl
 COPY compose/kong.yml ./compose/kong.yml
 RUN uv sync --frozen --no-dev --no-editable

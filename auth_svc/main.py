@@ -1,6 +1,6 @@
-"""Composition root of auth_svc: database initialisation and the app factory.
+"""Composition root of auth_svc: database initialisation, the app factory and the relay.
 
-Run with `uvicorn --factory auth_svc.main:create_app`; nothing is built at import time.
+`SERVICE` declares the service to the registry; nothing is built at import time.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from fastapi import FastAPI
 
 from auth_svc.api import install_error_handlers, router
 from auth_svc.application import AuthService
+from auth_svc.contracts import to_contract
 from auth_svc.keys import KeyStore, init_signing_keys
 from auth_svc.settings import AuthSettings
 from servicekit import web
 from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
-from servicekit.relay import create_relay_table
+from servicekit.relay import Relay, create_relay_table
+from servicekit.service import Service
 from servicekit.tokens import TokenVerifier
+from shared_contracts.names import AUTH_EVENTS
 
 
 def init_db(settings: AuthSettings | None = None) -> None:
@@ -80,3 +83,19 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     return app
+
+
+def relay(settings: AuthSettings) -> Relay:
+    """Publishes the account events of auth_svc's store to `auth.events`."""
+    return Relay.of_store(
+        AuthService,
+        settings,
+        producer="auth_svc",
+        exchange=AUTH_EVENTS,
+        to_contract=to_contract,
+    )
+
+
+SERVICE = Service(
+    name="auth_svc", settings=AuthSettings, init_db=init_db, app=create_app, relay=relay
+)

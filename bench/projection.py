@@ -38,9 +38,10 @@ from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import declare_consumer_queues
 from servicekit.consumer import Consumer, ProjectionHandler
-from servicekit.projection import Applied, Outcome, ProjectionStore
+from servicekit.messages import IncomingEvent, Outcome
+from servicekit.process import run_projection
+from servicekit.projection import ProjectionStore
 from servicekit.replay import Progress, Replay
-from servicekit.runners import run_projection
 from tests.support.history import generate, publish
 
 EVENTS = 50_000
@@ -104,9 +105,7 @@ async def projection_catch_up(amqp_url: str, bodies: Sequence[tuple[str, str, by
         async with connection:
             channel = await connection.channel()
             service = f"bench_{uuid.uuid4().hex[:6]}"
-            queue = await declare_consumer_queues(
-                channel, service, Reporting.bindings, delivery_limit=5
-            )
+            queue = await declare_consumer_queues(channel, service, Reporting.bindings)
             await publish(amqp_url, list(bodies))
             store = ProjectionStore(Reporting(), db)
             consumer = Consumer(
@@ -184,7 +183,7 @@ class Timed(ProjectionHandler):
         self.committed = committed
         self.handed: dict[str, float] = {}  # when the batch reached the handler
 
-    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+    async def handle(self, events: Sequence[IncomingEvent]) -> Sequence[Outcome]:
         handed = time.perf_counter()
         outcomes = await super().handle(events)
         now = time.perf_counter()

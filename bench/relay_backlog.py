@@ -17,6 +17,7 @@ import psycopg
 
 from bench.harness import median, temp_database, temp_vhost, write_result
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
+from servicekit.messages import envelope_for
 from servicekit.relay import Relay, create_relay_table
 from tests.support.producer import Member, MemberApp, to_contract
 
@@ -126,7 +127,6 @@ async def run() -> dict[str, object]:
         await asyncio.to_thread(fill, app, BACKLOG)
         # The baseline publishes the very bodies the relay publishes.
         notifications = app.recorder.select_notifications(start=1, limit=BACKLOG)
-        from servicekit.relay import envelope_for
 
         bodies = []
         for n in notifications:

@@ -1,4 +1,7 @@
-"""What runs in the stack: every process `esctl up` starts, and how to reach it."""
+"""What runs in the stack: every process `esctl up` starts, and what it needs to reach.
+
+The processes come from the registry (`registry.processes()`), plus the local gateway.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,11 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from auth_svc.settings import AuthSettings
-from integration_svc.settings import IntegrationSettings
-from notify_svc.settings import NotifySettings
-from reporting_svc.settings import ReportingSettings
+import registry
+from gateway.settings import GatewaySettings
 from servicekit.amqp import amqp_urls, broker_address
 from servicekit.eventstore import connection_kwargs
-from user_svc.settings import UserSettings
+from servicekit.service import Role
 
 
 @dataclass(frozen=True)
@@ -31,43 +32,20 @@ class Process:
 
 
 def processes() -> list[Process]:
-    auth, users, reporting = AuthSettings(), UserSettings(), ReportingSettings()
-    py = sys.executable
-    esctl = [py, "-m", "esctl.main"]
-
+    """Every service's processes, each run as `python -m esctl.main <verb> <service>`."""
+    esctl = [sys.executable, "-m", "esctl.main"]
     return [
-        Process("auth_svc", [*esctl, "serve", "auth_svc"], auth.host, auth.port, True),
-        Process("user_svc", [*esctl, "serve", "user_svc"], users.host, users.port, True),
-        Process("auth_svc.relay", [*esctl, "relay", "auth_svc"], auth.host, auth.relay_port, False),
-        Process(
-            "user_svc.relay", [*esctl, "relay", "user_svc"], users.host, users.relay_port, False
-        ),
-        Process(
-            "user_svc.consumer",
-            [*esctl, "consume", "user_svc"],
-            users.host,
-            users.consumer_port,
-            False,
-        ),
-        *(
-            Process(f"{name}.consumer", [*esctl, "consume", name], s.host, s.consumer_port, False)
-            for name, s in (
-                ("reporting_svc", reporting),
-                ("notify_svc", NotifySettings()),
-                ("integration_svc", IntegrationSettings()),
-            )
-        ),
+        Process(p.name, [*esctl, *p.command], *p.address(), public=p.role is Role.API)
+        for p in registry.processes()
     ]
 
 
 def gateway_process() -> Process:
     """The local gateway (HAProxy rendered from compose/kong.yml); probed on its status port."""
-    from gateway.settings import GatewaySettings
-
     gw = GatewaySettings()
     return Process(
         "gateway",
-        [sys.executable, "-m", "esctl.main", "gateway", "run"],
+        [sys.executable, "-m", "gateway"],
         gw.host,
         gw.status_port,
         False,
@@ -87,13 +65,8 @@ def dependency_problems() -> list[str]:
     """One line per unreachable dependency, naming host:port and how to start it."""
     problems: list[str] = []
     seen: set[tuple[str, int]] = set()
-    for url in (
-        AuthSettings().database_url,
-        UserSettings().database_url,
-        ReportingSettings().database_url,
-        NotifySettings().database_url,
-        IntegrationSettings().database_url,
-    ):
+    settings = [service.settings() for service in registry.SERVICES]
+    for url in (s.database_url for s in settings):
         kw = connection_kwargs(url)
         if (kw["host"], kw["port"]) in seen:
             continue
@@ -104,7 +77,7 @@ def dependency_problems() -> list[str]:
                 "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
                 "or point the services' *_DATABASE_URL variables at a running server."
             )
-    amqp = AuthSettings().amqp_url
+    amqp = settings[0].amqp_url
     nodes = [urlsplit(url) for url in amqp_urls(amqp)]
     if not any(reachable(n.hostname or "127.0.0.1", n.port or 5672) for n in nodes):
         problems.append(

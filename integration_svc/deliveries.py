@@ -8,7 +8,6 @@ pushed past the lease), sends, and writes the outcomes back in one statement per
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+
+from servicekit.dispatch import expire_intents
 
 NOTIFY_CHANNEL = "integration_svc_deliveries"
 
@@ -35,12 +36,6 @@ DDL = (
     "CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON public.webhook_deliveries "
     "(endpoint_id, next_attempt_at) WHERE status = 'pending'",
 )
-
-
-def retry_delay(attempt: int, *, initial: float, maximum: float) -> float:
-    """Exponential backoff with jitter: about initial * 2^(attempt-1), capped at `maximum`."""
-    ceiling = min(initial * 2 ** max(attempt - 1, 0), maximum)
-    return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
 
 
 @dataclass(frozen=True)
@@ -111,14 +106,13 @@ async def record(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
 
 async def expire(conn: psycopg.AsyncConnection[Any], window: float) -> int:
     """Fail deliveries whose retry window ended while they waited (e.g. breaker open)."""
-    cur = await conn.execute(
-        "UPDATE public.webhook_deliveries SET status = 'failed', "
-        "last_error = 'retry window ended: ' || coalesce(last_error, 'never attempted') "
-        "WHERE status = 'pending' AND next_attempt_at <= now() "
-        "AND window_start + make_interval(secs => %s) < now()",
-        (window,),
+    return await expire_intents(
+        conn,
+        "webhook_deliveries",
+        window_start="window_start",  # reset by a redelivery
+        never="never attempted",
+        window=window,
     )
-    return cur.rowcount
 
 
 @dataclass(frozen=True)

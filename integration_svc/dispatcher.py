@@ -17,7 +17,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -28,7 +27,13 @@ from integration_svc import deliveries, egress, signing
 from integration_svc.deliveries import NOTIFY_CHANNEL, Delivery, Outcome
 from integration_svc.endpoints import Endpoint, load_all
 from integration_svc.settings import IntegrationSettings
-from servicekit.dispatch import IntentDispatcher
+from servicekit.dispatch import (
+    CircuitBreaker,
+    DispatcherStatus,
+    IntentDispatcher,
+    RetrySchedule,
+    TokenBucket,
+)
 
 log = logging.getLogger("integration_svc.dispatcher")
 
@@ -47,49 +52,6 @@ COALESCE_SECONDS = 0.025
 BUFFER = 4
 
 
-class TokenBucket:
-    """`rate` requests per second on average, bursts of up to `rate` (at least 1)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(rate, 1.0)
-        self.tokens = self.capacity
-        self.updated = time.monotonic()
-
-    def reserve(self) -> float:
-        """Take a token; the seconds to wait before using it."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        self.tokens -= 1
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-class CircuitBreaker:
-    """closed -> open after `threshold` failures in a row -> half-open after `cooldown`
-    (one probe) -> closed on its success, open again on its failure."""
-
-    def __init__(self, threshold: int, cooldown: float) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.opened_at: float | None = None
-
-    def state(self, now: float) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "open" if now < self.opened_at + self.cooldown else "half-open"
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self, now: float) -> None:
-        self.failures += 1
-        if self.opened_at is not None or self.failures >= self.threshold:
-            self.opened_at = now
-
-
 @dataclass
 class EndpointState:
     endpoint: Endpoint
@@ -103,17 +65,15 @@ class EndpointState:
 
 
 @dataclass
-class DispatcherStatus:
-    role: str = "starting"  # starting | dispatching | reconnecting | stopped
+class WebhookDispatcherStatus(DispatcherStatus):
     endpoints: dict[str, str] = field(default_factory=dict)  # endpoint -> breaker state
     delivered: int = 0
-    retried: int = 0
-    failed: int = 0
-    last_error: str | None = None
 
 
 class WebhookDispatcher(IntentDispatcher):
     """Construct, then `await run(stop)`."""
+
+    status: WebhookDispatcherStatus
 
     def __init__(self, settings: IntegrationSettings) -> None:
         self.settings = settings
@@ -128,7 +88,12 @@ class WebhookDispatcher(IntentDispatcher):
             channel=NOTIFY_CHANNEL,
             pool_size=settings.db_pool_size,
         )
-        self.status = DispatcherStatus()
+        self.status = WebhookDispatcherStatus()
+        self.schedule = RetrySchedule(
+            initial=settings.retry_initial_seconds,
+            maximum=settings.retry_max_interval_seconds,
+            window=settings.retry_window_seconds,
+        )
         self.states: dict[str, EndpointState] = {}
         self._outcomes: list[Outcome] = []
         self._progress = asyncio.Event()  # an attempt finished
@@ -159,7 +124,7 @@ class WebhookDispatcher(IntentDispatcher):
                         await self._refresh_endpoints(conn, now, force=woken)
                         if now - last_expiry >= self.settings.dispatch_poll_seconds:
                             last_expiry = now
-                            await deliveries.expire(conn, self.settings.retry_window_seconds)
+                            await deliveries.expire(conn, self.schedule.window)
                         room = self._room(now)
                         claimed = await deliveries.claim(
                             conn, room, lease=self.settings.lease_seconds
@@ -202,8 +167,8 @@ class WebhookDispatcher(IntentDispatcher):
     def _next_breaker_probe(self, now: float) -> float:
         wait = self.settings.dispatch_poll_seconds
         for state in self.states.values():
-            if state.breaker.opened_at is not None:
-                wait = min(wait, max(state.breaker.opened_at + state.breaker.cooldown - now, 0.01))
+            if (probe_at := state.breaker.probe_at) is not None:
+                wait = min(wait, max(probe_at - now, 0.01))
         return wait
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
@@ -323,7 +288,7 @@ class WebhookDispatcher(IntentDispatcher):
     async def _post(self, state: EndpointState, delivery: Delivery) -> httpx.Response:
         """One signed POST to the address that passes the SSRF guard now."""
         s = self.settings
-        if (wait := state.bucket.reserve()) > 0:
+        if (wait := state.bucket.reserve(time.monotonic())) > 0:
             await asyncio.sleep(wait)
         target = state.pinned or await egress.resolve(
             state.endpoint.url, self.policy, dns_timeout=s.connect_timeout_seconds
@@ -345,14 +310,10 @@ class WebhookDispatcher(IntentDispatcher):
     def _failure(
         self, state: EndpointState, delivery: Delivery, code: int | None, error: str
     ) -> Outcome:
-        s = self.settings
         state.breaker.failure(asyncio.get_running_loop().time())
         self.status.last_error = f"{delivery.endpoint_id}: {error}"
-        delay = deliveries.retry_delay(
-            delivery.attempt, initial=s.retry_initial_seconds, maximum=s.retry_max_interval_seconds
-        )
-        deadline = delivery.window_start + timedelta(seconds=s.retry_window_seconds)
-        if datetime.now(UTC) + timedelta(seconds=delay) > deadline:
+        delay = self.schedule.retry_in(delivery.attempt, delivery.window_start)
+        if delay is None:
             return Outcome(
                 delivery,
                 "failed",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 import psycopg
 
@@ -17,11 +16,9 @@ from integration_svc.projection import Webhooks
 from integration_svc.settings import IntegrationSettings
 from servicekit.aio import sleep_unless_stopped
 from servicekit.eventstore import connection_kwargs, ensure_database
+from servicekit.process import ProjectionWorker
 from servicekit.projection import ProjectionStore
-from servicekit.runners import ProjectionWorker, serve_projection
-
-SERVICE = Webhooks.name
-SETTINGS = IntegrationSettings
+from servicekit.service import CannotStart, Service
 
 log = logging.getLogger("integration_svc")
 
@@ -94,12 +91,18 @@ class IntegrationWorker(ProjectionWorker):
                 await sleep_unless_stopped(stop, 1.0)
 
 
-def consume() -> None:
-    """Run the projection from `integration_svc.q` and deliver webhooks until SIGINT/SIGTERM."""
-    settings = IntegrationSettings()
+def worker(settings: IntegrationSettings) -> IntegrationWorker:
+    """The projection fed from `integration_svc.q`, with the endpoints of the webhooks file."""
     try:
-        worker = IntegrationWorker(settings, file_endpoints(settings))
+        return IntegrationWorker(settings, file_endpoints(settings))
     except (EndpointError, ValueError) as exc:
-        print(f"error: integration_svc cannot start: {exc}", file=sys.stderr)
-        sys.exit(2)
-    serve_projection(worker)
+        raise CannotStart(str(exc)) from None
+
+
+SERVICE = Service(
+    name=Webhooks.name,
+    settings=IntegrationSettings,
+    init_db=init_db,
+    consumer=worker,
+    projection=projection,
+)

@@ -12,7 +12,8 @@ import json
 from collections.abc import Sequence
 
 from integration_svc.deliveries import NOTIFY_CHANNEL
-from servicekit.projection import Applied, Projection, Transaction, topic_matches
+from servicekit.messages import IncomingEvent
+from servicekit.projection import Projection, Transaction, topic_matches
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 
@@ -40,7 +41,7 @@ class Webhooks(Projection):
     bindings = {AUTH_EVENTS: ["#"], USER_EVENTS: ["#"]}
     tables: dict[str, str] = {}
 
-    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+    async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         if tx.replaying:
             return
         await tx.cursor.execute("SELECT id, events FROM public.webhook_endpoints")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter, Gauge
 
@@ -23,7 +22,12 @@ from notify_svc.intents import NOTIFY_CHANNEL, Intent
 from notify_svc.mail import MailTransport, PermanentMailError, render, transport
 from notify_svc.projection import Notifications
 from notify_svc.settings import NotifySettings
-from servicekit.dispatch import IntentDispatcher
+from servicekit.dispatch import (
+    CircuitBreaker,
+    DispatcherStatus,
+    IntentDispatcher,
+    RetrySchedule,
+)
 
 log = logging.getLogger("notify_svc.dispatcher")
 
@@ -34,33 +38,35 @@ BREAKER_OPEN = Gauge("notify_smtp_breaker_open", "1 while sending is paused afte
 
 
 @dataclass
-class DispatcherStatus:
+class MailDispatcherStatus(DispatcherStatus):
     transport: str
-    role: str = "starting"  # starting | dispatching | reconnecting | stopped
     breaker: str = "closed"  # closed | open | half-open
     sent: int = 0
-    retried: int = 0
-    failed: int = 0
-    last_error: str | None = None
 
 
 class MailDispatcher(IntentDispatcher):
     """Construct, then `await run(stop)`."""
+
+    status: MailDispatcherStatus
 
     def __init__(self, settings: NotifySettings, mail: MailTransport | None = None) -> None:
         self.settings = settings
         self.mail = mail or transport(
             settings.smtp_url, maildir=settings.maildir, timeout=settings.smtp_timeout_seconds
         )
-        self.status = DispatcherStatus(transport=self.mail.describe())
+        self.status = MailDispatcherStatus(transport=self.mail.describe())
         super().__init__(
             name="notify_svc.dispatcher",
             database_url=settings.database_url,
             channel=NOTIFY_CHANNEL,
             pool_size=settings.db_pool_size,
         )
-        self._failures = 0  # transient failures in a row
-        self._paused_until = 0.0
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_seconds)
+        self.schedule = RetrySchedule(
+            initial=settings.retry_initial_seconds,
+            maximum=settings.retry_max_interval_seconds,
+            window=settings.retry_window_seconds,
+        )
 
     async def _dispatch(self, stop: asyncio.Event) -> None:
         inflight: set[asyncio.Task[None]] = set()
@@ -72,7 +78,7 @@ class MailDispatcher(IntentDispatcher):
                 claimed: list[Intent] = []
                 if room > 0:
                     async with self.pool.connection() as conn:
-                        await intents.expire(conn, self.settings.retry_window_seconds)
+                        await intents.expire(conn, self.schedule.window)
                         claimed = await intents.claim(
                             conn,
                             Notifications.name,
@@ -87,8 +93,9 @@ class MailDispatcher(IntentDispatcher):
                     timeout = self.settings.smtp_timeout_seconds  # full: wait for a free slot
                 else:
                     timeout = self.settings.dispatch_poll_seconds
-                    if self._paused_until > loop.time():
-                        timeout = min(timeout, self._paused_until - loop.time())
+                    probe_at = self.breaker.probe_at
+                    if probe_at is not None and probe_at > loop.time():
+                        timeout = min(timeout, probe_at - loop.time())
                 await self._wait(stop, inflight, timeout)
         finally:
             if inflight:  # let sends finish; an abandoned one is resent after its lease
@@ -97,12 +104,12 @@ class MailDispatcher(IntentDispatcher):
                     task.cancel()
 
     def _room(self, busy: int, now: float) -> int:
-        free = self.settings.send_concurrency - busy
-        if self._failures < self.settings.breaker_failures:
-            return free
-        if now < self._paused_until:
+        state = self.breaker.state(now)
+        if state == "closed":
+            return self.settings.send_concurrency - busy
+        if state == "open":
             return 0
-        self.status.breaker = "half-open"
+        self.status.breaker = state  # the gauge stays up until the probe's outcome
         return 1 if busy == 0 else 0  # one probe at a time
 
     async def _wait(
@@ -127,7 +134,7 @@ class MailDispatcher(IntentDispatcher):
         except Exception as exc:  # noqa: BLE001 - any other failure is worth a retry
             await self._retry(intent, f"{type(exc).__name__}: {exc}")
         else:
-            self._failures = 0
+            self.breaker.success()
             self._set_breaker("closed")
             async with self.pool.connection() as conn:
                 await intents.mark_sent(conn, intent, str(message["To"]))
@@ -144,20 +151,13 @@ class MailDispatcher(IntentDispatcher):
             )
 
     async def _retry(self, intent: Intent, error: str) -> None:
-        self._failures += 1
+        now = asyncio.get_running_loop().time()
+        self.breaker.failure(now)
         self.status.last_error = error[:300]
-        if self._failures >= self.settings.breaker_failures:
-            self._paused_until = (
-                asyncio.get_running_loop().time() + self.settings.breaker_cooldown_seconds
-            )
+        if self.breaker.state(now) == "open":
             self._set_breaker("open")
-        delay = intents.retry_delay(
-            intent.attempts,
-            initial=self.settings.retry_initial_seconds,
-            maximum=self.settings.retry_max_interval_seconds,
-        )
-        deadline = intent.created_at + timedelta(seconds=self.settings.retry_window_seconds)
-        if datetime.now(UTC) + timedelta(seconds=delay) > deadline:
+        delay = self.schedule.retry_in(intent.attempts, intent.created_at)
+        if delay is None:
             await self._failed(intent, f"gave up after {intent.attempts} attempts: {error}")
             return
         async with self.pool.connection() as conn:

@@ -8,7 +8,6 @@ lease, with the same Message-ID, so a receiving system can drop the duplicate.
 
 from __future__ import annotations
 
-import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from servicekit.dispatch import expire_intents
 from servicekit.projection import live_generation
 
 NOTIFY_CHANNEL = "notify_svc_mail_intents"
@@ -38,12 +38,6 @@ DDL = (
 def message_id(event_id: uuid.UUID, effect: str, domain: str) -> str:
     """The same Message-ID on every attempt of one effect of one event."""
     return f"<{uuid.uuid5(MESSAGE_ID_NAMESPACE, f'{event_id}/{effect}')}@{domain}>"
-
-
-def retry_delay(attempt: int, *, initial: float, maximum: float) -> float:
-    """Exponential backoff with jitter: about initial * 2^(attempt-1), capped at `maximum`."""
-    ceiling = min(initial * 2 ** max(attempt - 1, 0), maximum)
-    return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
 
 
 @dataclass(frozen=True)
@@ -151,11 +145,6 @@ async def mark_failed_attempt(
 
 async def expire(conn: psycopg.AsyncConnection[Any], window: float) -> int:
     """Fail intents whose retry window has ended while they waited (e.g. breaker open)."""
-    cur = await conn.execute(
-        "UPDATE public.mail_intents SET status = 'failed', "
-        "last_error = 'retry window ended: ' || coalesce(last_error, 'never sent') "
-        "WHERE status = 'pending' AND next_attempt_at <= now() "
-        "AND created_at + make_interval(secs => %s) < now()",
-        (window,),
+    return await expire_intents(
+        conn, "mail_intents", window_start="created_at", never="never sent", window=window
     )
-    return cur.rowcount

@@ -12,11 +12,9 @@ from notify_svc.mail import mail_domain
 from notify_svc.projection import Notifications
 from notify_svc.settings import NotifySettings
 from servicekit.eventstore import connection_kwargs, ensure_database
+from servicekit.process import ProjectionWorker
 from servicekit.projection import ProjectionStore
-from servicekit.runners import ProjectionWorker, serve_projection
-
-SERVICE = Notifications.name
-SETTINGS = NotifySettings
+from servicekit.service import Service
 
 
 def projection(settings: NotifySettings | None = None) -> Notifications:
@@ -49,6 +47,10 @@ class NotifyWorker(ProjectionWorker):
         super().__init__(projection(settings), settings, dispatcher or MailDispatcher(settings))
 
 
-def consume() -> None:
-    """Run the projection from `notify_svc.q` and send its mails until SIGINT/SIGTERM."""
-    serve_projection(NotifyWorker(NotifySettings()))
+SERVICE = Service(
+    name=Notifications.name,
+    settings=NotifySettings,
+    init_db=init_db,
+    consumer=NotifyWorker,
+    projection=projection,
+)

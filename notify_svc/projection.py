@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from notify_svc.intents import NOTIFY_CHANNEL, message_id
-from servicekit.projection import Applied, Projection, Transaction
+from servicekit.messages import IncomingEvent
+from servicekit.projection import Projection, Transaction
 from shared_contracts.events import (
     AccountLocked,
     AccountRegistered,
@@ -58,7 +59,7 @@ class Notifications(Projection):
     def __init__(self, mail_domain: str = "eskit.local") -> None:
         self.mail_domain = mail_domain
 
-    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+    async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         accounts: dict[uuid.UUID, tuple[int, str, str | None]] = {}
         profiles: dict[uuid.UUID, tuple[int, str | None, str | None, str | None, str | None]] = {}
         intents: list[tuple[uuid.UUID, str, uuid.UUID, str, dict[str, Any]]] = []

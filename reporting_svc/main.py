@@ -1,4 +1,4 @@
-"""reporting_svc's composition root: database setup and the consumer process."""
+"""reporting_svc's composition root: database setup and the projection's consumer."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import asyncio
 from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import ensure_database
+from servicekit.process import ProjectionWorker
 from servicekit.projection import ProjectionStore
-from servicekit.runners import ProjectionWorker, serve_projection
-
-SERVICE = Reporting.name
-SETTINGS = ReportingSettings
+from servicekit.service import Service
 
 
 def projection(settings: ReportingSettings | None = None) -> Reporting:
@@ -31,6 +29,15 @@ def init_db(settings: ReportingSettings | None = None) -> None:
     asyncio.run(setup())
 
 
-def consume() -> None:
-    """Run the projection from `reporting_svc.q` until SIGINT/SIGTERM."""
-    serve_projection(ProjectionWorker(Reporting(), ReportingSettings()))
+def worker(settings: ReportingSettings) -> ProjectionWorker:
+    """The projection fed from `reporting_svc.q`."""
+    return ProjectionWorker(projection(settings), settings)
+
+
+SERVICE = Service(
+    name=Reporting.name,
+    settings=ReportingSettings,
+    init_db=init_db,
+    consumer=worker,
+    projection=projection,
+)

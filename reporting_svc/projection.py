@@ -18,7 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import date
 
-from servicekit.projection import Applied, Projection, Transaction
+from servicekit.messages import IncomingEvent
+from servicekit.projection import Projection, Transaction
 from shared_contracts.events import (
     AccountLocked,
     AccountRegistered,
@@ -69,7 +70,7 @@ class Reporting(Projection):
         "profiles": "user_id",
     }
 
-    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+    async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         signups: Counter[date] = Counter()
         logins: dict[date, list[int]] = {}
         locks: Counter[tuple[date, uuid.UUID]] = Counter()

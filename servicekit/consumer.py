@@ -50,14 +50,16 @@ from pydantic import ValidationError
 from servicekit import amqp, context, telemetry
 from servicekit.aio import drain, fill, sleep_unless_stopped, supervise
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
-from servicekit.projection import (
-    Applied,
+from servicekit.messages import (
+    TRACEPARENT,
+    TRANSIENT_ERRORS,
+    DeadLetter,
+    IncomingEvent,
     Outcome,
-    ProjectionStore,
     is_newer_version,
     validated,
 )
-from servicekit.relay import TRANSIENT_ERRORS
+from servicekit.projection import ProjectionStore
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import dead_letter_queue, live_queue
 
@@ -130,7 +132,7 @@ def handling(envelope: Envelope) -> Iterator[None]:
 class BatchHandler(Protocol):
     """What the runtime feeds: a batch in, one outcome per event out, in one transaction."""
 
-    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]: ...
+    async def handle(self, events: Sequence[IncomingEvent]) -> Sequence[Outcome]: ...
 
     async def park(self, envelope: Envelope, reason: str) -> bool:
         """Remember a poison event before it is dead-lettered; False if already applied."""
@@ -147,7 +149,7 @@ class ProjectionHandler:
     def __init__(self, store: ProjectionStore) -> None:
         self.store = store
 
-    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+    async def handle(self, events: Sequence[IncomingEvent]) -> Sequence[Outcome]:
         return await self.store.apply_batch(events)
 
     async def park(self, envelope: Envelope, reason: str) -> bool:
@@ -161,7 +163,7 @@ class _OneAtATime:
     def __init__(self, handle: Callable[[Envelope], Awaitable[Outcome]]) -> None:
         self._handle = handle
 
-    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+    async def handle(self, events: Sequence[IncomingEvent]) -> Sequence[Outcome]:
         outcomes: list[Outcome] = []
         for item in events:
             with handling(item.envelope):
@@ -239,6 +241,12 @@ class Consumer:
             max_backoff=self.max_backoff,
         )
         self.status.role = "stopped"
+
+    def ready(self) -> bool:
+        return self.status.role == "consuming"
+
+    def state(self) -> ConsumerStatus:
+        return self.status
 
     def _lost(self, exc: Exception) -> None:
         self.status.role = "reconnecting"
@@ -354,7 +362,7 @@ class Consumer:
         joins the trace of the request that caused the event.
         """
         headers = message.headers or {}
-        traceparent = headers.get("traceparent")
+        traceparent = headers.get(TRACEPARENT)
         return telemetry.start_span(
             f"{self.service} process",
             parent=telemetry.context_from_traceparent(
@@ -381,7 +389,7 @@ class Consumer:
     async def _triage_and_handle(
         self, channel: AbstractChannel, batch: list[AbstractIncomingMessage]
     ) -> None:
-        good: list[tuple[AbstractIncomingMessage, Applied]] = []
+        good: list[tuple[AbstractIncomingMessage, IncomingEvent]] = []
         for message in batch:
             try:
                 envelope = Envelope.model_validate_json(message.body)
@@ -397,7 +405,7 @@ class Consumer:
                 self._skip(envelope)
                 self._outcome(message, "skipped")
                 continue
-            good.append((message, Applied(envelope, event)))
+            good.append((message, IncomingEvent(envelope, event)))
         if good:
             await self._handle(channel, good)
         unsettled = [m for m in batch if not m.processed]
@@ -405,7 +413,7 @@ class Consumer:
             await unsettled[-1].ack(multiple=True)
 
     async def _handle(
-        self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, Applied]]
+        self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, IncomingEvent]]
     ) -> None:
         spans = {
             applied.envelope.event_id: self._spans[message.delivery_tag or 0]
@@ -418,14 +426,17 @@ class Consumer:
             _message_spans.reset(token)
 
     async def _handle_batch(
-        self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, Applied]]
+        self, channel: AbstractChannel, good: list[tuple[AbstractIncomingMessage, IncomingEvent]]
     ) -> None:
         """The batch in one call; one message at a time to isolate a failure or a crash.
 
         Redelivered messages may be the ones a crash interrupted. Their handling is counted
         (`attempts`) before it starts; if an earlier handling of one of them never finished,
         the batch goes one message at a time, each counted on its own, so that only the
-        message that kills the process reaches the limit.
+        message that kills the process reaches the limit. The count starts at the first
+        redelivery: whether the first delivery died or lost its connection cannot be told
+        apart, so a message that kills the consumer every time is dead-lettered after
+        `delivery_limit` deaths on redelivery (one more, counting the first delivery).
         """
         events = [applied for _, applied in good]
         redelivered = [a.envelope for m, a in good if m.redelivered]
@@ -447,9 +458,9 @@ class Consumer:
         for message, applied in good:
             if crashed and message.redelivered:
                 counted = await self._attempts([applied.envelope], count=True)
-                crashes = counted.get(applied.envelope.event_id, 0) - 1
+                crashes = counted.get(applied.envelope.event_id, 0) - 1  # before this one
                 if crashes >= self.delivery_limit:
-                    reason = f"the consumer died {crashes} times while handling it"
+                    reason = f"the consumer died while handling it, {crashes} times redelivered"
                     await self._poison(
                         channel, message, applied.envelope, reason, RuntimeError(reason)
                     )
@@ -486,7 +497,7 @@ class Consumer:
                 raise ConnectionAbortedError("stopping with the batch unacked")
             delay = min(delay * 2, self.max_backoff)
 
-    async def _call(self, events: list[Applied], retries: int = 1) -> Sequence[Outcome]:
+    async def _call(self, events: list[IncomingEvent], retries: int = 1) -> Sequence[Outcome]:
         """Run the handler; infrastructure failures are waited out, others retried."""
         delay = self.retry_delay
         attempt = 0
@@ -518,7 +529,7 @@ class Consumer:
             delay = min(delay * 2, self.max_backoff)
 
     @contextlib.contextmanager
-    def _scope(self, events: list[Applied]) -> Iterator[None]:
+    def _scope(self, events: list[IncomingEvent]) -> Iterator[None]:
         """One message: its own span and context. Several: a batch span linking each one."""
         if len(events) == 1:
             with handling(events[0].envelope):
@@ -603,26 +614,23 @@ class Consumer:
         """Publish to `<service>.dlx` with the error (confirmed), then ack the original."""
         MESSAGES.labels(self.service, "dead_lettered").inc()
         self._outcome(message, "dead_lettered")
-        error = f"{type(exc).__name__}: {exc}"[:2000]
+        came = DeadLetter.read(message.headers or {})  # a retried letter: where it first came
+        letter = DeadLetter.of(
+            reason,
+            exc,
+            came.exchange or message.exchange or "",
+            came.routing_key or message.routing_key or "",
+        )
         log.error(
             "dead-lettering a message that cannot be processed",
             extra={
                 "message_id": message.message_id,
                 "event_id": str(envelope.event_id) if envelope else None,
                 "reason": reason,
-                "error": error[:500],
+                "error": letter.error[:500],
             },
         )
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers.update(
-            {
-                "x-error-reason": reason,
-                "x-error": error,
-                "x-dead-lettered-at": datetime.now(UTC).isoformat(),
-                "x-original-exchange": message.exchange or "",
-                "x-original-routing-key": message.routing_key or "",
-            }
-        )
+        headers: dict[str, Any] = {**(message.headers or {}), **letter.headers()}
         dlx = await channel.get_exchange(dead_letter_exchange(self.service), ensure=False)
         await dlx.publish(
             aio_pika.Message(

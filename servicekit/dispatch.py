@@ -1,9 +1,13 @@
-"""The base of a dispatcher: carries out the intents a projection records, beside its consumer.
+"""Dispatching intents: what the mail and webhook dispatchers share.
 
 A projection records intents (mails, webhooks) in its batch's transaction and NOTIFYs a
-channel; the dispatcher LISTENs there, claims what is due, sends, and marks the outcome. This
-class keeps what every dispatcher shares: its connection pool, the LISTEN loop that wakes it,
-and a run loop that waits out a lost database. Subclasses implement `_dispatch`.
+channel; the dispatcher LISTENs there, claims what is due, sends, and marks the outcome.
+`IntentDispatcher` keeps the loop every dispatcher shares: its connection pool, the LISTEN
+loop that wakes it, and a run loop that waits out a lost database; subclasses implement
+`_dispatch`. Beside it, the pieces each one sends with: a `CircuitBreaker` (one for the SMTP
+server, one per webhook endpoint), a `TokenBucket` rate limit, the `RetrySchedule`, the
+`DispatcherStatus` that /status shows, and `expire_intents`, the query that fails what waited
+past its retry window.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from servicekit.aio import sleep_unless_stopped
@@ -21,11 +29,124 @@ from servicekit.eventstore import connection_kwargs
 
 log = logging.getLogger("servicekit.dispatch")
 
+BreakerState = Literal["closed", "open", "half-open"]
+
+
+class CircuitBreaker:
+    """closed -> open after `threshold` failures in a row -> half-open after `cooldown`
+    (one probe) -> closed on its success, open again on its failure.
+
+    Times are the caller's monotonic clock (the event loop's)."""
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0  # in a row
+        self.opened_at: float | None = None
+
+    def state(self, now: float) -> BreakerState:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if now < self.opened_at + self.cooldown else "half-open"
+
+    @property
+    def probe_at(self) -> float | None:
+        """When the breaker lets a probe through (None while closed)."""
+        return None if self.opened_at is None else self.opened_at + self.cooldown
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.threshold:
+            self.opened_at = now  # a failed probe (or a late failure) starts the cooldown again
+
+
+class TokenBucket:
+    """`rate` requests per second on average, bursts of up to `rate` (at least 1)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.tokens = self.capacity
+        self.updated: float | None = None  # full until the first request
+
+    def reserve(self, now: float) -> float:
+        """Take a token at `now` (a monotonic clock); the seconds to wait before using it."""
+        if self.updated is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """Exponential backoff with jitter, capped at `maximum`, until `window` seconds have
+    passed since the intent's window opened (its creation, or a redelivery)."""
+
+    initial: float
+    maximum: float
+    window: float
+
+    def delay(self, attempt: int) -> float:
+        """The wait after attempt `attempt` failed: about initial * 2^(attempt-1), capped at
+        `maximum`, then jittered down to 50-100% so that retries of one outage spread out."""
+        ceiling = min(self.initial * 2 ** max(attempt - 1, 0), self.maximum)
+        return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
+
+    def allows(self, window_start: datetime, delay: float, now: datetime) -> bool:
+        """Whether an attempt `delay` seconds after `now` still falls inside the window."""
+        return now + timedelta(seconds=delay) <= window_start + timedelta(seconds=self.window)
+
+    def retry_in(
+        self, attempt: int, window_start: datetime, now: datetime | None = None
+    ) -> float | None:
+        """The delay before the next attempt, or None when it would fall past the window."""
+        delay = self.delay(attempt)
+        return delay if self.allows(window_start, delay, now or datetime.now(UTC)) else None
+
+
+@dataclass(kw_only=True)
+class DispatcherStatus:
+    """What /status shows of a dispatcher; each one adds its own fields (what it sent to)."""
+
+    role: str = "starting"  # starting | dispatching | reconnecting | stopped
+    retried: int = 0  # attempts failed and scheduled again
+    failed: int = 0  # intents failed for good
+    last_error: str | None = None
+
+
+async def expire_intents(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    *,
+    window_start: str,
+    never: str,
+    window: float,
+) -> int:
+    """Fail the pending intents of `public.<table>` whose retry window (`window` seconds from
+    the column `window_start`) ended while they waited, e.g. behind an open breaker. The
+    table has the columns every intent table has: status, next_attempt_at, last_error;
+    `never` stands for the last error of an intent never tried."""
+    cur = await conn.execute(
+        sql.SQL(
+            "UPDATE {table} SET status = 'failed', "
+            "last_error = 'retry window ended: ' || coalesce(last_error, %s) "
+            "WHERE status = 'pending' AND next_attempt_at <= now() "
+            "AND {window_start} + make_interval(secs => %s) < now()"
+        ).format(table=sql.Identifier("public", table), window_start=sql.Identifier(window_start)),
+        (never, window),
+    )
+    return cur.rowcount
+
 
 class IntentDispatcher:
-    """Construct, then `await run(stop)`. `status` needs `role` and `last_error`."""
+    """Construct, then `await run(stop)`. A subclass sets `status` before running."""
 
-    status: Any
+    status: DispatcherStatus
 
     def __init__(self, *, name: str, database_url: str, channel: str, pool_size: int) -> None:
         self.name = name

@@ -14,6 +14,7 @@ from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     InfrastructureFactory,
+    IntegrityError,
     ProcessRecorder,
     Recording,
     Tracking,
@@ -237,7 +238,12 @@ class EventSourcedApplication(Application[Any]):
                     metadata = getattr(event, "metadata", None)
                     if isinstance(metadata, dict):
                         metadata["traceparent"] = traceparent
-            recordings = super()._record(processing_event)
+            try:
+                recordings = super()._record(processing_event)
+            except IntegrityError:
+                if not self._landed(events):
+                    raise
+                recordings = []  # our own commit, met again by the library's retry
         for event in events:
             key = (self.name, type(event))
             series = _APPENDED_SERIES.get(key)
@@ -247,6 +253,18 @@ class EventSourcedApplication(Application[Any]):
                 )
             series.inc()
         return recordings
+
+    def _landed(self, events: list[Any]) -> bool:
+        """Whether these very events are stored: the connection broke after COMMIT was sent,
+        the library retried the insert and met our own rows (IntegrityError). Without this,
+        a command retried on that conflict would record its facts twice (a second login)."""
+        for event in events:
+            version = event.originator_version
+            stored = list(self.events.get(event.originator_id, gt=version - 1, lte=version))
+            same = (type(stored[0]), getattr(stored[0], "timestamp", None)) if stored else None
+            if same != (type(event), event.timestamp):
+                return False
+        return bool(events)
 
     def save_tracked(self, *aggregates: Aggregate, tracking: Tracking) -> None:
         processing: ProcessingEvent[Any] = ProcessingEvent(tracking)

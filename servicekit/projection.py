@@ -30,33 +30,36 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from servicekit.eventstore import connection_kwargs
+from servicekit.messages import IncomingEvent, Outcome
 from shared_contracts.envelope import Envelope
-from shared_contracts.events import CONTRACTS, ContractEvent, contract_for
 from shared_contracts.names import PRODUCER_EXCHANGES
 
 log = logging.getLogger("servicekit.projection")
 
-Outcome = Literal["applied", "duplicate"]
-
 CONTROL_TABLE = "projection_generations"
+# `queue_since`: the stream offset from which events went to the live queue too (read just
+# before the queue was first declared). A replay takes what came before for history: it never
+# reached the live consumer, and a new projection must not act on a backlog it never saw.
 CONTROL_DDL = (
     f"CREATE TABLE IF NOT EXISTS public.{CONTROL_TABLE} ("
     "projection text PRIMARY KEY, live text NOT NULL, building text, "
-    "generation integer NOT NULL, swapped_at timestamptz NOT NULL DEFAULT now())"
+    "generation integer NOT NULL, swapped_at timestamptz NOT NULL DEFAULT now(), "
+    "queue_since bigint)",
+    f"ALTER TABLE public.{CONTROL_TABLE} ADD COLUMN IF NOT EXISTS queue_since bigint",
 )
 OWN_TABLES: dict[str, str] = {
     "_positions": "producer text PRIMARY KEY, position bigint NOT NULL, event_id uuid NOT NULL, "
     "occurred_at timestamptz NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()",
     "_parked": "producer text NOT NULL, position bigint NOT NULL, event_id uuid NOT NULL, "
     "event_type text NOT NULL, reason text NOT NULL, parked_at timestamptz NOT NULL "
-    "DEFAULT now(), PRIMARY KEY (producer, position)",
+    "DEFAULT now(), envelope jsonb, PRIMARY KEY (producer, position)",
     "_attempts": "producer text NOT NULL, position bigint NOT NULL, event_id uuid NOT NULL, "
     "attempts integer NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), "
     "PRIMARY KEY (producer, position)",
@@ -64,14 +67,6 @@ OWN_TABLES: dict[str, str] = {
     "applied bigint NOT NULL DEFAULT 0, started_at timestamptz NOT NULL DEFAULT now(), "
     "updated_at timestamptz NOT NULL DEFAULT now()",
 }
-
-
-@dataclass(frozen=True)
-class Applied:
-    """An event to apply: its envelope and its validated contract."""
-
-    envelope: Envelope
-    event: ContractEvent
 
 
 class Transaction:
@@ -116,7 +111,7 @@ class Projection:
     migrations: Sequence[str] = ()
     order_by: dict[str, str] = {}  # table -> ORDER BY used when comparing generations
 
-    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+    async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         raise NotImplementedError
 
     def handles(self, envelope: Envelope) -> bool:
@@ -136,21 +131,6 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
         .replace("<hash>", ".*")
     )
     return re.fullmatch(regex, routing_key) is not None
-
-
-def validated(envelope: Envelope) -> ContractEvent | None:
-    """The envelope's contract event, or None for an unknown type or a newer version.
-
-    Raises ValidationError when the data fails its schema.
-    """
-    contract = contract_for(envelope.event_type, envelope.schema_version)
-    if contract is None:
-        return None
-    return contract.model_validate(envelope.data)
-
-
-def is_newer_version(envelope: Envelope) -> bool:
-    return any(t == envelope.event_type and v < envelope.schema_version for (t, v) in CONTRACTS)
 
 
 # Whoever reads a generation (the consumer, the mail dispatcher, reports) first takes the
@@ -209,7 +189,8 @@ class ProjectionStore:
         """Create the control table and a first live generation if there is none."""
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.key,))
-            await conn.execute(CONTROL_DDL)
+            for statement in CONTROL_DDL:
+                await conn.execute(statement)
             row = await (await conn.execute(LIVE_GENERATION, (self.projection.name,))).fetchone()
             if row is not None:
                 await self._create_tables(conn, row[0])  # new tables of a newer build
@@ -232,6 +213,7 @@ class ProjectionStore:
                 )
             )
         tx = Transaction(conn.cursor(), schema, replaying=False)
+        await tx.execute("ALTER TABLE {_parked} ADD COLUMN IF NOT EXISTS envelope jsonb")
         for index in self.projection.indexes:
             await tx.execute(index.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"))
         for statement in self.projection.migrations:
@@ -253,7 +235,7 @@ class ProjectionStore:
 
     # -- applying -----------------------------------------------------------------------
 
-    async def apply_batch(self, events: Sequence[Applied]) -> list[Outcome]:
+    async def apply_batch(self, events: Sequence[IncomingEvent]) -> list[Outcome]:
         """Apply new events to the live generation in one transaction; report each outcome."""
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(SHARED_LOCK, (self.key,))  # see SHARED_LOCK
@@ -264,7 +246,7 @@ class ProjectionStore:
         self,
         conn: psycopg.AsyncConnection[Any],
         schema: str,
-        events: Sequence[Applied],
+        events: Sequence[IncomingEvent],
         *,
         replaying: bool,
     ) -> list[Outcome]:
@@ -278,7 +260,7 @@ class ProjectionStore:
         await cur.execute(tx.compose("SELECT producer, position FROM {_positions} FOR UPDATE"))
         decided: dict[str, int] = {p: pos for p, pos in await cur.fetchall()}
         outcomes: list[Outcome] = []
-        fresh: list[Applied] = []
+        fresh: list[IncomingEvent] = []
         older: list[int] = []
         last: dict[str, Envelope] = {}
         for i, item in enumerate(events):
@@ -291,10 +273,11 @@ class ProjectionStore:
             else:
                 older.append(i)
                 outcomes.append("duplicate")
-        if older:  # a parked (dead-lettered) event coming back is applied after all
+        if older:  # a parked (dead-lettered) event coming back is applied after all, once
             unparked = await self._unpark(tx, [events[i] for i in older])
             for i in older:
                 if events[i].envelope.event_id in unparked:
+                    unparked.discard(events[i].envelope.event_id)  # a second copy: duplicate
                     outcomes[i] = "applied"
                     fresh.append(events[i])
         if not fresh:
@@ -314,7 +297,7 @@ class ProjectionStore:
             [(e.producer, e.position, e.event_id, e.occurred_at) for e in last],
         )
 
-    async def _unpark(self, tx: Transaction, older: Sequence[Applied]) -> set[Any]:
+    async def _unpark(self, tx: Transaction, older: Sequence[IncomingEvent]) -> set[Any]:
         await tx.cursor.execute(
             tx.compose(
                 "DELETE FROM {_parked} WHERE (producer, position) IN "
@@ -357,9 +340,9 @@ class ProjectionStore:
         if envelope.position > (int(row[0]) if row else 0):
             await self._advance(tx, [envelope])
             await tx.execute(
-                "INSERT INTO {_parked} (producer, position, event_id, event_type, reason) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                row_values,
+                "INSERT INTO {_parked} (producer, position, event_id, event_type, reason, "
+                "envelope) VALUES (%s, %s, %s, %s, %s, %s)",
+                (*row_values, envelope.model_dump_json()),
             )
             parked = True
         else:  # decided already: parked before (then kept), or applied
@@ -384,10 +367,11 @@ class ProjectionStore:
         """
         if not envelopes:
             return {}
+        distinct = {(e.producer, e.position): e for e in envelopes}.values()  # re-sent copies
         params = (
-            [e.producer for e in envelopes],
-            [e.position for e in envelopes],
-            [e.event_id for e in envelopes],
+            [e.producer for e in distinct],
+            [e.position for e in distinct],
+            [e.event_id for e in distinct],
         )
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(SHARED_LOCK, (self.key,))
@@ -443,6 +427,27 @@ class ProjectionStore:
             else:
                 decided.positions[str(producer)] = int(position)
         return decided
+
+    async def queue_since(self) -> int | None:
+        """The stream offset from which events also went to the live queue (None: unknown,
+        the queue was declared by an older build)."""
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT queue_since FROM public.projection_generations WHERE projection = %s",
+                    (self.projection.name,),
+                )
+            ).fetchone()
+            return None if row is None or row[0] is None else int(row[0])
+
+    async def note_queue_since(self, offset: int) -> None:
+        """Record `queue_since`, once: read the stream's end just before declaring the queue."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE public.projection_generations SET queue_since = %s "
+                "WHERE projection = %s AND queue_since IS NULL",
+                (offset, self.projection.name),
+            )
 
     async def parked_count(self) -> int:
         async with self.pool.connection() as conn:

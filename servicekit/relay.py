@@ -18,22 +18,29 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
 from typing import Any
 
 import aio_pika
-import aiormq
-import eventsourcing.persistence
 import psycopg
 from eventsourcing.application import Application
 from eventsourcing.persistence import Notification
 from prometheus_client import Counter, Gauge, Histogram
 
-from servicekit import amqp, telemetry
+from servicekit import amqp, messages, telemetry
 from servicekit.aio import sleep_unless_stopped, supervise
 from servicekit.amqp import declare_producer_exchange
-from servicekit.eventstore import connection_kwargs
-from shared_contracts.envelope import Envelope, event_id_for
+from servicekit.eventstore import connection_kwargs, eventsourcing_env
+from servicekit.messages import (
+    RUN,
+    RUN_FROM,
+    RUN_PRODUCER,
+    RUN_TO,
+    TRACEPARENT,
+    TRANSIENT_ERRORS,
+    envelope_for,
+    message_for,
+)
+from servicekit.settings import ServiceSettings
 from shared_contracts.events import ContractEvent
 
 log = logging.getLogger("servicekit.relay")
@@ -60,61 +67,10 @@ BACKLOG = Gauge(
 POSITION = Gauge("relay_position", "Last position confirmed and recorded", ["producer"])
 LEADER = Gauge("relay_is_leader", "1 while this replica is the active relay", ["producer"])
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    ConnectionError,
-    TimeoutError,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    # eventsourcing re-raises psycopg's errors as its own (a lost database in a handler
-    # that saves events, e.g. user_svc's consumer, must be waited out, not dead-lettered).
-    eventsourcing.persistence.OperationalError,
-    eventsourcing.persistence.InterfaceError,
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    aio_pika.exceptions.AMQPException,
-    asyncio.TimeoutError,
-)
-
 
 def create_relay_table(database_url: str) -> None:
     with psycopg.connect(**connection_kwargs(database_url), autocommit=True) as conn:
         conn.execute(RELAY_TABLE_DDL)
-
-
-def envelope_for(event: Any, position: int, contract: ContractEvent) -> Envelope:
-    """The public envelope of a stored event (a `TracedAggregate.Event`)."""
-    metadata: dict[str, str] = getattr(event, "metadata", {}) or {}
-    return Envelope(
-        event_id=event_id_for(contract.producer, event.originator_id, event.originator_version),
-        event_type=contract.event_type,
-        schema_version=contract.schema_version,
-        occurred_at=event.timestamp.astimezone(UTC),
-        producer=contract.producer,
-        aggregate_id=event.originator_id,
-        aggregate_version=event.originator_version,
-        position=position,
-        correlation_id=metadata.get("correlation_id"),
-        causation_id=metadata.get("causation_id"),
-        data=contract.model_dump(mode="json"),
-    )
-
-
-def message_for(envelope: Envelope, traceparent: str | None) -> aio_pika.Message:
-    headers: dict[str, Any] = {"x-position": envelope.position}
-    if traceparent:
-        headers["traceparent"] = traceparent
-    return aio_pika.Message(
-        body=envelope.model_dump_json().encode(),
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=str(envelope.event_id),
-        type=envelope.event_type,
-        timestamp=envelope.occurred_at,
-        app_id=envelope.producer,
-        correlation_id=envelope.correlation_id,
-        headers=headers,
-    )
 
 
 @dataclass
@@ -160,6 +116,30 @@ class Relay:
         self.status = RelayStatus()
         self._channel_name: str = getattr(app.recorder, "channel_name", f"{app.name}_events")
 
+    @classmethod
+    def of_store(
+        cls,
+        store: Callable[..., Application[Any]],
+        settings: ServiceSettings,
+        *,
+        producer: str,
+        exchange: str,
+        to_contract: ToContract,
+    ) -> Relay:
+        """The relay of a service's event store (an Application class), from its settings.
+
+        Two connections: the library's pool reads the notification log; the relay's own
+        session holds the leader's lock and LISTENs.
+        """
+        return cls(
+            store(env=eventsourcing_env(settings.database_url, pool_size=2)),
+            producer=producer,
+            exchange=exchange,
+            to_contract=to_contract,
+            amqp_url=settings.amqp_url,
+            database_url=settings.database_url,
+        )
+
     async def run(self, stop: asyncio.Event) -> None:
         await supervise(
             stop,
@@ -172,6 +152,12 @@ class Relay:
         )
         self.status.role = "stopped"
         LEADER.labels(self.producer).set(0)
+
+    def ready(self) -> bool:
+        return self.status.role in ("leader", "standby")
+
+    def state(self) -> RelayStatus:
+        return self.status
 
     def _lost(self, exc: Exception) -> None:
         self.status.role = "reconnecting"
@@ -290,7 +276,7 @@ class Relay:
         backlog would only start thousands of one-span traces.
         """
         headers = message.headers
-        parent = telemetry.context_from_traceparent(str(headers.get("traceparent") or ""))
+        parent = telemetry.context_from_traceparent(str(headers.get(TRACEPARENT) or ""))
         if parent is None:
             return None
         span = telemetry.start_span(
@@ -304,12 +290,12 @@ class Relay:
                 "messaging.rabbitmq.destination.routing_key": routing_key,
                 "messaging.message.id": message.message_id or "",
                 "eskit.producer": self.producer,
-                "eskit.position": int(str(headers.get("x-position", 0))),
+                "eskit.position": int(str(headers.get(messages.POSITION, 0))),
             },
         )
         traceparent = telemetry.traceparent_of(span.get_span_context())
         if traceparent:
-            headers["traceparent"] = traceparent
+            headers[TRACEPARENT] = traceparent
         return span
 
     async def _wait_for_new_events(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -356,10 +342,10 @@ async def republish(
             for _, message in batch.messages:
                 message.headers.update(
                     {
-                        "x-republish-run": result.run,
-                        "x-republish-from": start,
-                        "x-republish-to": latest,
-                        "x-republish-producer": relay.producer,
+                        RUN: result.run,
+                        RUN_FROM: start,
+                        RUN_TO: latest,
+                        RUN_PRODUCER: relay.producer,
                     }
                 )
             await asyncio.gather(

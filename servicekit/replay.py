@@ -30,27 +30,35 @@ import contextlib
 import enum
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge
 from psycopg import sql
 from pydantic import ValidationError
 
-from servicekit import amqp, telemetry
+from servicekit import amqp, stream, telemetry
 from servicekit.aio import fill
 from servicekit.amqp import declare_history_stream
-from servicekit.projection import (
-    Applied,
+from servicekit.messages import (
+    RUN,
+    RUN_FROM,
+    RUN_PRODUCER,
+    RUN_TO,
+    STREAM_OFFSET,
+    IncomingEvent,
     Outcome,
+    validated,
+)
+from servicekit.projection import (
+    Decided,
     Projection,
     ProjectionStore,
     Transaction,
     generation_schema,
-    validated,
 )
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import PRODUCER_EXCHANGES
@@ -67,14 +75,6 @@ REPLAY_APPLIED = Counter(
     "Events a replay applied to the generation it builds",
     ["projection"],
 )
-
-RUN = "x-republish-run"
-RUN_FROM = "x-republish-from"
-RUN_TO = "x-republish-to"
-RUN_PRODUCER = "x-republish-producer"
-
-
-AnyConnection = AbstractConnection | AbstractRobustConnection
 
 
 class ReplayError(Exception):
@@ -177,6 +177,7 @@ class Replay:
         self.stall = stall_seconds
         self.linger = linger_seconds
         self.watch_every = watch_seconds
+        self._queue_since: int | None = None  # see ProjectionStore.queue_since
         self.on_progress = on_progress or (lambda _: None)
 
     async def run(self, stop: asyncio.Event) -> ReplayResult:
@@ -186,7 +187,7 @@ class Replay:
             self.on_progress(progress)
             connection = await amqp.connect(self.amqp_url)
             async with connection:
-                first = await _first_offset(connection)
+                first = await stream.first_offset(connection)
                 watch = await self._watch(connection)  # also the first sight of the live edge
                 progress.end = watch.end
                 refills: dict[str, _Refill] = {}
@@ -215,6 +216,7 @@ class Replay:
 
     async def _begin(self) -> Progress:
         """The generation being built: resumed if one exists, else a fresh one."""
+        self._queue_since = await self.store.queue_since()
         async with self.store.pool.connection() as conn, conn.transaction():
             row = await (
                 await conn.execute(
@@ -258,13 +260,27 @@ class Replay:
     async def _finish(self, progress: Progress) -> ReplayResult | None:
         """Swap (or, for a dry run, compare) if the rebuilt generation has caught up.
 
-        None: the live generation moved ahead meanwhile; read on.
+        None: the live generation moved ahead meanwhile; read on. Events this rebuild parked
+        although the live generation applied them are tried once more first; if any still
+        fails, swapping would lose it (no copy is left to retry): ReplayError, and the live
+        generation keeps serving.
         """
+        await self._retry_parked(progress)
         async with self.store.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.store.key,))
             live = await self.store.live_schema(conn)
             if await _behind(conn, live, progress.generation):
                 return None
+            lost = await _parked_here_applied_there(conn, progress.generation, live)
+            if lost:
+                producer, position, event_id, reason = lost[0]
+                raise ReplayError(
+                    f"the rebuild cannot apply {len(lost)} event(s) that the live read model "
+                    f"has applied (the first: {event_id}, {producer} position {position}: "
+                    f"{reason}); swapping would lose them, so the live generation keeps "
+                    f"serving. Fix the projection, then run `esctl replay "
+                    f"{self.projection.name}` again: it resumes and tries them again."
+                )
             if self.dry_run:
                 diffs = await self._compare(conn, live, progress.generation)
                 return ReplayResult(progress, swapped=False, previous=live, differences=diffs)
@@ -283,6 +299,30 @@ class Replay:
             extra={"projection": self.projection.name, "live": progress.generation, "old": live},
         )
         return ReplayResult(progress, swapped=True, previous=live)
+
+    async def _retry_parked(self, progress: Progress) -> None:
+        """Apply again what this rebuild parked and the live generation has applied (a fix
+        may have been deployed since); each one that still fails stays parked."""
+        async with self.store.pool.connection() as conn, conn.transaction():
+            live_schema = await self.store.live_schema(conn)
+            rows = await _parked_here_applied_there(
+                conn, progress.generation, live_schema, with_envelopes=True
+            )
+            if not rows:
+                return
+            live = await self.store.decided_in(conn)
+            for *_, body in rows:
+                if body is None:
+                    continue  # parked by a build that did not keep envelopes
+                envelope = Envelope.model_validate(body)
+                try:
+                    event = validated(envelope)
+                except ValidationError:
+                    continue
+                if event is not None:
+                    await self._apply_events(
+                        conn, progress, live, [(-1, IncomingEvent(envelope, event))], phase=0
+                    )
 
     async def _compare(
         self, conn: psycopg.AsyncConnection[Any], live: str, rebuilt: str
@@ -309,7 +349,7 @@ class Replay:
     # -- reading the stream ------------------------------------------------------------
 
     async def _refills(
-        self, connection: AnyConnection, end: int, live: set[str]
+        self, connection: stream.AnyConnection, end: int, live: set[str]
     ) -> dict[str, _Refill]:
         """Find, per producer, the latest complete refill (`--from 1`) in the stream.
 
@@ -320,19 +360,23 @@ class Replay:
         last: dict[str, int] = {}  # stream offset of each run's last message
         bound = set(_producers(self.projection))
         needed = live & bound
-        async for message in _scan(connection, "first", end, self.idle):
+        async for message in stream.scan(connection, "first", end, self.idle):
             if message.app_id in bound:
                 needed.add(str(message.app_id))
             headers = message.headers or {}
             run, producer = headers.get(RUN), headers.get(RUN_PRODUCER)
             if run is None or producer is None:
                 continue
-            last[str(run)] = _offset(message)
+            last[str(run)] = stream.offset_of(message)
             if int(str(headers.get(RUN_FROM, 1))) > 1:
                 continue
             current = runs.get(str(producer))
-            if current is None or (current.run != str(run) and _offset(message) > current.start):
-                runs[str(producer)] = _Refill(str(run), _offset(message), int(str(headers[RUN_TO])))
+            if current is None or (
+                current.run != str(run) and stream.offset_of(message) > current.start
+            ):
+                runs[str(producer)] = _Refill(
+                    str(run), stream.offset_of(message), int(str(headers[RUN_TO]))
+                )
         for refill in runs.values():
             refill.last = last[refill.run]
         missing = sorted(p for p in needed if p not in runs)
@@ -347,7 +391,7 @@ class Replay:
 
     async def _read(
         self,
-        connection: AnyConnection,
+        connection: stream.AnyConnection,
         progress: Progress,
         stop: asyncio.Event,
         start: int,
@@ -366,8 +410,8 @@ class Replay:
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self.batch_size * 2)
-        stream = await declare_history_stream(channel)
-        await stream.consume(inbox.put, arguments={"x-stream-offset": max(start, 0)}, no_ack=False)
+        history = await declare_history_stream(channel)
+        await history.consume(inbox.put, arguments={STREAM_OFFSET: max(start, 0)}, no_ack=False)
         try:
             while not stop.is_set():
                 batch: list[AbstractIncomingMessage] = []
@@ -391,15 +435,17 @@ class Replay:
                 await channel.close()
         return None
 
-    async def _watch(self, connection: AnyConnection, live: dict[str, int] | None = None) -> _Watch:
+    async def _watch(
+        self, connection: stream.AnyConnection, live: dict[str, int] | None = None
+    ) -> _Watch:
         """The live generation's positions (given, or read now), then the stream's end."""
         at = asyncio.get_running_loop().time()
         if live is None:
             live = {p: v.position for p, v in (await self.store.positions()).items()}
-        return _Watch(at, live, await _stream_end(connection))
+        return _Watch(at, live, await stream.end_offset(connection))
 
     async def _try_finish(
-        self, connection: AnyConnection, progress: Progress, watch: _Watch | None
+        self, connection: stream.AnyConnection, progress: Progress, watch: _Watch | None
     ) -> tuple[ReplayResult | None, _Watch | None]:
         """Swap if caught up; otherwise keep a watch on the live edge to detect a stall."""
         async with self.store.pool.connection() as conn:
@@ -450,7 +496,9 @@ class Replay:
         but whoever looks at either should find the other.
         """
         links = [
-            link for link in (telemetry.link_to(_traceparent(m)) for m in batch) if link is not None
+            link
+            for link in (telemetry.link_to(stream.traceparent_of(m)) for m in batch)
+            if link is not None
         ]
         span = telemetry.start_span(
             f"replay {self.projection.name}",
@@ -463,8 +511,8 @@ class Replay:
                 "messaging.batch.message_count": len(batch),
                 "eskit.projection": self.projection.name,
                 "eskit.generation": progress.generation,
-                "eskit.stream_offset.first": _offset(batch[0]),
-                "eskit.stream_offset.last": _offset(batch[-1]),
+                "eskit.stream_offset.first": stream.offset_of(batch[0]),
+                "eskit.stream_offset.last": stream.offset_of(batch[-1]),
             },
             links=links,
         )
@@ -478,10 +526,15 @@ class Replay:
         refills: dict[str, _Refill],
         phase: int,
     ) -> None:
-        events: list[Applied] = []
-        invalid: list[tuple[Envelope, str]] = []
+        """Apply a batch in stream order, in one transaction with the offset reached.
+
+        What the projection cannot apply, or what fails its schema, is parked where it
+        stands, before anything later of its producer: parked after a later event, it would
+        look decided and be lost.
+        """
+        items: list[tuple[int, IncomingEvent | tuple[Envelope, str]]] = []
         for message in batch:
-            offset = _offset(message)
+            offset = stream.offset_of(message)
             progress.end = max(progress.end, offset)
             envelope = _wanted(message, offset, refills, phase, self.projection)
             if envelope is None:
@@ -490,23 +543,30 @@ class Replay:
             try:
                 event = validated(envelope)
             except ValidationError as exc:
-                invalid.append((envelope, f"data failed its schema: {exc}"[:500]))
+                items.append((offset, (envelope, f"data failed its schema: {exc}"[:500])))
                 continue
             if event is None:
                 progress.skipped += 1
                 continue
-            events.append(Applied(envelope, event))
-        last = _offset(batch[-1])
+            items.append((offset, IncomingEvent(envelope, event)))
+        last = stream.offset_of(batch[-1])
+        outcomes: list[Outcome] = []
+        parked = 0
         async with self.store.pool.connection() as conn, conn.transaction():
-            try:
-                async with conn.transaction():
-                    outcomes = await self._apply_split(conn, progress.generation, events)
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                raise
-            except Exception:  # noqa: BLE001 - find the event that fails, park it, go on
-                outcomes = await self._one_by_one(conn, progress, events, invalid)
-            for envelope, reason in invalid:
-                await self.store.park_in(conn, progress.generation, envelope, reason)
+            live = await self.store.decided_in(conn)
+            for is_event, run in itertools.groupby(
+                items, key=lambda i: isinstance(i[1], IncomingEvent)
+            ):
+                chunk = list(run)
+                if is_event:
+                    events = [(o, e) for o, e in chunk if isinstance(e, IncomingEvent)]
+                    done, failed = await self._apply_events(conn, progress, live, events, phase)
+                    outcomes += done
+                    parked += failed
+                    continue
+                for _, (envelope, reason) in chunk:  # type: ignore[misc]
+                    await self.store.park_in(conn, progress.generation, envelope, reason)
+                    parked += 1
             tx = Transaction(conn.cursor(), progress.generation, replaying=True)
             applied = sum(1 for o in outcomes if o == "applied")
             await tx.execute(
@@ -514,7 +574,7 @@ class Replay:
                 "updated_at = now()",
                 (last, applied),
             )
-        progress.failed += len(invalid)
+        progress.failed += parked
         progress.applied += applied
         progress.skipped += len(outcomes) - applied
         progress.offset = last
@@ -525,41 +585,30 @@ class Replay:
         )
         REPLAY_APPLIED.labels(self.projection.name).inc(applied)
 
-    async def _apply_split(
-        self, conn: psycopg.AsyncConnection[Any], generation: str, events: Sequence[Applied]
-    ) -> list[Outcome]:
-        """Apply as history what the live generation has applied, the rest as new events.
-
-        An event the live generation has not applied yet (above its position) is new to this
-        projection: its side effects are recorded now, keyed by (event_id, effect), so that
-        it does not matter whether the live consumer records them too before the swap, or
-        skips the event as a duplicate after it. An event the live generation parked is new
-        too: its effects were never recorded. A producer the live generation has never
-        applied anything from is all history: a replay must not re-send a backlog.
-        """
-        live = await self.store.decided_in(conn)
-        outcomes: list[Outcome] = []
-        # In stream order, one run of history or of new events at a time: a parked event
-        # is new between two history ones, and must be applied before the later one.
-        for replaying, run in itertools.groupby(
-            events,
-            key=lambda e: e.envelope.producer not in live.positions or live.applied(e.envelope),
-        ):
-            outcomes += await self.store.apply_in(conn, generation, list(run), replaying=replaying)
-        return outcomes
-
-    async def _one_by_one(
+    async def _apply_events(
         self,
         conn: psycopg.AsyncConnection[Any],
         progress: Progress,
-        events: Sequence[Applied],
-        invalid: list[tuple[Envelope, str]],
-    ) -> list[Outcome]:
+        live: Decided,
+        events: Sequence[tuple[int, IncomingEvent]],
+        phase: int,
+    ) -> tuple[list[Outcome], int]:
+        """A run of valid events: together, or one by one to park the one that fails."""
+        try:
+            async with conn.transaction():
+                return await self._apply_split(conn, progress.generation, live, events, phase), 0
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except Exception:  # noqa: BLE001 - find the event that fails, park it, go on
+            log.info("a replay batch failed; applying it one event at a time")
         outcomes: list[Outcome] = []
-        for item in events:
+        parked = 0
+        for offset, item in events:
             try:
                 async with conn.transaction():
-                    outcomes += await self._apply_split(conn, progress.generation, [item])
+                    outcomes += await self._apply_split(
+                        conn, progress.generation, live, [(offset, item)], phase
+                    )
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -567,7 +616,47 @@ class Replay:
                     "replay could not apply an event; parked",
                     extra={"event_id": str(item.envelope.event_id), "error": str(exc)[:500]},
                 )
-                invalid.append((item.envelope, f"handler failed: {type(exc).__name__}: {exc}"))
+                reason = f"handler failed: {type(exc).__name__}: {exc}"
+                await self.store.park_in(conn, progress.generation, item.envelope, reason)
+                parked += 1
+        return outcomes, parked
+
+    async def _apply_split(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        generation: str,
+        live: Decided,
+        events: Sequence[tuple[int, IncomingEvent]],
+        phase: int,
+    ) -> list[Outcome]:
+        """Apply as history what the live generation has applied, the rest as new events.
+
+        An event the live generation has not applied yet (above its position) is new to this
+        projection: its side effects are recorded now, keyed by (event_id, effect), so that
+        it does not matter whether the live consumer records them too before the swap, or
+        skips the event as a duplicate after it. An event the live generation parked is new
+        too: its effects were never recorded. History also is what the stream held before
+        the live queue existed (`queue_since`): the live consumer never saw it, and a new
+        projection must not act on a backlog. Where that offset is unknown (a queue an older
+        build declared) or the stream is a refill (phase 1), a producer the live generation
+        has never applied anything from is all history instead.
+        """
+        since = self._queue_since if phase != 1 else None
+
+        def history(offset: int, envelope: Envelope) -> bool:
+            if live.applied(envelope):
+                return True
+            if since is not None:
+                return offset < since
+            return envelope.producer not in live.positions
+
+        outcomes: list[Outcome] = []
+        # In stream order, one run of history or of new events at a time: a parked event
+        # is new between two history ones, and must be applied before the later one.
+        for replaying, run in itertools.groupby(events, key=lambda e: history(e[0], e[1].envelope)):
+            outcomes += await self.store.apply_in(
+                conn, generation, [e for _, e in run], replaying=replaying
+            )
         return outcomes
 
 
@@ -611,6 +700,29 @@ async def _behind(
     return [(str(p), int(have), int(want)) for p, have, want in rows]
 
 
+async def _parked_here_applied_there(
+    conn: psycopg.AsyncConnection[Any], rebuilt: str, live: str, *, with_envelopes: bool = False
+) -> list[tuple[Any, ...]]:
+    """Events parked in `rebuilt` that `live` has applied (decided, and not parked there)."""
+    extra = sql.SQL(", r.envelope" if with_envelopes else "")
+    rows = await (
+        await conn.execute(
+            sql.SQL(
+                "SELECT r.producer, r.position, r.event_id, r.reason{} FROM {} r "
+                "JOIN {} l USING (producer) WHERE r.position <= l.position AND NOT EXISTS "
+                "(SELECT 1 FROM {} k WHERE k.producer = r.producer AND k.position = r.position) "
+                "ORDER BY r.producer, r.position"
+            ).format(
+                extra,
+                sql.Identifier(rebuilt, "_parked"),
+                sql.Identifier(live, "_positions"),
+                sql.Identifier(live, "_parked"),
+            )
+        )
+    ).fetchall()
+    return [tuple(r) for r in rows]
+
+
 async def _positions(conn: psycopg.AsyncConnection[Any], schema: str) -> dict[str, int]:
     rows = await (
         await conn.execute(
@@ -624,68 +736,3 @@ async def _positions(conn: psycopg.AsyncConnection[Any], schema: str) -> dict[st
 
 def _producers(projection: Projection) -> list[str]:
     return [p for p, exchange in PRODUCER_EXCHANGES.items() if exchange in projection.bindings]
-
-
-def _offset(message: AbstractIncomingMessage) -> int:
-    return int(str((message.headers or {}).get("x-stream-offset", -1)))
-
-
-async def _first_offset(connection: AnyConnection) -> int | None:
-    async for message in _scan(connection, "first", None, 0.5, limit=1):
-        return _offset(message)
-    return None
-
-
-async def _stream_end(connection: AnyConnection, window: float = 0.3) -> int:
-    """The stream's last offset, or a little beyond: read from its last chunk for `window`.
-
-    Reading stops after `window` seconds however busy the stream is (under steady traffic
-    it is never quiet), or sooner once the last chunk has been read.
-    """
-    last = -1
-    async for message in _scan(connection, "last", None, 0.1, seconds=window):
-        last = max(last, _offset(message))
-    return last
-
-
-async def _scan(
-    connection: AnyConnection,
-    start: str | int,
-    end: int | None,
-    idle: float,
-    *,
-    limit: int | None = None,
-    seconds: float | None = None,
-) -> AsyncIterator[AbstractIncomingMessage]:
-    """Read the stream from `start` until `end`, `limit` messages, `seconds`, or `idle`
-    seconds of quiet (the end of an empty or finished stream)."""
-    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=1000)
-    stream = await declare_history_stream(channel)
-    await stream.consume(inbox.put, arguments={"x-stream-offset": start}, no_ack=False)
-    seen = 0
-    loop = asyncio.get_running_loop()
-    deadline = None if seconds is None else loop.time() + seconds
-    try:
-        while limit is None or seen < limit:
-            wait = idle if deadline is None else min(idle, deadline - loop.time())
-            if wait <= 0:
-                return
-            try:
-                message = await asyncio.wait_for(inbox.get(), timeout=wait)
-            except TimeoutError:
-                return
-            await message.ack()
-            seen += 1
-            yield message
-            if end is not None and _offset(message) >= end:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await channel.close()
-
-
-def _traceparent(message: AbstractIncomingMessage) -> str | None:
-    value = (message.headers or {}).get("traceparent")
-    return value if isinstance(value, str) else None

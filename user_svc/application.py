@@ -16,7 +16,7 @@ from eventsourcing.persistence import IntegrityError, Tracking
 
 from servicekit import context
 from servicekit.eventstore import EventSourcedApplication
-from servicekit.projection import Outcome
+from servicekit.messages import Outcome
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
 from user_svc.domain import Profile

@@ -1,7 +1,8 @@
-"""user_svc's composition root: database setup and the app factory.
+"""user_svc's composition root: database setup, the app factory, the relay and the consumer
+that creates a profile for every registration.
 
-Run with `uvicorn --factory user_svc.main:create_app`. Tables are created once by
-`init_db` (`esctl db init`), never by a starting replica.
+`SERVICE` declares the service to the registry. Tables are created once by `init_db`
+(`esctl db init`), never by a starting replica.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from servicekit import web
+from servicekit.consumer import Consumer, one_at_a_time
 from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
 from servicekit.logs import configure_logging
-from servicekit.relay import create_relay_table
+from servicekit.messages import Outcome
+from servicekit.relay import Relay, create_relay_table
+from servicekit.service import Service
 from servicekit.tokens import JwksKeys, KeyLookup, TokenVerifier
+from shared_contracts.envelope import Envelope
+from shared_contracts.events import AccountRegistered
+from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 from user_svc.api import Profiles, render_profile, router
 from user_svc.application import ProfileService
+from user_svc.contracts import to_contract
 from user_svc.read_model import CacheFollower, ProfileCache
 from user_svc.settings import UserSettings
 
-SERVICE = "user_svc"
 # The cache's subscription pins one pooled connection to LISTEN and uses another to read
 # (notes/eventsourcing.md, trap 4): on top of the handlers' share of the pool.
 FOLLOWER_CONNECTIONS = 2
@@ -57,7 +64,7 @@ def create_app(
 ) -> FastAPI:
     """The user_svc app. `token_keys` replaces the JWKS lookup (tests sign their own tokens)."""
     settings = settings or UserSettings()
-    configure_logging(SERVICE, level=settings.log_level, fmt=settings.log_format)
+    configure_logging("user_svc", level=settings.log_level, fmt=settings.log_format)
     jwks: JwksKeys | None = None
     if token_keys is None:
         jwks = token_keys = JwksKeys(settings.jwks_url)
@@ -100,3 +107,43 @@ def create_app(
     )
     app.include_router(router)
     return app
+
+
+def relay(settings: UserSettings) -> Relay:
+    """Publishes the profile events of user_svc's store to `user.events`."""
+    return Relay.of_store(
+        ProfileService,
+        settings,
+        producer="user_svc",
+        exchange=USER_EVENTS,
+        to_contract=to_contract,
+    )
+
+
+def profiles_from_registrations(
+    settings: UserSettings, profiles: ProfileService | None = None
+) -> Consumer:
+    """The consumer that creates a profile for every `auth.account.registered`."""
+    service = profiles or profile_service(settings)
+
+    async def handle(envelope: Envelope) -> Outcome:
+        return await run_in_threadpool(service.on_account_registered, envelope)
+
+    return Consumer(
+        service="user_svc",
+        amqp_url=settings.amqp_url,
+        bindings={AUTH_EVENTS: [AccountRegistered.event_type]},
+        handler=one_at_a_time(handle),
+        prefetch=settings.consumer_prefetch,
+        delivery_limit=settings.consumer_delivery_limit,
+    )
+
+
+SERVICE = Service(
+    name="user_svc",
+    settings=UserSettings,
+    init_db=init_db,
+    app=create_app,
+    relay=relay,
+    consumer=profiles_from_registrations,
+)

@@ -225,6 +225,11 @@ async def test_duplicate_and_reordered_deliveries_change_nothing(
 # -- faults of operations: parked events, replays and retries under load, flapping links ----
 
 DELIVERY_LIMIT = 5  # the consumers' default *_CONSUMER_DELIVERY_LIMIT
+PROJECTIONS = ("reporting_svc", "notify_svc", "integration_svc")
+# A replay, `esctl` start to swap, of the whole history the module's cases wrote (up to
+# about 20,000 messages in the stream, duplicates injected included), under load, on a
+# machine that runs the stack, both servers and the clients on two cores.
+REPLAY_BOUND = 60.0
 POISON_TABLES = {  # database -> the table a poisoned user's profile events cannot be written to
     "reporting": "profiles",
     "notify": "recipients",
@@ -365,6 +370,22 @@ async def dead_letters(stack: Stack) -> dict[str, int]:
     return await dlq_depths(stack.rabbit.url())
 
 
+def parked_in(stack: Stack, *services: str) -> Callable[[], bool]:
+    """True once each of `services` has one dead letter (and the others none)."""
+    return lambda: asyncio.run(dead_letters(stack)) == {s: int(s in services) for s in DLQ_SERVICES}
+
+
+@pytest.fixture
+def dead_letters_retried(world: World) -> Iterator[None]:
+    """A case that dead-letters on purpose leaves no dead letter behind, even if it fails:
+    the next case checks that every DLQ is empty."""
+    yield
+    for service, depth in asyncio.run(dead_letters(world.stack)).items():
+        if depth:
+            esctl(world.stack, "dlq", "retry", service, "--all")
+
+
+@pytest.mark.usefixtures("dead_letters_retried")
 async def test_replays_of_every_projection_under_load_carry_a_parked_event_and_swap(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -377,26 +398,25 @@ async def test_replays_of_every_projection_under_load_carry_a_parked_event_and_s
     with poisoned_profile(stack, user_id, webhooks=True):
         await patch_profile(stack, ledger, token, user_id, {"bio": "parked everywhere"})
         await eventually_true(
-            lambda: (
-                asyncio.run(dead_letters(stack))
-                == {"user_svc": 0, "reporting_svc": 1, "notify_svc": 1, "integration_svc": 1}
-            ),
+            parked_in(stack, "reporting_svc", "notify_svc", "integration_svc"),
             "the profile update parked and dead-lettered by the three projections",
         )
     load = LoadGenerator(stack, ledger)
-    traffic = asyncio.create_task(load.run(60.0))
+    replays_done = asyncio.Event()
+    traffic = asyncio.create_task(load.run(REPLAY_BOUND * 3 + 10, until=replays_done))
     durations: dict[str, float] = {}
     try:
         await asyncio.sleep(2)
-        for projection in ("reporting_svc", "notify_svc", "integration_svc"):
+        for projection in PROJECTIONS:
             started = time.monotonic()
             done = await asyncio.to_thread(esctl, stack, "replay", projection)
             durations[projection] = time.monotonic() - started
             assert "now serves" in done.stdout, done.stdout
             assert not traffic.done(), f"the load ended before the replays swapped: {durations}"
-        for projection in ("reporting_svc", "notify_svc", "integration_svc"):
+        for projection in PROJECTIONS:
             await asyncio.to_thread(esctl, stack, "dlq", "retry", projection, "--all")
     finally:
+        replays_done.set()
         await traffic
         await load.aclose()
     verdict, catch_up = await eventually(
@@ -410,9 +430,10 @@ async def test_replays_of_every_projection_under_load_carry_a_parked_event_and_s
             + f" catch-up={catch_up:.1f}s webhooks={verdict.effects.webhooks}"
         )
     assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
-    assert all(seconds < 30 for seconds in durations.values()), durations
+    assert all(seconds < REPLAY_BOUND for seconds in durations.values()), durations
 
 
+@pytest.mark.usefixtures("dead_letters_retried")
 async def test_a_dlq_retry_of_an_old_profile_update_keeps_the_newer_state(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -422,10 +443,7 @@ async def test_a_dlq_retry_of_an_old_profile_update_keeps_the_newer_state(
     with poisoned_profile(stack, user_id, webhooks=False):
         await patch_profile(stack, ledger, token, user_id, {"bio": "", "display_name": "Old"})
         await eventually_true(
-            lambda: (
-                asyncio.run(dead_letters(stack))
-                == {"user_svc": 0, "reporting_svc": 1, "notify_svc": 1, "integration_svc": 0}
-            ),
+            parked_in(stack, "reporting_svc", "notify_svc"),
             "the old update parked by reporting_svc and notify_svc",
         )
     await patch_profile(stack, ledger, token, user_id, {"display_name": "Newer"})

@@ -13,7 +13,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from servicekit.consumer import Consumer, Outcome, one_at_a_time
+from servicekit.consumer import Consumer, one_at_a_time
+from servicekit.messages import Outcome
 from shared_contracts.envelope import Envelope, event_id_for
 from shared_contracts.names import dead_letter_queue
 

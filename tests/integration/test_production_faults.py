@@ -28,7 +28,8 @@ from reporting_svc.settings import ReportingSettings
 from servicekit import amqp
 from servicekit.amqp import declare_producer_exchange
 from servicekit.eventstore import connection_kwargs
-from servicekit.projection import Applied, ProjectionStore, Transaction, validated
+from servicekit.messages import IncomingEvent, validated
+from servicekit.projection import ProjectionStore, Transaction
 from servicekit.replay import Progress, Replay, ReplayResult
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import dead_letter_queue, live_queue
@@ -115,17 +116,17 @@ async def test_connection_losses_past_the_delivery_limit_during_a_backlog_dead_l
     await assert_reports_match(settings, history)
 
 
-def applied_items(history_envelopes: Sequence[dict[str, Any]]) -> list[Applied]:
+def applied_items(history_envelopes: Sequence[dict[str, Any]]) -> list[IncomingEvent]:
     items = []
     for raw in history_envelopes:
         env = Envelope.model_validate(raw)
         event = validated(env)
         assert event is not None
-        items.append(Applied(env, event))
+        items.append(IncomingEvent(env, event))
     return items
 
 
-def profile_events(user: uuid.UUID, bios: Sequence[str]) -> list[Applied]:
+def profile_events(user: uuid.UUID, bios: Sequence[str]) -> list[IncomingEvent]:
     """user.profile.created (v1) then one update per further bio, each the whole profile."""
     raw = []
     for version, bio in enumerate(bios, start=1):
@@ -290,7 +291,7 @@ class Refusing(Notifications):
         self.poison = poison
         self.broken = True
 
-    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+    async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         if self.broken and any(e.envelope.event_id == self.poison for e in events):
             raise RuntimeError("cannot apply this event (simulated bug)")
         await super().apply(tx, events)

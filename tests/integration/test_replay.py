@@ -17,7 +17,8 @@ import pytest
 from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
-from servicekit.projection import Applied, Transaction
+from servicekit.messages import IncomingEvent
+from servicekit.projection import Transaction
 from servicekit.replay import Progress, Replay, ReplayResult
 from tests.support.history import generate, publish
 from tests.support.projections import assert_reports_match, consuming, positions, wait_caught_up
@@ -127,7 +128,7 @@ class Breakable(Reporting):
         self.poison = poison
         self.broken = True
 
-    async def apply(self, tx: Transaction, events: Sequence[Applied]) -> None:
+    async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         if self.broken and any(str(e.envelope.event_id) == self.poison for e in events):
             raise RuntimeError("cannot apply this event (simulated bug)")
         await super().apply(tx, events)

@@ -17,7 +17,8 @@ import pytest
 from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
-from servicekit.projection import Applied, ProjectionStore, validated
+from servicekit.messages import IncomingEvent, validated
+from servicekit.projection import ProjectionStore
 from shared_contracts.envelope import Envelope
 from tests.support.history import generate, publish
 from tests.support.ports import free_port
@@ -150,7 +151,7 @@ async def test_an_event_parked_before_its_last_delivery_is_applied_once(
     redelivery of it must still be a duplicate."""
     history = generate(40, seed=9)
     items = [
-        Applied(env, event)
+        IncomingEvent(env, event)
         for env in (Envelope.model_validate(e) for e in history.envelopes)
         if (event := validated(env)) is not None
     ]

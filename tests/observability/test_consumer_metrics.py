@@ -12,7 +12,7 @@ import aio_pika
 from prometheus_client import REGISTRY
 
 from servicekit.consumer import Consumer
-from servicekit.projection import Applied, Outcome
+from servicekit.messages import IncomingEvent, Outcome
 from shared_contracts.envelope import Envelope, event_id_for
 from shared_contracts.events import AccountRegistered
 from shared_contracts.names import AUTH_EVENTS
@@ -27,7 +27,7 @@ class GatedHandler:
         self.gate = asyncio.Event()
         self.applied: list[int] = []
 
-    async def handle(self, events: Sequence[Applied]) -> Sequence[Outcome]:
+    async def handle(self, events: Sequence[IncomingEvent]) -> Sequence[Outcome]:
         await self.gate.wait()
         self.applied += [e.envelope.position for e in events]
         return ["applied"] * len(events)

@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from auth_svc.application import AuthService
-from auth_svc.relay import relay_auth_events
+from auth_svc.main import relay as auth_relay
 from servicekit.logs import JsonFormatter
 from tests.security.conftest import running_services
 from tests.security.secret_scan import files_to_scan, scan
 from tests.support.amqp import subscribed
-from user_svc.relay import relay_user_events
+from user_svc.main import relay as user_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,8 +123,8 @@ async def test_a_full_scenario_never_logs_or_publishes_a_secret(
     ):
         logging.getLogger("auth_svc").info("capture works: canary-%s", "4d1f")
         relays = [
-            relay_auth_events(services.auth_settings),
-            relay_user_events(services.user_settings.model_copy(update={"amqp_url": amqp_url})),
+            auth_relay(services.auth_settings),
+            user_relay(services.user_settings.model_copy(update={"amqp_url": amqp_url})),
         ]
         stop = asyncio.Event()
         async with (

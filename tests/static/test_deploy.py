@@ -3,7 +3,6 @@ with compose/kong.yml (nothing here can run Docker or a cluster)."""
 
 from __future__ import annotations
 
-import importlib
 import re
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings
 
+import registry
 from gateway.kong import k8s_credentials, load_kong
 from gateway.settings import GatewaySettings
 from servicekit.amqp import amqp_urls
@@ -34,25 +34,17 @@ SHARED_ENV = {"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"} | {
     name
     for name in TelemetrySettings.model_json_schema(by_alias=True)["properties"]
 }
-# Settings class of each service, by environment prefix (some are written concurrently).
-SETTINGS = {
-    "AUTH_": "auth_svc.settings:AuthSettings",
-    "USER_": "user_svc.settings:UserSettings",
-    "REPORTING_": "reporting_svc.settings:ReportingSettings",
-    "NOTIFY_": "notify_svc.settings:NotifySettings",
-    "INTEGRATION_": "integration_svc.settings:IntegrationSettings",
-    "GATEWAY_": "gateway.settings:GatewaySettings",
+# Settings class of each service (and of the gateway), by environment prefix.
+SETTINGS: dict[str, type[BaseSettings]] = {
+    str(cls.model_config.get("env_prefix", "")): cls
+    for cls in (*(s.settings for s in registry.SERVICES), GatewaySettings)
 }
-CONSUMER_SERVICES = ("user_svc", "reporting_svc", "notify_svc", "integration_svc")
+# Every process of the stack, as `esctl <verb> <service>` (compose and k8s run each one).
+PROCESSES = {tuple(p.command) for p in registry.processes()}
 
 
 def settings_class(prefix: str) -> type[BaseSettings] | None:
-    module, name = SETTINGS[prefix].split(":")
-    try:
-        cls: type[BaseSettings] = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-    return cls
+    return SETTINGS.get(prefix)
 
 
 def env_names(cls: type[BaseSettings]) -> set[str]:
@@ -77,7 +69,7 @@ def check_env_names(where: str, names: Iterator[str] | set[str]) -> list[str]:
             continue
         cls = settings_class(prefix)
         if cls is None:
-            missing.add(SETTINGS[prefix])
+            missing.add(prefix)
         elif name not in env_names(cls):
             unknown.append(f"{where}: {name}")
     assert unknown == []
@@ -152,11 +144,7 @@ def test_compose_runs_every_process_healthy_and_in_order() -> None:
     expected = {
         ("db", "init"),
         ("gateway", "render", "--out", "/kong/kong.yml"),
-        ("serve", "auth_svc"),
-        ("serve", "user_svc"),
-        ("relay", "auth_svc"),
-        ("relay", "user_svc"),
-        *(("consume", s) for s in CONSUMER_SERVICES),
+        *PROCESSES,
     }
     assert expected <= set(commands.values())
     assert services["kong"]["image"] == "kong:3.9.3"
@@ -266,7 +254,7 @@ def test_every_compose_process_lists_the_three_nodes_and_waits_for_them_healthy(
         depends = service.get("depends_on") or {}
         for node in nodes:
             assert depends[node]["condition"] == "service_healthy", (name, node)
-    assert processes >= len(CONSUMER_SERVICES) + 4  # REST services, relays and consumers
+    assert processes >= len(PROCESSES)  # REST services, relays and consumers
 
 
 def test_compose_sets_only_variables_the_code_reads() -> None:
@@ -343,9 +331,9 @@ def expanded_env(container: dict[str, Any]) -> dict[str, str]:
 
 def _app_for(args: list[str]) -> FastAPI:
     if args[0] == "serve":
-        module = importlib.import_module(f"{args[1]}.main")
-        app: FastAPI = module.create_app()
-        return app
+        service = registry.service(args[1])
+        assert service.app is not None
+        return service.app(service.settings())
     from servicekit.web import create_app
 
     return create_app(title=" ".join(args))  # relays and consumers: the shared worker shell
@@ -381,9 +369,8 @@ def test_every_deployment_has_probes_resources_and_a_restricted_security_context
                 env = {e["name"]: e.get("value") for e in container["env"]}
                 assert str(port["containerPort"]) in env.values(), name
             missing = check_env_names(name, set(env_names_read(container)))
-            assert set(missing) <= {SETTINGS[p] for p in ("REPORTING_", "NOTIFY_", "INTEGRATION_")}
-    assert {("consume", s) for s in CONSUMER_SERVICES} <= commands
-    assert {("serve", "auth_svc"), ("serve", "user_svc")} <= commands
+            assert missing == []
+    assert commands >= PROCESSES
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
@@ -548,7 +535,7 @@ def test_every_process_lists_every_rabbitmq_node_in_amqp_url(overlay: str) -> No
             sources = (env[user.strip("<>")]["valueFrom"], env[password.strip("<>")]["valueFrom"])
             assert sources == credentials, where
             processes += 1
-    assert processes >= len(CONSUMER_SERVICES) + 5  # REST services, relays, consumers, db-init
+    assert processes >= len(PROCESSES) + 1  # REST services, relays, consumers, db-init
 
 
 def test_every_secret_key_the_manifests_use_is_in_the_example() -> None:

@@ -840,13 +840,21 @@ class LoadGenerator:
             await self.rejected_writes(email, token, user_id)
         return email
 
-    async def run(self, seconds: float, *, concurrency: int = 4, pause: float = 0.05) -> None:
-        """New users, `concurrency` at a time, for `seconds`."""
+    async def run(
+        self,
+        seconds: float,
+        *,
+        concurrency: int = 4,
+        pause: float = 0.05,
+        until: asyncio.Event | None = None,
+    ) -> None:
+        """New users, `concurrency` at a time, for `seconds` (or until `until` is set; each
+        user's session is finished first)."""
         deadline = time.monotonic() + seconds
         counter = iter(range(10**9))
 
         async def worker() -> None:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (until and until.is_set()):
                 await self.one_user(next(counter))
                 await asyncio.sleep(pause)
 

@@ -10,8 +10,8 @@ from reporting_svc.projection import Reporting
 from reporting_svc.reports import REPORTS, read_report
 from reporting_svc.settings import ReportingSettings
 from servicekit.consumer import Consumer
+from servicekit.process import ProjectionWorker
 from servicekit.projection import Projection, ProjectionStore
-from servicekit.runners import projection_consumer, run_projection
 from tests.support.history import History
 
 
@@ -43,11 +43,13 @@ async def assert_reports_match(settings: ReportingSettings, history: History) ->
 async def consuming(
     settings: ReportingSettings, prefetch: int = 1000, projection: Projection | None = None
 ) -> AsyncIterator[Consumer]:
-    consumer, store = projection_consumer(
-        projection or Reporting(), settings, prefetch=prefetch, delivery_limit=3
+    worker = ProjectionWorker(
+        projection or Reporting(),
+        settings.model_copy(update={"consumer_prefetch": prefetch, "consumer_delivery_limit": 3}),
     )
+    consumer = worker.consumer
     stop = asyncio.Event()
-    task = asyncio.create_task(run_projection(consumer, store, stop))
+    task = asyncio.create_task(worker.consume(stop))
     try:
         for _ in range(200):
             if consumer.status.role == "consuming":

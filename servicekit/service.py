@@ -1,0 +1,134 @@
+"""How a service declares itself: once, in its composition root (`<service>/main.py`).
+
+A `Service` names the service, its settings class and how to set up its database, and the
+parts it has: a REST app, a relay (its event store published), a consumer (its queue), a
+projection (rebuildable with `esctl replay`). The processes to run follow from the parts,
+each with the settings field that holds its port. The registry (`registry.SERVICES`) lists
+every service; the CLI, `esctl up`, the deployment checks and the tests all read it, so
+nothing looks a service up by its name as a string.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fastapi import FastAPI
+
+from servicekit.process import Worker, serve_worker
+from servicekit.projection import Projection
+from servicekit.relay import Relay
+from servicekit.settings import ServiceSettings
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class Role(enum.Enum):
+    """A kind of process, and the settings field that holds its port."""
+
+    API = "port"  # the REST app under uvicorn
+    RELAY = "relay_port"  # the event store published to the producer's exchange
+    CONSUMER = "consumer_port"  # `<service>.q` fed to the service's handler
+
+
+@dataclass(frozen=True)
+class Process:
+    """One process of a service: `esctl serve|relay|consume <service>`."""
+
+    service: Service[Any]
+    role: Role
+
+    @property
+    def name(self) -> str:
+        suffix = {Role.API: "", Role.RELAY: ".relay", Role.CONSUMER: ".consumer"}[self.role]
+        return f"{self.service.name}{suffix}"
+
+    @property
+    def command(self) -> list[str]:
+        """The esctl command that runs it (after `python -m esctl.main`)."""
+        verb = {Role.API: "serve", Role.RELAY: "relay", Role.CONSUMER: "consume"}[self.role]
+        return [verb, self.service.name]
+
+    @property
+    def port_variable(self) -> str:
+        """The environment variable that sets its port, e.g. AUTH_RELAY_PORT."""
+        return self.service.variable(self.role.value)
+
+    def address(self, settings: ServiceSettings | None = None) -> tuple[str, int]:
+        settings = settings or self.service.settings()
+        return settings.host, int(getattr(settings, self.role.value))
+
+
+@dataclass(frozen=True)
+class Service(Generic[S]):
+    name: str
+    settings: type[S]
+    init_db: Callable[[S], None]
+    app: Callable[[S], FastAPI] | None = None
+    relay: Callable[[S], Relay] | None = None
+    consumer: Callable[[S], Worker] | None = None
+    projection: Callable[[S], Projection] | None = None
+
+    @property
+    def processes(self) -> list[Process]:
+        parts = ((Role.API, self.app), (Role.RELAY, self.relay), (Role.CONSUMER, self.consumer))
+        return [Process(self, role) for role, part in parts if part is not None]
+
+    def process(self, role: Role) -> Process:
+        for process in self.processes:
+            if process.role is role:
+                return process
+        raise LookupError(f"{self.name} has no {role.name.lower()} process")
+
+    def variable(self, field: str) -> str:
+        """The environment variable of one of the settings' fields, e.g. USER_DATABASE_URL."""
+        alias = self.settings.model_fields[field].validation_alias
+        if alias is not None:
+            return str(getattr(alias, "choices", [alias])[0])
+        prefix = str(self.settings.model_config.get("env_prefix", ""))
+        return f"{prefix}{field}".upper()
+
+    def run(self, role: Role) -> None:
+        """Run one of the service's processes until SIGINT/SIGTERM, from the environment.
+
+        A part that cannot be built from its settings (`CannotStart`) ends the process with
+        a one-line error and exit code 2.
+        """
+        settings = self.settings()
+        process = self.process(role)
+        _, port = process.address(settings)
+        try:
+            if role is Role.API:
+                assert self.app is not None
+                _serve_app(process.name, functools.partial(self.app, settings), settings)
+                return
+            make = self.relay if role is Role.RELAY else self.consumer
+            assert make is not None
+            worker = make(settings)
+        except CannotStart as exc:
+            sys.exit(f"error: {process.name} cannot start: {exc}")
+        serve_worker(process.name, worker, settings, port=port)
+
+
+class CannotStart(Exception):
+    """A part of a service cannot be built from its settings; the message says why."""
+
+
+def _serve_app(name: str, factory: Callable[[], FastAPI], settings: ServiceSettings) -> None:
+    import uvicorn
+
+    from servicekit.logs import configure_logging
+
+    configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+    )
