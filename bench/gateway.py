@@ -16,18 +16,10 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
-from bench.harness import (
-    PG_ADMIN,
-    RUN,
-    auth_and_users,
-    free_port,
-    median,
-    process,
-    write_result,
-    wrk,
-)
+from bench.harness import auth_and_users, median, process, write_result, wrk
 from gateway.kong import load_kong
 from gateway.settings import DEFAULT_KONG_CONFIG
+from testbed.ports import free_port
 
 ROUNDS = 3
 SECONDS = 5
@@ -52,11 +44,11 @@ def unlimited_kong_yml(directory: Path) -> Path:
 
 
 def main() -> None:
-    with auth_and_users() as (auth, users, _), tempfile.TemporaryDirectory() as work:
+    with auth_and_users() as (auth, users, _, auth_db), tempfile.TemporaryDirectory() as work:
         gw_port, status_port = free_port(), free_port()
         auth_url, users_url = urlsplit(auth), urlsplit(users)
         env = {
-            "AUTH_DATABASE_URL": f"{PG_ADMIN.rsplit('/', 1)[0]}/bench_{RUN}_auth",
+            "AUTH_DATABASE_URL": auth_db,
             "AUTH_PORT": str(auth_url.port),
             "USER_PORT": str(users_url.port),
             "GATEWAY_PORT": str(gw_port),
@@ -64,7 +56,7 @@ def main() -> None:
             "GATEWAY_CONFIG": str(unlimited_kong_yml(Path(work))),
             "GATEWAY_WORK_DIR": work,
         }
-        argv = [sys.executable, "-m", "esctl.main", "gateway", "run"]
+        argv = [sys.executable, "-m", "gateway"]
         with process(argv, env, f"http://127.0.0.1:{status_port}/health/ready"):
             gateway = f"http://127.0.0.1:{gw_port}"
             body = {"email": "bench@example.com", "password": "benchmark password"}

@@ -6,54 +6,30 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import quote
 
 import httpx
 
-from servicekit.eventstore import drop_database, ensure_database
-
-PG_ADMIN = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-RUN = uuid.uuid4().hex[:6]
+from testbed.ports import free_port
+from testbed.scratch import scratch_database, scratch_vhost
 
 
 @contextlib.contextmanager
 def temp_database(name: str) -> Iterator[str]:
-    url = f"{PG_ADMIN.rsplit('/', 1)[0]}/bench_{RUN}_{name}"
-    ensure_database(url)
-    try:
+    with scratch_database(name, prefix="bench") as url:
         yield url
-    finally:
-        drop_database(url)
 
 
 @contextlib.contextmanager
 def temp_vhost() -> Iterator[str]:
-    vhost = f"bench-{RUN}-{uuid.uuid4().hex[:4]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with scratch_vhost(prefix="bench") as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -134,6 +110,7 @@ class Services(NamedTuple):
     auth: str
     users: str
     users_db: str
+    auth_db: str
 
 
 @contextlib.contextmanager
@@ -165,4 +142,4 @@ def auth_and_users(extra_env: dict[str, str] | None = None) -> Iterator[Services
                 uvicorn_argv("user_svc.main:create_app", user_port), env, f"{users}/health/ready"
             ),
         ):
-            yield Services(auth, users, users_db)
+            yield Services(auth, users, users_db, auth_db)

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from argon2 import PasswordHasher
 
-from bench.harness import free_port, median, process, temp_database, uvicorn_argv, write_result
+from bench.harness import median, process, temp_database, uvicorn_argv, write_result
+from testbed.ports import free_port
 
 SECONDS = 8
 THREADS = 8

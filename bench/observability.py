@@ -84,7 +84,7 @@ def fill_traced(db: str) -> None:
     """A backlog whose every event was appended inside a (non-exported) request span."""
     from servicekit import telemetry
     from servicekit.eventstore import eventsourcing_env
-    from tests.support.producer import Member, MemberApp
+    from testbed.producer import Member, MemberApp
 
     telemetry.configure_tracing("bench")
     MemberApp(env=eventsourcing_env(db, create_table=True)).close()
@@ -101,7 +101,7 @@ async def catch_up(db: str, amqp_url: str) -> float:
     from servicekit import telemetry
     from servicekit.eventstore import eventsourcing_env
     from servicekit.relay import create_relay_table
-    from tests.support.producer import MemberApp
+    from testbed.producer import MemberApp
 
     telemetry.configure_tracing("bench.relay")
     create_relay_table(db)

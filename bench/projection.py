@@ -42,7 +42,7 @@ from servicekit.messages import IncomingEvent, Outcome
 from servicekit.process import run_projection
 from servicekit.projection import ProjectionStore
 from servicekit.replay import Progress, Replay
-from tests.support.history import generate, publish
+from testbed.history import generate, publish
 
 EVENTS = 50_000
 ROUNDS = 2
@@ -207,7 +207,7 @@ class Stages:
 async def end_to_end(amqp_url: str, seconds: int = 10) -> Stages:
     """POST /auth/register at 100/s; seconds from sending the request to the commit."""
     from auth_svc.main import init_db as init_auth
-    from tests.support.auth import cheap_auth_settings
+    from testbed.auth import cheap_auth_settings
 
     with temp_database("e2eauth") as auth_db, temp_database("e2erep") as rep_db:
         await asyncio.to_thread(init_auth, cheap_auth_settings(auth_db))

@@ -19,7 +19,7 @@ from bench.harness import median, temp_database, temp_vhost, write_result
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.messages import envelope_for
 from servicekit.relay import Relay, create_relay_table
-from tests.support.producer import Member, MemberApp, to_contract
+from testbed.producer import Member, MemberApp, to_contract
 
 BACKLOG = 20_000
 BATCH = 500

@@ -29,15 +29,16 @@ from collections.abc import Sequence
 import aio_pika
 import httpx
 
-from bench.harness import free_port, median, process, temp_database, temp_vhost, write_result
+from bench.harness import median, process, temp_database, temp_vhost, write_result
 from reporting_svc.main import init_db
 from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import declare_producer_exchange
 from servicekit.replay import Progress, Replay, ReplayError, ReplayResult
 from shared_contracts.names import PRODUCER_EXCHANGES
-from tests.support.history import History, generate, publish
-from tests.support.projections import assert_reports_match, positions, wait_caught_up
+from testbed.history import History, generate, publish
+from testbed.ports import free_port
+from testbed.projections import assert_reports_match, positions, wait_caught_up
 
 EVENTS = 50_000
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))

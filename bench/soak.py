@@ -2,12 +2,12 @@
 consumer SIGKILLed once (at 1/3) and the broker restarted once (at 2/3).
 
 The stack runs as separate processes on a private PostgreSQL cluster and a private RabbitMQ
-node (see tests/support/instances.py): restarting the broker never disturbs anyone else.
+node (see testbed/servers.py): restarting the broker never disturbs anyone else.
 
 Reports p50/p99/p999 per route (the whole run, beside the same route in the calm first third
 as its baseline), the error rate (failed attempts that clients retried), the memory (RSS) of
 every process at start and end against a stated bound, and the loss count: the violations of
-the guarantees checked by tests/support/chaos.py (must be 0).
+the guarantees checked by testbed/stack.py (must be 0).
 
     SOAK_SECONDS=60 python -m bench.soak      # or: python -m bench.soak 60
 """
@@ -25,17 +25,11 @@ import time
 from pathlib import Path
 
 from bench.harness import write_result
-from tests.support.chaos import (
-    Audit,
-    Ledger,
-    LoadGenerator,
-    Stack,
-    check_everything,
-    end_to_end_recovery,
-    eventually,
-    running_stack,
-)
-from tests.support.instances import private_servers
+from testbed.audit import Audit
+from testbed.checks import check_everything, end_to_end_recovery, eventually
+from testbed.load import Ledger, LoadGenerator
+from testbed.servers import private_servers
+from testbed.stack import Stack, running_stack
 
 RATE_PER_S = float(os.environ.get("SOAK_RATE", "20"))  # client operations per second
 # Memory bound: no process may end above start * 1.5 + 64 MiB (caches fill, then stay).

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 
-from bench.harness import free_port, median, process, temp_database, temp_vhost, write_result
+from bench.harness import median, process, temp_database, temp_vhost, write_result
 from integration_svc import endpoints
 from integration_svc.endpoints import Endpoint
 from integration_svc.main import init_db
@@ -32,8 +32,9 @@ from integration_svc.settings import IntegrationSettings
 from integration_svc.signing import new_secret
 from servicekit import aio
 from servicekit.eventstore import connection_kwargs
-from tests.support.effects import envelope
-from tests.support.history import publish
+from testbed.events import envelope
+from testbed.history import publish
+from testbed.ports import free_port
 
 ENDPOINTS = 10
 EVENTS = 1000  # per round: 10,000 deliveries
@@ -44,7 +45,7 @@ ENDPOINT_CONCURRENCY = 8
 @contextlib.contextmanager
 def receivers(ports: list[int]) -> Iterator[None]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.receiver", *map(str, ports)],
+        [sys.executable, "-m", "testbed.receiver", *map(str, ports)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -40,29 +40,12 @@ import pytest
 
 from servicekit.eventstore import connection_kwargs
 from shared_contracts.names import live_queue
-from tests.support.chaos import (
-    CONSUMERS,
-    DLQ_SERVICES,
-    Audit,
-    Ledger,
-    LoadGenerator,
-    Stack,
-    check_everything,
-    dlq_depths,
-    end_to_end_recovery,
-    eventually,
-    inject_duplicates,
-    running_stack,
-)
-from tests.support.instances import RABBITMQ_BIN, private_servers
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (RABBITMQ_BIN / "rabbitmq-server").exists() or shutil.which("runuser") is None,
-        reason="needs RabbitMQ's and PostgreSQL's server binaries for private instances",
-    ),
-]
+from testbed.audit import Audit, inject_duplicates
+from testbed.cases import run_fault
+from testbed.checks import check_everything, dlq_depths, eventually
+from testbed.load import Ledger, LoadGenerator
+from testbed.servers import private_servers
+from testbed.stack import CONSUMERS, DLQ_SERVICES, Stack, running_stack
 
 LOAD_SECONDS = 6.0
 FAULT_AFTER = 2.0
@@ -97,39 +80,22 @@ async def run_case(
 ) -> Ledger:
     """Load for LOAD_SECONDS, the fault after FAULT_AFTER, then recovery and every check."""
     stack, audit = world.stack, world.audit
-    ledger = Ledger(tag=tag)
-    duplicates_before = await asyncio.to_thread(stack.duplicates_suppressed)
-    load = LoadGenerator(stack, ledger)
-    try:
-        traffic = asyncio.create_task(load.run(LOAD_SECONDS))
-        await asyncio.sleep(FAULT_AFTER)
-        await asyncio.to_thread(fault, world)
-        fault_over = time.monotonic()
-        recovery = await end_to_end_recovery(stack, audit, ledger, fault_over, RECOVERY_BOUND)
-        await traffic
-    finally:
-        await load.aclose()
-    load_over = time.monotonic()
-    verdict, catch_up = await eventually(
-        lambda: check_everything(stack, audit, [ledger]), CATCH_UP_BOUND
+    case = await run_fault(
+        stack,
+        audit,
+        tag,
+        begin=lambda: fault(world),
+        load_seconds=LOAD_SECONDS,
+        fault_after=FAULT_AFTER,
+        recovery_bound=RECOVERY_BOUND,
+        catch_up_bound=CATCH_UP_BOUND,
     )
-    suppressed = await asyncio.to_thread(stack.duplicates_suppressed) - duplicates_before
-    restarts = {p.name: p.restarts for p in stack.procs.values() if p.restarts}
+    ledger, verdict = case.ledger, case.verdict
     with capsys.disabled():
-        print(
-            f"\n[chaos] {tag}: sent={ledger.sent} accepted={ledger.accepted} "
-            f"rejected={ledger.rejected} retried={ledger.retries} "
-            f"(recovered registrations={ledger.recovered_registrations}) "
-            f"projected={verdict.projected} mailed={verdict.effects.mails} "
-            f"webhooks={verdict.effects.webhooks} duplicates suppressed={suppressed} "
-            f"exchange duplicates(total)={audit.duplicates()} "
-            f"resent(total) mails={verdict.effects.mail_copies} "
-            f"webhooks={verdict.effects.webhook_copies} "
-            f"recovery={recovery:.1f}s catch-up={catch_up:.1f}s restarts={restarts}"
-        )
+        print(f"\n{case.summary(stack, audit)}")
     assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
     assert ledger.accepted > 0 and ledger.rejected > 0
-    assert time.monotonic() - load_over < CATCH_UP_BOUND + 30
+    assert case.catch_up < CATCH_UP_BOUND + 30
     assert verdict.projected == len(ledger.users)
     assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
     return ledger

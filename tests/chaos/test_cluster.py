@@ -1,7 +1,7 @@
 """Chaos: a RabbitMQ node of a three-node cluster goes down under load.
 
 The module starts a private PostgreSQL and a PRIVATE three-node RabbitMQ cluster
-(tests/support/instances.py: three nodes of this machine, one cookie), and the stack's
+(testbed/servers.py: three nodes of this machine, one cookie), and the stack's
 processes with AMQP_URL listing the three nodes (each through its own TCP proxy), so that a
 client whose node goes away fails over to the next one. Quorum queues and the history stream
 have a member on every node.
@@ -16,7 +16,6 @@ applied twice, every effect once, the dead-letter queues empty.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -27,23 +26,10 @@ from pathlib import Path
 import pytest
 
 from shared_contracts.names import HISTORY_STREAM, live_queue
-from tests.support.chaos import (
-    AUDIT_QUEUE,
-    DLQ_SERVICES,
-    Audit,
-    Stack,
-    run_lasting_fault,
-    running_stack,
-)
-from tests.support.instances import RABBITMQ_BIN, PrivateRabbitCluster, private_cluster_servers
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (RABBITMQ_BIN / "rabbitmq-server").exists() or shutil.which("runuser") is None,
-        reason="needs RabbitMQ's and PostgreSQL's server binaries for private instances",
-    ),
-]
+from testbed.audit import AUDIT_QUEUE, Audit
+from testbed.cases import run_fault
+from testbed.servers import PrivateRabbitCluster, private_cluster_servers
+from testbed.stack import DLQ_SERVICES, Stack, running_stack
 
 FAULT_AFTER = 2.0
 RECOVERY_BOUND = 30.0  # seconds from the node's stop to a write seen end to end
@@ -124,7 +110,7 @@ async def test_stopping_the_node_leading_the_consumer_queues_loses_nothing(
         cluster.start_node(target)
 
     try:
-        case = await run_lasting_fault(
+        case = await run_fault(
             stack,
             audit,
             "cluster-node-stop",

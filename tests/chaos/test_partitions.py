@@ -3,7 +3,7 @@ dropped both ways) must lose its role to a standby on the other side, and nothin
 lost, applied twice or sent twice beyond the allowed resend.
 
 A TCP proxy cannot do this (its kernel keeps ACKing), so the cut-off replica runs inside a
-network namespace joined to the host by a veth pair (tests/support/netns.py) and reaches
+network namespace joined to the host by a veth pair (testbed/netns.py) and reaches
 the private PostgreSQL and RabbitMQ DIRECTLY at the namespace's host address; the blackhole
 takes the host end of the pair down. Only TCP keepalives, user timeouts and AMQP heartbeats
 can notice.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,27 +33,12 @@ import httpx
 import pytest
 
 from shared_contracts.names import live_queue
-from tests.support.chaos import (
-    Audit,
-    LastingFaultCase,
-    NamespacedReplica,
-    Stack,
-    active_consumer_hosts,
-    database_sessions,
-    queue_consumers,
-    run_lasting_fault,
-    running_stack,
-)
-from tests.support.instances import RABBITMQ_BIN, private_servers
-from tests.support.netns import NetworkNamespace, netns_unavailable
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (RABBITMQ_BIN / "rabbitmq-server").exists() or shutil.which("runuser") is None,
-        reason="needs RabbitMQ's and PostgreSQL's server binaries for private instances",
-    ),
-]
+from testbed.audit import Audit
+from testbed.cases import FaultCase, database_sessions, run_fault
+from testbed.netns import NetworkNamespace, netns_unavailable
+from testbed.replicas import NamespacedReplica, active_consumer_hosts, queue_consumers
+from testbed.servers import private_servers
+from testbed.stack import Stack, running_stack
 
 FAULT_AFTER = 2.0
 RECOVERY_BOUND = 30.0  # seconds from the blackhole's start to a write seen end to end
@@ -222,14 +206,12 @@ def _during(probe: Callable[[], object]) -> object:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _report(
-    capsys: pytest.CaptureFixture[str], world: World, case: LastingFaultCase, extra: str
-) -> None:
+def _report(capsys: pytest.CaptureFixture[str], world: World, case: FaultCase, extra: str) -> None:
     with capsys.disabled():
         print(f"\n{case.summary(world.stack, world.audit)} {extra}")
 
 
-def _assert_checks(world: World, case: LastingFaultCase) -> None:
+def _assert_checks(world: World, case: FaultCase) -> None:
     verdict, ledger = case.verdict, case.ledger
     assert not verdict.problems, "\n".join(verdict.problems) + "\n" + world.stack.log_tail()
     assert ledger.accepted > 0 and ledger.rejected > 0
@@ -262,7 +244,7 @@ async def test_relay_leader_cut_off_from_the_database_is_replaced_by_its_standby
                 )
             )
 
-        case = await run_lasting_fault(
+        case = await run_fault(
             stack,
             world.audit,
             "partition-relay-leader",
@@ -318,7 +300,7 @@ async def test_active_consumer_cut_off_from_the_broker_is_replaced_by_its_standb
             actives_during.append(_during(active))
             rejoined.append(_heal_and_rejoin(ns, replica, waiting_again))
 
-        case = await run_lasting_fault(
+        case = await run_fault(
             stack,
             world.audit,
             "partition-active-consumer",

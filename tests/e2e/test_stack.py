@@ -15,18 +15,18 @@ import httpx
 import pytest
 
 from tests.support.amqp import subscribed
-from tests.support.stack import Stack, running_stack
+from tests.support.stack import EsctlUp, esctl_up
 
 
 @pytest.fixture(scope="module")
 def stack(
     make_database: Callable[[str], str], make_vhost: Callable[[], str], tmp_path_factory: Any
-) -> Iterator[Stack]:
-    with running_stack(make_database, make_vhost, tmp_path_factory.mktemp("e2e")) as running:
+) -> Iterator[EsctlUp]:
+    with esctl_up(make_database, make_vhost, tmp_path_factory.mktemp("e2e")) as running:
         yield running
 
 
-def register_and_login(stack: Stack, email: str, password: str) -> dict[str, str]:
+def register_and_login(stack: EsctlUp, email: str, password: str) -> dict[str, str]:
     with httpx.Client() as client:
         r = client.post(
             f"{stack.auth}/auth/register",
@@ -38,7 +38,7 @@ def register_and_login(stack: Stack, email: str, password: str) -> dict[str, str
         return dict(r.json())
 
 
-async def test_a_full_scenario_publishes_contracts_and_never_leaks_a_secret(stack: Stack) -> None:
+async def test_a_full_scenario_publishes_contracts_and_never_leaks_a_secret(stack: EsctlUp) -> None:
     password = "correct horse battery"
     email = f"ada-{time.time_ns()}@example.com"
     async with (
@@ -115,7 +115,7 @@ async def test_a_full_scenario_publishes_contracts_and_never_leaks_a_secret(stac
 
 
 async def test_a_profile_is_created_once_whether_the_event_or_the_request_comes_first(
-    stack: Stack,
+    stack: EsctlUp,
 ) -> None:
     tokens = register_and_login(stack, f"bo-{time.time_ns()}@example.com", "long enough pw")
     bearer = {"authorization": f"Bearer {tokens['access_token']}"}
@@ -139,7 +139,7 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def esctl_json(stack: Stack, *args: str) -> Any:
+def esctl_json(stack: EsctlUp, *args: str) -> Any:
     result = subprocess.run(
         [sys.executable, "-m", "esctl.main", *args, "--format", "json"],
         env={**stack.env, "NO_COLOR": "1"},
@@ -152,7 +152,7 @@ def esctl_json(stack: Stack, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def test_reports_and_projection_status_follow_the_api(stack: Stack) -> None:
+def test_reports_and_projection_status_follow_the_api(stack: EsctlUp) -> None:
     before = esctl_json(stack, "report", "signups")
     register_and_login(stack, f"rep-{time.time_ns()}@example.com", "correct horse battery")
     deadline = time.monotonic() + 20

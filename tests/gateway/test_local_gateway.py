@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway.kong import load_kong
 from servicekit.eventstore import connection_kwargs
 from tests.support.amqp import subscribed
-from tests.support.stack import Stack, running_stack
+from tests.support.stack import EsctlUp, esctl_up
 
 KONG_YML = Path(__file__).parents[2] / "compose" / "kong.yml"
 
@@ -33,13 +33,13 @@ KONG_YML = Path(__file__).parents[2] / "compose" / "kong.yml"
 @pytest.fixture(scope="module")
 def stack(
     make_database: Callable[[str], str], make_vhost: Callable[[], str], tmp_path_factory: Any
-) -> Iterator[Stack]:
+) -> Iterator[EsctlUp]:
     work = tmp_path_factory.mktemp("gateway")
-    with running_stack(make_database, make_vhost, work, LOG_LEVEL="DEBUG") as running:
+    with esctl_up(make_database, make_vhost, work, LOG_LEVEL="DEBUG") as running:
         yield running
 
 
-def sign_up(stack: Stack) -> tuple[str, str]:
+def sign_up(stack: EsctlUp) -> tuple[str, str]:
     """Register and log in directly at auth_svc: (user id, access token)."""
     email = f"gw-{uuid.uuid4().hex[:10]}@example.com"
     body = {"email": email, "password": "gateway password", "display_name": "Gia"}
@@ -52,7 +52,7 @@ def sign_up(stack: Stack) -> tuple[str, str]:
     return registered.json()["user_id"], login.json()["access_token"]
 
 
-def signing_keys(stack: Stack) -> list[tuple[str, str]]:
+def signing_keys(stack: EsctlUp) -> list[tuple[str, str]]:
     """(kid, private key PEM), newest first, read from auth_svc's own database."""
     with psycopg.connect(**connection_kwargs(stack.env["AUTH_DATABASE_URL"])) as conn:
         rows = conn.execute(
@@ -78,7 +78,7 @@ def bearer(value: str) -> dict[str, str]:
     return {"authorization": f"Bearer {value}"}
 
 
-def test_only_the_public_api_is_routed(stack: Stack) -> None:
+def test_only_the_public_api_is_routed(stack: EsctlUp) -> None:
     with stack.client("127.0.0.11") as client:
         jwks = client.get("/auth/.well-known/jwks.json")
         assert jwks.status_code == 200
@@ -91,7 +91,7 @@ def test_only_the_public_api_is_routed(stack: Stack) -> None:
     assert "haproxy_" in httpx.get(f"{stack.status}/metrics").text
 
 
-def test_guarded_routes_reject_missing_bad_and_expired_tokens_like_kong(stack: Stack) -> None:
+def test_guarded_routes_reject_missing_bad_and_expired_tokens_like_kong(stack: EsctlUp) -> None:
     user_id, valid = sign_up(stack)
     kid, pem = signing_keys(stack)[0]
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -140,7 +140,7 @@ def test_guarded_routes_reject_missing_bad_and_expired_tokens_like_kong(stack: S
         assert client.post("/auth/logout", json={"refresh_token": "x"}).status_code == 204
 
 
-def test_a_burst_on_the_credential_routes_is_limited_per_ip(stack: Stack) -> None:
+def test_a_burst_on_the_credential_routes_is_limited_per_ip(stack: EsctlUp) -> None:
     kong = load_kong(KONG_YML)
     route = next(
         r for s in kong["services"] for r in s["routes"] if r["name"] == "auth-credentials"
@@ -169,7 +169,7 @@ def test_a_burst_on_the_credential_routes_is_limited_per_ip(stack: Stack) -> Non
         assert other.post("/auth/login", json={}).status_code == 422
 
 
-def test_an_oversized_body_is_refused_at_the_edge(stack: Stack) -> None:
+def test_an_oversized_body_is_refused_at_the_edge(stack: EsctlUp) -> None:
     with stack.client("127.0.0.15") as client:
         big = client.post(
             "/auth/refresh",
@@ -183,7 +183,7 @@ def test_an_oversized_body_is_refused_at_the_edge(stack: Stack) -> None:
 
 
 async def test_the_request_id_is_kept_or_made_and_reaches_the_service_and_its_logs(
-    stack: Stack,
+    stack: EsctlUp,
 ) -> None:
     with stack.client("127.0.0.16") as client:
         made = client.post("/auth/refresh", json={})
@@ -224,7 +224,7 @@ async def test_the_request_id_is_kept_or_made_and_reaches_the_service_and_its_lo
 
 
 def test_a_rotated_key_works_at_once_and_the_old_one_until_its_tokens_expire(
-    stack: Stack,
+    stack: EsctlUp,
 ) -> None:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 

@@ -31,7 +31,7 @@ from auth_svc.main import create_app, init_db
 from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.tokens import InvalidToken, PublicKey, TokenVerifier, parse_jwks
-from tests.support.auth import cheap_auth_settings
+from testbed.auth import cheap_auth_settings
 
 PASSWORD = "correct horse battery"
 EMAIL = "ada@example.com"

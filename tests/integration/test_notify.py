@@ -21,9 +21,9 @@ from notify_svc.main import NotifyWorker, init_db, projection
 from notify_svc.settings import NotifySettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.replay import Replay, ReplayResult
-from tests.support.effects import envelope, event_id, eventually, running
-from tests.support.history import publish
-from tests.support.ports import free_port
+from testbed.events import envelope, event_id, eventually, running
+from testbed.history import publish
+from testbed.ports import free_port
 
 
 class Inbox:

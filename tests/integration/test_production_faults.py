@@ -33,12 +33,12 @@ from servicekit.projection import ProjectionStore, Transaction
 from servicekit.replay import Progress, Replay, ReplayResult
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import dead_letter_queue, live_queue
-from tests.support.effects import envelope as one_envelope
-from tests.support.effects import eventually
-from tests.support.history import generate, publish
-from tests.support.projections import assert_reports_match, consuming, wait_caught_up
+from testbed.events import envelope as one_envelope
+from testbed.events import eventually
+from testbed.history import generate, publish
+from testbed.projections import assert_reports_match, consuming, wait_caught_up
 
-DELIVERY_LIMIT = 3  # tests.support.projections.consuming's
+DELIVERY_LIMIT = 3  # testbed.projections.consuming's
 
 
 @pytest.fixture

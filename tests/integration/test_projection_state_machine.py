@@ -64,8 +64,8 @@ from servicekit.projection import Projection, ProjectionStore, Transaction
 from servicekit.replay import Progress, Replay, ReplayError
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import PRODUCER_EXCHANGES
+from testbed.history import generate
 from tests.support.fake_broker import FakeIncomingMessage, FakeQueue, Stored, StreamMessage
-from tests.support.history import generate
 
 UNUSED_AMQP = "amqp://guest:guest@127.0.0.1:9/never-connected"
 DELIVERY_LIMIT = 2

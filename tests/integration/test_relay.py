@@ -13,8 +13,8 @@ import pytest
 
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.relay import Relay, create_relay_table
+from testbed.producer import Member, MemberApp, to_contract
 from tests.support.amqp import subscribed
-from tests.support.producer import Member, MemberApp, to_contract
 
 EXCHANGE = "members.test"
 

@@ -20,8 +20,8 @@ from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Transaction
 from servicekit.replay import Progress, Replay, ReplayResult
-from tests.support.history import generate, publish
-from tests.support.projections import assert_reports_match, consuming, positions, wait_caught_up
+from testbed.history import generate, publish
+from testbed.projections import assert_reports_match, consuming, positions, wait_caught_up
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent, validated
 from servicekit.projection import ProjectionStore
 from shared_contracts.envelope import Envelope
-from tests.support.history import generate, publish
-from tests.support.ports import free_port
-from tests.support.projections import (
+from testbed.history import generate, publish
+from testbed.ports import free_port
+from testbed.projections import (
     assert_reports_match,
     consuming,
     wait_caught_up,

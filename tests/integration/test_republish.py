@@ -15,8 +15,8 @@ from servicekit.eventstore import eventsourcing_env
 from servicekit.relay import Relay, create_relay_table, republish
 from servicekit.replay import Replay, ReplayError
 from shared_contracts.names import AUTH_EVENTS
-from tests.support.producer import Member, MemberApp, to_contract
-from tests.support.projections import consuming, positions
+from testbed.producer import Member, MemberApp, to_contract
+from testbed.projections import consuming, positions
 
 MEMBERS = 1_500
 

@@ -25,9 +25,9 @@ from integration_svc.main import IntegrationWorker, init_db
 from integration_svc.settings import IntegrationSettings
 from integration_svc.signing import new_secret
 from servicekit.eventstore import connection_kwargs
-from tests.support.effects import envelope, event_id, eventually, running
-from tests.support.history import publish
-from tests.support.receiver import Receiver
+from testbed.events import envelope, event_id, eventually, running
+from testbed.history import publish
+from testbed.receiver import Receiver
 
 
 @pytest.fixture

@@ -15,31 +15,22 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import registry
 from esctl.trace import SpanReceiver, SpanRecord, render
 from reporting_svc.projection import Reporting
 from servicekit import telemetry
 from servicekit.replay import Replay
 from tests.support.amqp import subscribed
-from tests.support.stack import Stack as RunningStack
-from tests.support.stack import running_stack
+from tests.support.stack import EsctlUp, esctl_up
 
 PASSWORD = "correct horse battery staple"
 # Each process `esctl up --no-gateway` starts, by the variable that sets its port.
-PROCESSES = {
-    "auth": "AUTH_PORT",
-    "user": "USER_PORT",
-    "auth_relay": "AUTH_RELAY_PORT",
-    "user_relay": "USER_RELAY_PORT",
-    "user_consumer": "USER_CONSUMER_PORT",
-    "reporting_consumer": "REPORTING_CONSUMER_PORT",
-    "notify_consumer": "NOTIFY_CONSUMER_PORT",
-    "integration_consumer": "INTEGRATION_CONSUMER_PORT",
-}
+PROCESSES = {p.name: p.port_variable for p in registry.processes()}
 
 
 @dataclass
-class Stack:
-    running: RunningStack
+class TracedStack:
+    running: EsctlUp
     receiver: SpanReceiver
 
     @property
@@ -68,11 +59,11 @@ def stack(
     make_database: Callable[[str], str],
     make_vhost: Callable[[], str],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
+) -> Iterator[TracedStack]:
     work = tmp_path_factory.mktemp("stack")
     with (
         SpanReceiver() as receiver,
-        running_stack(
+        esctl_up(
             make_database,
             make_vhost,
             work,
@@ -83,7 +74,7 @@ def stack(
             METRICS_QUEUE_POLL_SECONDS="0.5",
         ) as running,
     ):
-        yield Stack(running, receiver)
+        yield TracedStack(running, receiver)
 
 
 def trace_of(spans: list[SpanRecord], trace_id: str) -> list[SpanRecord]:
@@ -97,7 +88,7 @@ def one(spans: list[SpanRecord], service: str, name: str) -> SpanRecord:
 
 
 @pytest.fixture(scope="module")
-def registered(stack: Stack) -> Registered:
+def registered(stack: TracedStack) -> Registered:
     """One register request (and a login) with a known X-Request-ID, and its whole trace."""
     request_id = f"obs-{uuid.uuid4().hex[:12]}"
     email = f"obs-{uuid.uuid4().hex[:8]}@example.com"
@@ -108,26 +99,26 @@ def registered(stack: Stack) -> Registered:
             httpx.AsyncClient(timeout=10) as http,
         ):
             r = await http.post(
-                f"{stack.url('auth')}/auth/register",
+                f"{stack.url('auth_svc')}/auth/register",
                 json={"email": email, "password": PASSWORD, "display_name": "Ada"},
                 headers={"X-Request-ID": request_id},
             )
             assert r.status_code == 201, r.text
             login = await http.post(
-                f"{stack.url('auth')}/auth/login",
+                f"{stack.url('auth_svc')}/auth/login",
                 json={"email": email, "password": PASSWORD},
                 headers={"X-Request-ID": f"{request_id}-login"},
             )
             assert login.status_code == 200, login.text
             bad = await http.post(
-                f"{stack.url('auth')}/auth/login", json={"email": email, "password": "wrong!"}
+                f"{stack.url('auth_svc')}/auth/login", json={"email": email, "password": "wrong!"}
             )
             assert bad.status_code == 401
             tokens = login.json()
             # The registration creates the profile; a GET first would create it instead.
             created = await user_events.wait_for(1)
             me = await http.get(
-                f"{stack.url('user')}/users/me",
+                f"{stack.url('user_svc')}/users/me",
                 headers={"Authorization": f"Bearer {tokens['access_token']}"},
             )
             assert me.status_code == 200, me.text
@@ -154,7 +145,7 @@ def registered(stack: Stack) -> Registered:
 
 
 def test_one_register_request_is_one_trace_from_http_to_every_projection(
-    stack: Stack, registered: Registered
+    stack: TracedStack, registered: Registered
 ) -> None:
     spans = trace_of(stack.receiver.snapshot(), registered.trace_id)
 
@@ -208,7 +199,7 @@ def test_correlation_and_causation_follow_the_same_chain(registered: Registered)
 
 
 def test_a_replayed_projection_span_links_to_the_original_trace(
-    stack: Stack, registered: Registered
+    stack: TracedStack, registered: Registered
 ) -> None:
     exporter = InMemorySpanExporter()
     with telemetry.exporting_to(exporter):
@@ -232,7 +223,7 @@ def test_a_replayed_projection_span_links_to_the_original_trace(
     assert registered.trace_id in linked
 
 
-def scrape(stack: Stack, name: str) -> str:
+def scrape(stack: TracedStack, name: str) -> str:
     r = httpx.get(f"{stack.url(name)}/metrics", timeout=5)
     assert r.status_code == 200
     return r.text
@@ -240,7 +231,7 @@ def scrape(stack: Stack, name: str) -> str:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (make gateway-tools)")
 def test_every_process_serves_metrics_that_promtool_accepts(
-    stack: Stack, registered: Registered
+    stack: TracedStack, registered: Registered
 ) -> None:
     for name in PROCESSES:
         text = scrape(stack, name)
@@ -253,15 +244,15 @@ def test_every_process_serves_metrics_that_promtool_accepts(
         )
         assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
 
-    auth = scrape(stack, "auth")
+    auth = scrape(stack, "auth_svc")
     assert 'auth_logins_total{outcome="succeeded"} 1.0' in auth
     assert 'auth_logins_total{outcome="failed"} 1.0' in auth
     assert (
         'eventstore_events_appended_total{app="auth",event_type="Account.Registered"} 1.0' in auth
     )
     assert 'http_requests_total{method="POST",route="/auth/register",status="201"} 1.0' in auth
-    assert "relay_published_total" in scrape(stack, "auth_relay")
-    reporting = scrape(stack, "reporting_consumer")
+    assert "relay_published_total" in scrape(stack, "auth_svc.relay")
+    reporting = scrape(stack, "reporting_svc.consumer")
     for metric in ("consumer_messages_total", "consumer_lag_events", "consumer_dlq_messages"):
         assert f"{metric}{{" in reporting, metric
     for text in (auth, reporting):
@@ -269,7 +260,7 @@ def test_every_process_serves_metrics_that_promtool_accepts(
 
 
 def test_log_lines_are_json_with_request_and_trace_ids_and_no_secret(
-    stack: Stack, registered: Registered
+    stack: TracedStack, registered: Registered
 ) -> None:
     lines = stack.log_lines()
     parsed = []

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from auth_svc.main import create_app as create_auth_app
 from auth_svc.main import init_db as init_auth_db
 from auth_svc.settings import AuthSettings
-from tests.support.auth import cheap_auth_settings
+from testbed.auth import cheap_auth_settings
 from user_svc.main import create_app as create_user_app
 from user_svc.main import init_db as init_user_db
 from user_svc.settings import UserSettings

@@ -1,4 +1,7 @@
-"""The whole stack as `esctl up`, on free ports, fresh databases and a vhost of the test's own."""
+"""`esctl up` itself, on free ports, fresh databases and a vhost of the test's own.
+
+(testbed.stack runs the same processes one by one, on private servers, to fault them.)
+"""
 
 from __future__ import annotations
 
@@ -14,26 +17,23 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.ports import free_port
+import registry
+from testbed.ports import free_port
+from testbed.stack import database_name
 
-# Every port `esctl up` listens on, by the variable that sets it.
+# Every port `esctl up` listens on, by the variable that sets it: each process of the
+# registry's, and the gateway's two.
 PORT_VARIABLES = (
-    "AUTH_PORT",
-    "USER_PORT",
-    "AUTH_RELAY_PORT",
-    "USER_RELAY_PORT",
-    "USER_CONSUMER_PORT",
-    "REPORTING_CONSUMER_PORT",
-    "NOTIFY_CONSUMER_PORT",
-    "INTEGRATION_CONSUMER_PORT",
+    *(p.port_variable for p in registry.processes()),
     "GATEWAY_PORT",
     "GATEWAY_STATUS_PORT",
 )
-DATABASES = ("AUTH", "USER", "REPORTING", "NOTIFY", "INTEGRATION")
+# Each service's database, by the variable that sets it, and the name to create it under.
+DATABASES = {s.variable("database_url"): database_name(s) for s in registry.SERVICES}
 
 
 @dataclass
-class Stack:
+class EsctlUp:
     env: dict[str, str]
     log: Path  # the processes' log lines (their stderr)
 
@@ -68,14 +68,14 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(
+def esctl_up(
     make_database: Callable[[str], str],
     make_vhost: Callable[[], str],
     work: Path,
     *,
     up_args: Sequence[str] = (),
     **extra_env: str,
-) -> Iterator[Stack]:
+) -> Iterator[EsctlUp]:
     """Run `esctl up` until the block ends (SIGINT, as Ctrl-C would).
 
     Its output goes to work/stack.log, the processes' log lines (stderr) to work/stderr.log.
@@ -84,7 +84,7 @@ def running_stack(
         **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
         "AMQP_URL": make_vhost(),
         **{v: str(free_port()) for v in PORT_VARIABLES},
-        **{f"{db}_DATABASE_URL": make_database(db.lower()) for db in DATABASES},
+        **{variable: make_database(name) for variable, name in DATABASES.items()},
         "GATEWAY_WORK_DIR": str(work / "gateway"),
         "NOTIFY_MAILDIR": str(work / "maildir"),
         "AUTH_ARGON2_TIME_COST": "1",
@@ -105,7 +105,7 @@ def running_stack(
                 assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
                 time.sleep(0.2)
-            yield Stack(env, log_path)
+            yield EsctlUp(env, log_path)
         finally:
             proc.send_signal(signal.SIGINT)
             try:

@@ -12,7 +12,7 @@ from reporting_svc.settings import ReportingSettings
 from servicekit.consumer import Consumer
 from servicekit.process import ProjectionWorker
 from servicekit.projection import Projection, ProjectionStore
-from tests.support.history import History
+from testbed.history import History
 
 
 async def positions(settings: ReportingSettings) -> dict[str, int]:

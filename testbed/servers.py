@@ -11,7 +11,7 @@ distribution port + 10000 (35672-35682 for the default node): the ports chosen h
 both ranges, or a colleague's `rabbitmqctl` would take our listener's port.
 
 Both servers can also listen on extra addresses (`listen=`): the host side of a network
-namespace (tests/support/netns.py), so that a process inside it reaches them directly, with
+namespace (testbed/netns.py), so that a process inside it reaches them directly, with
 no proxy whose kernel would keep the session alive through a silent partition. The
 namespace must exist before the servers start (they bind its address).
 

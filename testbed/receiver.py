@@ -2,7 +2,7 @@
 
 Each path answers 200 unless told otherwise: `fail(path, n)` answers 503 to its first `n`
 requests, `hang(path)` never answers. Every request is recorded. Run as a module to serve
-fast 200s on several ports for the benchmark: `python -m tests.support.receiver 9001 9002`.
+fast 200s on several ports for the benchmark: `python -m testbed.receiver 9001 9002`.
 """
 
 from __future__ import annotations

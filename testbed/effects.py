@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from tests.support.receiver import Receiver, Request
+from testbed.receiver import Receiver, Request
 
 WEBHOOK_ENDPOINT = "chaos"
 # What the endpoint subscribes to: the registrations (the effect under test) and the profile
@@ -40,7 +40,7 @@ MOST_COPIES = 2
 
 
 class WebhookSink:
-    """`tests.support.receiver.Receiver` on its own thread and event loop, for the module."""
+    """`testbed.receiver.Receiver` on its own thread and event loop, for the module."""
 
     def __init__(self) -> None:
         self.receiver = Receiver()
