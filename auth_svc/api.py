@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
+from fastapi.security import OAuth2PasswordRequestForm
 from prometheus_client import Counter
 from pydantic import (
     BaseModel,
@@ -36,8 +36,7 @@ from auth_svc.domain import (
 )
 from auth_svc.keys import KeyStore
 from servicekit.problems import problem_response, problem_responses
-from servicekit.tokens import InvalidToken, TokenVerifier
-from shared_contracts.tokens import AccessTokenClaims
+from servicekit.tokens import CurrentUser
 
 # --- request and response models ------------------------------------------------------------
 
@@ -134,21 +133,8 @@ async def _key_store(request: Request) -> KeyStore:
     return keys
 
 
-_bearer = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
-
-
-async def _current_user(
-    request: Request, token: Annotated[str | None, Depends(_bearer)]
-) -> AccessTokenClaims:
-    if token is None:
-        raise InvalidToken("Missing bearer token.")
-    verifier: TokenVerifier = request.app.state.token_verifier
-    return await verifier.verify(token)
-
-
 AuthServiceDep = Annotated[AuthService, Depends(_auth_service)]
 KeyStoreDep = Annotated[KeyStore, Depends(_key_store)]
-CurrentUser = Annotated[AccessTokenClaims, Depends(_current_user)]
 PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}

@@ -30,8 +30,8 @@ from integration_svc.endpoints import Endpoint
 from integration_svc.main import init_db
 from integration_svc.settings import IntegrationSettings
 from integration_svc.signing import new_secret
-from servicekit import aio
 from servicekit.eventstore import connection_kwargs
+from servicekit.process import run_on_uvloop
 from testbed.events import envelope
 from testbed.history import publish
 from testbed.ports import free_port
@@ -152,7 +152,7 @@ async def run() -> dict[str, object]:
 
 
 def main() -> None:
-    result = aio.run(run())
+    result = run_on_uvloop(run())
     write_result("webhooks", result)
     print(json.dumps(result))
 

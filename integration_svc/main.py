@@ -14,11 +14,11 @@ from integration_svc.egress import EgressPolicy
 from integration_svc.endpoints import Endpoint, EndpointError
 from integration_svc.projection import Webhooks
 from integration_svc.settings import IntegrationSettings
-from servicekit.aio import sleep_unless_stopped
 from servicekit.eventstore import connection_kwargs, ensure_database
 from servicekit.process import ProjectionWorker
 from servicekit.projection import ProjectionStore
 from servicekit.service import CannotStart, Service
+from servicekit.supervise import sleep_unless_stopped
 
 log = logging.getLogger("integration_svc")
 

@@ -21,6 +21,7 @@ from datetime import date
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Projection, Transaction
 from shared_contracts.events import (
+    PROFILE_FIELDS,
     AccountLocked,
     AccountRegistered,
     LoginFailed,
@@ -33,7 +34,6 @@ from shared_contracts.events import (
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 
 # The optional profile fields whose completeness is reported.
-PROFILE_FIELDS = ("display_name", "bio", "locale", "timezone", "avatar_url")
 
 
 class Reporting(Projection):

@@ -10,9 +10,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from reporting_svc.projection import PROFILE_FIELDS, Reporting
+from reporting_svc.projection import Reporting
 from servicekit.eventstore import connection_kwargs
 from servicekit.projection import LIVE_GENERATION, SHARED_LOCK, lock_key
+from shared_contracts.events import PROFILE_FIELDS
 
 
 @dataclass(frozen=True)

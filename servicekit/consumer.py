@@ -48,8 +48,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from servicekit import amqp, context, telemetry
-from servicekit.aio import drain, fill, sleep_unless_stopped, supervise
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
+from servicekit.batching import drain, fill
 from servicekit.messages import (
     TRACEPARENT,
     TRANSIENT_ERRORS,
@@ -60,6 +60,7 @@ from servicekit.messages import (
     validated,
 )
 from servicekit.projection import ProjectionStore
+from servicekit.supervise import sleep_unless_stopped, supervise
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import dead_letter_queue, live_queue
 

@@ -24,8 +24,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from servicekit.aio import sleep_unless_stopped
 from servicekit.eventstore import connection_kwargs
+from servicekit.supervise import sleep_unless_stopped
 
 log = logging.getLogger("servicekit.dispatch")
 

@@ -27,7 +27,6 @@ from eventsourcing.persistence import Notification
 from prometheus_client import Counter, Gauge, Histogram
 
 from servicekit import amqp, messages, telemetry
-from servicekit.aio import sleep_unless_stopped, supervise
 from servicekit.amqp import declare_producer_exchange
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.messages import (
@@ -41,6 +40,7 @@ from servicekit.messages import (
     message_for,
 )
 from servicekit.settings import ServiceSettings
+from servicekit.supervise import sleep_unless_stopped, supervise
 from shared_contracts.events import ContractEvent
 
 log = logging.getLogger("servicekit.relay")

@@ -41,8 +41,8 @@ from psycopg import sql
 from pydantic import ValidationError
 
 from servicekit import amqp, stream, telemetry
-from servicekit.aio import fill
 from servicekit.amqp import declare_history_stream
+from servicekit.batching import fill
 from servicekit.messages import (
     RUN,
     RUN_FROM,

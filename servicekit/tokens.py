@@ -12,10 +12,12 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import jwt
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2PasswordBearer
 from jwt.algorithms import RSAAlgorithm
 from pydantic import ValidationError
 
@@ -179,11 +181,25 @@ class TokenVerifier:
             raise InvalidToken("The token's claims are invalid.") from None
 
 
-def bearer_token(authorization: str | None) -> str:
-    """The token of an `Authorization: Bearer ...` header, or 401."""
-    if not authorization:
-        raise InvalidToken("Missing bearer token.")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise InvalidToken("Expected 'Authorization: Bearer <token>'.")
-    return token.strip()
+# How a route asks for the caller: `user: CurrentUser`. Both security schemes read the same
+# `Authorization: Bearer` header; declaring both lets Swagger UI offer the password form
+# (`POST /auth/token`, its public path) and pasting a token.
+PASSWORD_FLOW = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+BEARER = HTTPBearer(auto_error=False, description="An access token issued by auth_svc.")
+
+
+async def current_user(
+    request: Request,
+    token: Annotated[str | None, Depends(PASSWORD_FLOW)],
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> AccessTokenClaims:
+    """The verified claims of the request's access token (401 without a valid one), checked
+    by the app's `state.token_verifier`. `async def`: a sync dependency would cost a
+    threadpool hop per request."""
+    if not token:
+        raise InvalidToken("Missing bearer token: send 'Authorization: Bearer <token>'.")
+    verifier: TokenVerifier = request.app.state.token_verifier
+    return await verifier.verify(token)
+
+
+CurrentUser = Annotated[AccessTokenClaims, Depends(current_user)]

@@ -86,6 +86,13 @@ class ProfileFields(ContractEvent):
     avatar_url: str | None = None
 
 
+# The fields a user edits on their profile: every field of the contract but the ids and the
+# address (auth_svc's). The one list user_svc, reporting_svc and the tests read.
+PROFILE_FIELDS: tuple[str, ...] = tuple(
+    name for name in ProfileFields.model_fields if name not in ("user_id", "email")
+)
+
+
 class ProfileCreated(ProfileFields):
     event_type = "user.profile.created"
     producer = "user_svc"

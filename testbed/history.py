@@ -20,9 +20,9 @@ import aio_pika
 
 from servicekit.amqp import declare_producer_exchange
 from shared_contracts.envelope import event_id_for
+from shared_contracts.events import PROFILE_FIELDS
 from shared_contracts.names import PRODUCER_EXCHANGES
 
-FIELDS = ("display_name", "bio", "locale", "timezone", "avatar_url")
 START = datetime(2026, 3, 1, tzinfo=UTC)
 SPAN_SECONDS = 10 * 86400  # a history spreads over about ten days
 
@@ -98,7 +98,8 @@ def generate(events: int, *, seed: int = 7, users: int | None = None) -> History
             registered.append(user)
             emit("auth_svc", "auth.account.registered", user, {"email": f"{user.hex[:12]}@x.io"})
             state = {
-                f: (f"{f}-{rng.randint(0, 9)}" if rng.random() < 0.4 else None) for f in FIELDS
+                f: (f"{f}-{rng.randint(0, 9)}" if rng.random() < 0.4 else None)
+                for f in PROFILE_FIELDS
             }
             profiles[user] = state
             emit("user_svc", "user.profile.created", user, {"email": None, **state})
@@ -129,7 +130,7 @@ def generate(events: int, *, seed: int = 7, users: int | None = None) -> History
         elif roll < 0.8:
             emit("auth_svc", "auth.account.password_changed", user, {})
         else:
-            name = rng.choice(FIELDS)
+            name = rng.choice(PROFILE_FIELDS)
             value = None if rng.random() < 0.3 else f"{name}-{rng.randint(0, 99)}"
             profiles[user][name] = value
             emit(
@@ -171,7 +172,7 @@ def expected_reports(envelopes: list[dict[str, Any]]) -> dict[str, list[tuple[An
                 active[day].add(user)
     total = len(state)
     completeness = []
-    for f in FIELDS:
+    for f in PROFILE_FIELDS:
         with_field = sum(1 for s in state.values() if s.get(f))
         share = (Decimal(with_field) / Decimal(total)).quantize(Decimal("0.0001")) if total else 0
         completeness.append((f, with_field, total, share))

@@ -13,13 +13,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from servicekit.problems import Problem, problem_responses
-from servicekit.tokens import InvalidToken, TokenVerifier
-from shared_contracts.tokens import AccessTokenClaims
+from servicekit.tokens import CurrentUser
+from shared_contracts.events import PROFILE_FIELDS
 from user_svc.application import ProfileService, StaleProfileVersion
 from user_svc.domain import (
     AVATAR_URL_MAX,
@@ -79,7 +78,7 @@ class ProfilePatch(BaseModel):
         examples=["https://example.com/ada.png"],
     )
 
-    @field_validator("display_name", "bio", "locale", "timezone", "avatar_url")
+    @field_validator(*PROFILE_FIELDS)
     @classmethod
     def _domain_rules(cls, value: str | None, info: Any) -> str | None:
         return valid_value(info.field_name, value)
@@ -103,26 +102,12 @@ class Profiles:
     cache: ProfileCache
 
 
-_bearer = HTTPBearer(auto_error=False, description="Access token issued by auth_svc")
-
-
-async def _current_user(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> AccessTokenClaims:
-    if credentials is None:
-        raise InvalidToken("Missing bearer token: send 'Authorization: Bearer <token>'.")
-    tokens: TokenVerifier = request.app.state.tokens
-    return await tokens.verify(credentials.credentials)
-
-
 async def _profiles(request: Request) -> Profiles:
     profiles: Profiles = request.app.state.profiles
     return profiles
 
 
 # Dependencies are `async def`: a sync one would cost a threadpool hop per request.
-CurrentUser = Annotated[AccessTokenClaims, Depends(_current_user)]
 ProfilesDep = Annotated[Profiles, Depends(_profiles)]
 
 

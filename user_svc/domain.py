@@ -16,6 +16,7 @@ from zoneinfo import available_timezones
 import langcodes
 
 from servicekit.eventstore import TracedAggregate
+from shared_contracts.events import PROFILE_FIELDS
 
 DISPLAY_NAME_MAX = 100
 BIO_MAX = 1000
@@ -23,9 +24,8 @@ AVATAR_URL_MAX = 2048
 LOCALE_MAX = 64
 
 # Fields a user may change (and clear, with None). `email` belongs to auth_svc.
-EDITABLE_FIELDS = ("display_name", "bio", "locale", "timezone", "avatar_url")
 # The public state carried whole by every event, so a consumer needs no history.
-STATE_FIELDS = ("email", *EDITABLE_FIELDS)
+STATE_FIELDS = ("email", *PROFILE_FIELDS)
 
 _BCP47_CHARS = re.compile(r"^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")

@@ -89,7 +89,7 @@ def create_app(
         follower = CacheFollower(profiles, cache, retry_seconds=settings.cache_retry_seconds)
         follower.start()
         app.state.profiles = Profiles(service=profiles, cache=cache)
-        app.state.tokens = verifier
+        app.state.token_verifier = verifier
         app.state.cache_follower = follower
         try:
             yield

@@ -56,13 +56,14 @@ from psycopg import sql
 
 from notify_svc.intents import DDL as INTENTS_DDL
 from notify_svc.projection import LOCKED, PASSWORD_CHANGED, WELCOME, Notifications
-from reporting_svc.projection import PROFILE_FIELDS, Reporting
+from reporting_svc.projection import Reporting
 from servicekit.consumer import Consumer, ProjectionHandler
 from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Projection, ProjectionStore, Transaction
 from servicekit.replay import Progress, Replay, ReplayError
 from shared_contracts.envelope import Envelope
+from shared_contracts.events import PROFILE_FIELDS
 from shared_contracts.names import PRODUCER_EXCHANGES
 from testbed.history import generate
 from tests.support.fake_broker import FakeIncomingMessage, FakeQueue, Stored, StreamMessage
