@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import psycopg
 from fastapi import FastAPI
 
 from auth_svc.api import install_error_handlers, router
@@ -18,7 +17,7 @@ from auth_svc.contracts import to_contract
 from auth_svc.keys import KeyStore, init_signing_keys
 from auth_svc.settings import AuthSettings
 from servicekit import web
-from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
+from servicekit.eventstore import ensure_database, eventsourcing_env
 from servicekit.relay import Relay, create_relay_table
 from servicekit.service import Service
 from servicekit.tokens import TokenVerifier
@@ -68,16 +67,9 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
             await asyncio.to_thread(service.close)
             await asyncio.to_thread(keys.close)
 
-    async def database() -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            **connection_kwargs(settings.database_url, connect_timeout=3)
-        )
-        async with conn:
-            await conn.execute("SELECT 1")
-
     app = web.create_app(
         title="auth_svc",
-        readiness_checks=[("database", database)],
+        readiness_checks=[("database", web.database_ready(settings.database_url, timeout=3))],
         lifespan=lifespan,
     )
     install_error_handlers(app)

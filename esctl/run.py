@@ -16,6 +16,7 @@ from rich.table import Table
 import registry
 from esctl import db, gateway, stack
 from esctl.console import err, fail, out, require_dependencies, service_named
+from servicekit.process import StopOnSignals
 from servicekit.service import Role
 
 
@@ -70,20 +71,13 @@ def up(
             + ", ".join(f"{p.host}:{p.port} ({p.name})" for p in busy)
             + ". Stop what listens there, or set AUTH_PORT / USER_PORT / *_RELAY_PORT."
         )
-    stopping = False
-
-    def stop_all(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop_all)
-    signal.signal(signal.SIGTERM, stop_all)
+    stop = StopOnSignals()
     try:
         for proc in procs:
             children.append((proc, subprocess.Popen(proc.argv, env=env)))
-        _wait_ready(children, ready_timeout, lambda: stopping)
+        _wait_ready(children, ready_timeout, lambda: bool(stop))
         _print_urls(procs)
-        while not stopping:
+        while not stop:
             for proc, child in children:
                 if child.poll() is not None:
                     raise fail(f"{proc.name} exited with code {child.returncode}")

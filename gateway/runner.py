@@ -13,7 +13,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from shutil import which
-from typing import Any
 
 from auth_svc.settings import AuthSettings
 from gateway.haproxy import render_haproxy
@@ -26,6 +25,7 @@ from gateway.kong import (
 )
 from gateway.model import gateway_model
 from gateway.settings import GatewaySettings
+from servicekit.process import StopOnSignals, stop_process
 from user_svc.settings import UserSettings
 
 
@@ -55,8 +55,9 @@ def write_local_config(
 
 
 def _check_config(settings: GatewaySettings, path: Path) -> None:
+    # Not -q: with it, HAProxy says nothing of why it refuses a file.
     result = subprocess.run(
-        [settings.haproxy, "-c", "-q", "-f", str(path)], check=False, capture_output=True, text=True
+        [settings.haproxy, "-c", "-f", str(path)], check=False, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise GatewayConfigError(f"haproxy rejected {path}:\n{result.stderr or result.stdout}")
@@ -75,19 +76,12 @@ def run() -> int:
     _check_config(settings, path)
     # Master-worker mode: SIGUSR2 makes the master re-read the file and replace its workers.
     proxy = subprocess.Popen([settings.haproxy, "-W", "-db", "-f", str(path)])
-    stopping = False
-
-    def stop(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop = StopOnSignals()
     print(
         f"gateway on http://{settings.host}:{settings.port} ({len(keys)} key(s))", file=sys.stderr
     )
     try:
-        while not stopping:
+        while not stop:
             if proxy.poll() is not None:
                 return proxy.returncode or 1
             time.sleep(poll)
@@ -104,13 +98,7 @@ def run() -> int:
                 keys = current
                 print(f"gateway: reloaded with keys {', '.join(sorted(keys))}", file=sys.stderr)
     finally:
-        if proxy.poll() is None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait()
+        stop_process(proxy)
         store.close()
     return 0
 

@@ -14,9 +14,9 @@ from integration_svc.egress import EgressPolicy
 from integration_svc.endpoints import Endpoint, EndpointError
 from integration_svc.projection import Webhooks
 from integration_svc.settings import IntegrationSettings
-from servicekit.eventstore import connection_kwargs, ensure_database
+from servicekit.eventstore import connection_kwargs
 from servicekit.process import ProjectionWorker
-from servicekit.projection import ProjectionStore
+from servicekit.projection import init_projection_db
 from servicekit.service import CannotStart, Service
 from servicekit.supervise import sleep_unless_stopped
 
@@ -39,16 +39,9 @@ def policy(settings: IntegrationSettings) -> EgressPolicy:
 def init_db(settings: IntegrationSettings | None = None) -> None:
     """Create the database, the endpoint and delivery tables, and the live generation."""
     settings = settings or IntegrationSettings()
-    ensure_database(settings.database_url)
-    with psycopg.connect(**connection_kwargs(settings.database_url), autocommit=True) as conn:
-        for statement in (*endpoints.DDL, *deliveries.DDL):
-            conn.execute(statement)
-
-    async def setup() -> None:
-        async with ProjectionStore(projection(settings), settings.database_url) as store:
-            await store.setup()
-
-    asyncio.run(setup())
+    init_projection_db(
+        settings.database_url, projection(settings), (*endpoints.DDL, *deliveries.DDL)
+    )
 
 
 def file_endpoints(settings: IntegrationSettings) -> list[Endpoint] | None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import psycopg
-
 from notify_svc.dispatcher import MailDispatcher
 from notify_svc.intents import DDL
 from notify_svc.mail import mail_domain
 from notify_svc.projection import Notifications
 from notify_svc.settings import NotifySettings
-from servicekit.eventstore import connection_kwargs, ensure_database
 from servicekit.process import ProjectionWorker
-from servicekit.projection import ProjectionStore
+from servicekit.projection import init_projection_db
 from servicekit.service import Service
 
 
@@ -26,16 +21,7 @@ def projection(settings: NotifySettings | None = None) -> Notifications:
 def init_db(settings: NotifySettings | None = None) -> None:
     """Create the database, the intents table and the live generation's tables (idempotent)."""
     settings = settings or NotifySettings()
-    ensure_database(settings.database_url)
-    with psycopg.connect(**connection_kwargs(settings.database_url), autocommit=True) as conn:
-        for statement in DDL:
-            conn.execute(statement)
-
-    async def setup() -> None:
-        async with ProjectionStore(projection(settings), settings.database_url) as store:
-            await store.setup()
-
-    asyncio.run(setup())
+    init_projection_db(settings.database_url, projection(settings), DDL)
 
 
 class NotifyWorker(ProjectionWorker):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
-from servicekit.eventstore import ensure_database
 from servicekit.process import ProjectionWorker
-from servicekit.projection import ProjectionStore
+from servicekit.projection import init_projection_db
 from servicekit.service import Service
 
 
@@ -20,13 +17,7 @@ def projection(settings: ReportingSettings | None = None) -> Reporting:
 def init_db(settings: ReportingSettings | None = None) -> None:
     """Create the database and the live generation's tables (idempotent)."""
     settings = settings or ReportingSettings()
-    ensure_database(settings.database_url)
-
-    async def setup() -> None:
-        async with ProjectionStore(Reporting(), settings.database_url) as store:
-            await store.setup()
-
-    asyncio.run(setup())
+    init_projection_db(settings.database_url, projection(settings))
 
 
 def worker(settings: ReportingSettings) -> ProjectionWorker:

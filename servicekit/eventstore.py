@@ -158,11 +158,16 @@ def eventsourcing_env(
     return env
 
 
-def ensure_database(database_url: str) -> bool:
-    """Create the URL's database if it does not exist. True when it was created."""
+def _admin(database_url: str) -> tuple[psycopg.Connection[Any], str]:
+    """A connection to the server's `postgres` database, and the URL's database name."""
     kw = connection_kwargs(database_url)
     dbname = kw.pop("dbname")
-    admin = psycopg.connect(**kw, dbname="postgres", autocommit=True)
+    return psycopg.connect(**kw, dbname="postgres", autocommit=True), dbname
+
+
+def ensure_database(database_url: str) -> bool:
+    """Create the URL's database if it does not exist. True when it was created."""
+    admin, dbname = _admin(database_url)
     with admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
         if exists.fetchone():
@@ -176,9 +181,7 @@ def ensure_database(database_url: str) -> bool:
 
 def drop_database(database_url: str) -> None:
     """Drop the URL's database (tests use it on databases they created themselves)."""
-    kw = connection_kwargs(database_url)
-    dbname = kw.pop("dbname")
-    admin = psycopg.connect(**kw, dbname="postgres", autocommit=True)
+    admin, dbname = _admin(database_url)
     with admin:
         admin.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))

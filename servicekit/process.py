@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import signal
+import subprocess
 from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -142,6 +144,34 @@ async def note_queue_since(consumer: Consumer, store: ProjectionStore) -> None:
         else:
             with contextlib.suppress(Exception):
                 await channel.close()
+
+
+class StopOnSignals:
+    """True once SIGINT or SIGTERM arrived: for loops that poll (`while not stop: ...`)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+
+    def _stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def __bool__(self) -> bool:
+        return self.stopping
+
+
+def stop_process(
+    child: subprocess.Popen[Any], *, timeout: float = 10.0, sig: int = signal.SIGTERM
+) -> None:
+    """Ask a child process to stop (`sig`), then kill it if it has not within `timeout`."""
+    if child.poll() is None:
+        child.send_signal(sig)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 class Dispatcher(Protocol):

@@ -24,6 +24,7 @@ exclusive lock. Readers therefore always see one complete generation, and the sw
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -36,7 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from servicekit.eventstore import connection_kwargs
+from servicekit.eventstore import connection_kwargs, ensure_database
 from servicekit.messages import IncomingEvent, Outcome
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import PRODUCER_EXCHANGES
@@ -156,6 +157,22 @@ def lock_key(projection: str) -> int:
 
 def generation_schema(projection: str, generation: int) -> str:
     return f"{projection}_g{generation}"
+
+
+def init_projection_db(database_url: str, projection: Projection, ddl: Sequence[str] = ()) -> None:
+    """`esctl db init` for a projection's service: its database, the tables it keeps outside
+    every generation (`ddl`: intents), and its live generation (idempotent)."""
+    ensure_database(database_url)
+    if ddl:
+        with psycopg.connect(**connection_kwargs(database_url), autocommit=True) as conn:
+            for statement in ddl:
+                conn.execute(statement)
+
+    async def setup() -> None:
+        async with ProjectionStore(projection, database_url) as store:
+            await store.setup()
+
+    asyncio.run(setup())
 
 
 class ProjectionStore:

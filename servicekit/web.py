@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servicekit import context, telemetry
+from servicekit.eventstore import connection_kwargs
 from servicekit.problems import install_problem_handlers, problem_response
 
 ReadinessCheck = Callable[[], Awaitable[None]]
@@ -184,6 +186,19 @@ class BodySizeLimitMiddleware:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def database_ready(database_url: str, *, timeout: int = 2) -> ReadinessCheck:
+    """A readiness check: the service's database answers `SELECT 1` within `timeout` s."""
+
+    async def database() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            **connection_kwargs(database_url, connect_timeout=timeout), autocommit=True
+        )
+        async with conn:
+            await conn.execute("SELECT 1")
+
+    return database
 
 
 def create_app(

@@ -7,12 +7,30 @@ only what it created.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from servicekit.eventstore import drop_database
 from testbed.scratch import RUN_ID, new_database, new_vhost, remove_vhost
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A temporary directory of this session's own: pytest's default (`pytest-of-<user>`)
+    keeps only the three newest sessions' directories, so a second session started on the
+    same machine would delete the files of one still running (a gateway's config, a
+    maildir)."""
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix=f"eskit-tests-{RUN_ID}-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = Path(str(config.option.basetemp))
+    if base.name.startswith(f"eskit-tests-{RUN_ID}-"):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import psycopg
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from servicekit import web
 from servicekit.consumer import Consumer, one_at_a_time
-from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
+from servicekit.eventstore import ensure_database, eventsourcing_env
 from servicekit.logs import configure_logging
 from servicekit.messages import Outcome
 from servicekit.relay import Relay, create_relay_table
@@ -75,13 +74,6 @@ def create_app(
         cache_size=settings.token_cache_size,
     )
 
-    async def database_ready() -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            **connection_kwargs(settings.database_url, connect_timeout=2), autocommit=True
-        )
-        async with conn:
-            await conn.execute("SELECT 1")
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         profiles = await run_in_threadpool(profile_service, settings)
@@ -102,7 +94,7 @@ def create_app(
     app = web.create_app(
         title="user_svc",
         description="User profiles: the caller's own and other users' public profiles.",
-        readiness_checks=[("database", database_ready)],
+        readiness_checks=[("database", web.database_ready(settings.database_url))],
         lifespan=lifespan,
     )
     app.include_router(router)

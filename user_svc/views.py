@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from user_svc.domain import Profile
+from user_svc.domain import STATE_FIELDS, Profile
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,7 @@ class ProfileView:
     def created_by(cls, event: Profile.Created) -> ProfileView:
         return cls(
             user_id=event.originator_id,
-            email=event.email,
-            display_name=event.display_name,
-            bio=event.bio,
-            locale=event.locale,
-            timezone=event.timezone,
-            avatar_url=event.avatar_url,
+            **{name: getattr(event, name) for name in STATE_FIELDS},
             version=event.originator_version,
             created_at=event.timestamp,
             updated_at=event.timestamp,

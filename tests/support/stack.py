@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 import registry
+from servicekit.process import stop_process
 from testbed.ports import free_port
 from testbed.stack import database_name
 
@@ -107,9 +108,4 @@ def esctl_up(
                 time.sleep(0.2)
             yield EsctlUp(env, log_path)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=30, sig=signal.SIGINT)  # as Ctrl-C would
