@@ -37,17 +37,13 @@ from typing import Any
 import psycopg
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge
-from psycopg import sql
 from pydantic import ValidationError
 
-from servicekit import amqp, stream, telemetry
+from servicekit import amqp, generations, stream, telemetry
 from servicekit.amqp import declare_history_stream
 from servicekit.batching import fill
+from servicekit.generations import Difference, Generations, ReplayError
 from servicekit.messages import (
-    RUN,
-    RUN_FROM,
-    RUN_PRODUCER,
-    RUN_TO,
     STREAM_OFFSET,
     IncomingEvent,
     Outcome,
@@ -58,12 +54,12 @@ from servicekit.projection import (
     Projection,
     ProjectionStore,
     Transaction,
-    generation_schema,
 )
 from shared_contracts.envelope import Envelope
-from shared_contracts.names import PRODUCER_EXCHANGES
 
 log = logging.getLogger("servicekit.replay")
+
+__all__ = ["Difference", "Phase", "Progress", "Replay", "ReplayError", "ReplayResult"]
 
 REPLAY_OFFSET = Gauge("replay_stream_offset", "Stream offset a replay has applied", ["projection"])
 REPLAY_END = Gauge("replay_stream_end", "Last stream offset seen by a replay", ["projection"])
@@ -75,10 +71,6 @@ REPLAY_APPLIED = Counter(
     "Events a replay applied to the generation it builds",
     ["projection"],
 )
-
-
-class ReplayError(Exception):
-    """A replay cannot go on; the message says why and what to do."""
 
 
 class Phase(enum.Enum):
@@ -107,30 +99,12 @@ class Progress:
 
 
 @dataclass
-class Difference:
-    table: str
-    only_live: int
-    only_rebuilt: int
-    examples: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
-
-
-@dataclass
 class ReplayResult:
     progress: Progress
     swapped: bool
     previous: str | None = None
     differences: list[Difference] = field(default_factory=list)
     interrupted: bool = False
-
-
-@dataclass
-class _Refill:
-    """A complete republish run of one producer found in a truncated stream."""
-
-    run: str
-    start: int  # stream offset of its first message
-    to: int  # the producer's latest position when the run began
-    last: int = -1  # stream offset of its last message
 
 
 @dataclass
@@ -169,6 +143,7 @@ class Replay:
     ) -> None:
         self.projection = projection
         self.store = ProjectionStore(projection, database_url)
+        self.generations = Generations(self.store)
         self.amqp_url = amqp_url
         self.dry_run = dry_run
         self.restart = restart
@@ -190,11 +165,16 @@ class Replay:
                 first = await stream.first_offset(connection)
                 watch = await self._watch(connection)  # also the first sight of the live edge
                 progress.end = watch.end
-                refills: dict[str, _Refill] = {}
+                refills: dict[str, stream.Refill] = {}
                 phase, start = 0, progress.offset + 1
                 if first is not None and first > 0:
                     live = await self.store.positions()
-                    refills = await self._refills(connection, progress.end, set(live))
+                    try:
+                        refills = await stream.find_refills(
+                            connection, progress.end, self.projection, set(live), self.idle
+                        )
+                    except stream.RefillMissing as exc:
+                        raise ReplayError(str(exc)) from None
                     start = min((r.start for r in refills.values()), default=first)
                     progress.phase = Phase.REFILLS
                     until = max((r.last for r in refills.values()), default=-1)
@@ -217,95 +197,32 @@ class Replay:
     async def _begin(self) -> Progress:
         """The generation being built: resumed if one exists, else a fresh one."""
         self._queue_since = await self.store.queue_since()
-        async with self.store.pool.connection() as conn, conn.transaction():
-            row = await (
-                await conn.execute(
-                    "SELECT live, building, generation FROM public.projection_generations "
-                    "WHERE projection = %s FOR UPDATE",
-                    (self.projection.name,),
-                )
-            ).fetchone()
-            assert row is not None
-            live, building, generation = str(row[0]), row[1], int(row[2])
-            if building and self.restart:
-                await conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(building))
-                )
-                building = None
-            if building:
-                tx = Transaction(conn.cursor(), building, replaying=True)
-                await tx.execute("SELECT stream_offset, applied FROM {_replay}")
-                state = await tx.cursor.fetchone()
-                progress = Progress(building, resumed=True)
-                if state:
-                    progress.offset, progress.applied = int(state[0]), int(state[1])
-                return progress
-            generation += 1
-            building = generation_schema(self.projection.name, generation)
-            if building == live:  # cannot happen unless edited by hand
-                raise ReplayError(f"generation {building} is live")
-            await conn.execute(
-                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(building))
-            )
-            await self.store._create_tables(conn, building)
-            tx = Transaction(conn.cursor(), building, replaying=True)
-            await tx.execute("INSERT INTO {_replay} (stream_offset) VALUES (-1)")
-            await conn.execute(
-                "UPDATE public.projection_generations SET building = %s, generation = %s "
-                "WHERE projection = %s",
-                (building, generation, self.projection.name),
-            )
-            return Progress(building, resumed=False)
+        building = await self.generations.begin(restart=self.restart)
+        return Progress(
+            building.schema, building.resumed, offset=building.offset, applied=building.applied
+        )
 
     async def _finish(self, progress: Progress) -> ReplayResult | None:
         """Swap (or, for a dry run, compare) if the rebuilt generation has caught up.
 
         None: the live generation moved ahead meanwhile; read on. Events this rebuild parked
-        although the live generation applied them are tried once more first; if any still
-        fails, swapping would lose it (no copy is left to retry): ReplayError, and the live
-        generation keeps serving.
+        although the live generation applied them are tried once more first (a fix may have
+        been deployed); if one still fails, Generations.swap refuses with ReplayError.
         """
         await self._retry_parked(progress)
-        async with self.store.pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.store.key,))
-            live = await self.store.live_schema(conn)
-            if await _behind(conn, live, progress.generation):
-                return None
-            lost = await _parked_here_applied_there(conn, progress.generation, live)
-            if lost:
-                producer, position, event_id, reason = lost[0]
-                raise ReplayError(
-                    f"the rebuild cannot apply {len(lost)} event(s) that the live read model "
-                    f"has applied (the first: {event_id}, {producer} position {position}: "
-                    f"{reason}); swapping would lose them, so the live generation keeps "
-                    f"serving. Fix the projection, then run `esctl replay "
-                    f"{self.projection.name}` again: it resumes and tries them again."
-                )
-            if self.dry_run:
-                diffs = await self._compare(conn, live, progress.generation)
-                return ReplayResult(progress, swapped=False, previous=live, differences=diffs)
-            await conn.execute(
-                "UPDATE public.projection_generations SET live = building, building = NULL, "
-                "swapped_at = now() WHERE projection = %s",
-                (self.projection.name,),
-            )
-            # In the same transaction: whoever reads the live generation under the shared
-            # lock (the consumer, the mail dispatcher) never finds it dropped under them.
-            await conn.execute(
-                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(live))
-            )
-        log.info(
-            "replay swapped generations",
-            extra={"projection": self.projection.name, "live": progress.generation, "old": live},
+        swap = await self.generations.swap(progress.generation, dry_run=self.dry_run)
+        if swap is None:
+            return None
+        return ReplayResult(
+            progress, swapped=swap.swapped, previous=swap.previous, differences=swap.differences
         )
-        return ReplayResult(progress, swapped=True, previous=live)
 
     async def _retry_parked(self, progress: Progress) -> None:
         """Apply again what this rebuild parked and the live generation has applied (a fix
         may have been deployed since); each one that still fails stays parked."""
         async with self.store.pool.connection() as conn, conn.transaction():
             live_schema = await self.store.live_schema(conn)
-            rows = await _parked_here_applied_there(
+            rows = await generations.parked_here_applied_there(
                 conn, progress.generation, live_schema, with_envelopes=True
             )
             if not rows:
@@ -324,70 +241,7 @@ class Replay:
                         conn, progress, live, [(-1, IncomingEvent(envelope, event))], phase=0
                     )
 
-    async def _compare(
-        self, conn: psycopg.AsyncConnection[Any], live: str, rebuilt: str
-    ) -> list[Difference]:
-        diffs = []
-        for table in self.projection.tables:
-            a, b = sql.Identifier(live, table), sql.Identifier(rebuilt, table)
-            only_live = await (
-                await conn.execute(
-                    sql.SQL("SELECT * FROM {} EXCEPT ALL SELECT * FROM {}").format(a, b)
-                )
-            ).fetchall()
-            only_rebuilt = await (
-                await conn.execute(
-                    sql.SQL("SELECT * FROM {} EXCEPT ALL SELECT * FROM {}").format(b, a)
-                )
-            ).fetchall()
-            if only_live or only_rebuilt:
-                examples = [("live", tuple(r)) for r in only_live[:3]]
-                examples += [("rebuilt", tuple(r)) for r in only_rebuilt[:3]]
-                diffs.append(Difference(table, len(only_live), len(only_rebuilt), examples))
-        return diffs
-
     # -- reading the stream ------------------------------------------------------------
-
-    async def _refills(
-        self, connection: stream.AnyConnection, end: int, live: set[str]
-    ) -> dict[str, _Refill]:
-        """Find, per producer, the latest complete refill (`--from 1`) in the stream.
-
-        A refill is needed for every producer this projection binds that the live generation
-        has applied, or that the stream still holds.
-        """
-        runs: dict[str, _Refill] = {}
-        last: dict[str, int] = {}  # stream offset of each run's last message
-        bound = set(_producers(self.projection))
-        needed = live & bound
-        async for message in stream.scan(connection, "first", end, self.idle):
-            if message.app_id in bound:
-                needed.add(str(message.app_id))
-            headers = message.headers or {}
-            run, producer = headers.get(RUN), headers.get(RUN_PRODUCER)
-            if run is None or producer is None:
-                continue
-            last[str(run)] = stream.offset_of(message)
-            if int(str(headers.get(RUN_FROM, 1))) > 1:
-                continue
-            current = runs.get(str(producer))
-            if current is None or (
-                current.run != str(run) and stream.offset_of(message) > current.start
-            ):
-                runs[str(producer)] = _Refill(
-                    str(run), stream.offset_of(message), int(str(headers[RUN_TO]))
-                )
-        for refill in runs.values():
-            refill.last = last[refill.run]
-        missing = sorted(p for p in needed if p not in runs)
-        if missing:
-            raise ReplayError(
-                "events.history no longer holds the start of the history (retention removed "
-                f"its first messages) and has no complete refill for {', '.join(missing)}. Run "
-                + " and ".join(f"`esctl republish {p} --from 1`" for p in missing)
-                + ", then replay again."
-            )
-        return runs
 
     async def _read(
         self,
@@ -395,7 +249,7 @@ class Replay:
         progress: Progress,
         stop: asyncio.Event,
         start: int,
-        refills: dict[str, _Refill],
+        refills: dict[str, stream.Refill],
         *,
         phase: int,
         until: int | None = None,
@@ -450,8 +304,8 @@ class Replay:
         """Swap if caught up; otherwise keep a watch on the live edge to detect a stall."""
         async with self.store.pool.connection() as conn:
             live = await self.store.live_schema(conn)
-            behind = await _behind(conn, live, progress.generation)
-            live_positions = await _positions(conn, live)
+            behind = await generations.behind(conn, live, progress.generation)
+            live_positions = await generations.positions(conn, live)
         progress.behind = {p: want - have for p, have, want in behind}
         if not behind:
             result = await self._finish(progress)
@@ -487,7 +341,7 @@ class Replay:
         self,
         batch: Sequence[AbstractIncomingMessage],
         progress: Progress,
-        refills: dict[str, _Refill],
+        refills: dict[str, stream.Refill],
         phase: int,
     ) -> None:
         """Apply a batch within a span of a new trace that links to each event's own trace.
@@ -523,7 +377,7 @@ class Replay:
         self,
         batch: Sequence[AbstractIncomingMessage],
         progress: Progress,
-        refills: dict[str, _Refill],
+        refills: dict[str, stream.Refill],
         phase: int,
     ) -> None:
         """Apply a batch in stream order, in one transaction with the offset reached.
@@ -536,7 +390,7 @@ class Replay:
         for message in batch:
             offset = stream.offset_of(message)
             progress.end = max(progress.end, offset)
-            envelope = _wanted(message, offset, refills, phase, self.projection)
+            envelope = stream.wanted(message, offset, refills, phase, self.projection)
             if envelope is None:
                 progress.skipped += 1
                 continue
@@ -658,81 +512,3 @@ class Replay:
                 conn, generation, [e for _, e in run], replaying=replaying
             )
         return outcomes
-
-
-def _wanted(
-    message: AbstractIncomingMessage,
-    offset: int,
-    refills: dict[str, _Refill],
-    phase: int,
-    projection: Projection,
-) -> Envelope | None:
-    """The envelope if this projection applies it in this phase, else None."""
-    try:
-        envelope = Envelope.model_validate_json(message.body)
-    except ValidationError:
-        return None
-    if not projection.handles(envelope):
-        return None
-    if phase == 0:
-        return envelope
-    refill = refills.get(envelope.producer)
-    if refill is None or offset < refill.start:
-        return None
-    in_run = (message.headers or {}).get(RUN) == refill.run
-    if phase == 1:
-        return envelope if in_run else None
-    return envelope if not in_run and envelope.position > refill.to else None
-
-
-async def _behind(
-    conn: psycopg.AsyncConnection[Any], live: str, rebuilt: str
-) -> list[tuple[str, int, int]]:
-    """Producers whose position in `rebuilt` is below the one in `live`."""
-    rows = await (
-        await conn.execute(
-            sql.SQL(
-                "SELECT l.producer, coalesce(r.position, 0), l.position FROM {} l "
-                "LEFT JOIN {} r USING (producer) WHERE coalesce(r.position, 0) < l.position"
-            ).format(sql.Identifier(live, "_positions"), sql.Identifier(rebuilt, "_positions"))
-        )
-    ).fetchall()
-    return [(str(p), int(have), int(want)) for p, have, want in rows]
-
-
-async def _parked_here_applied_there(
-    conn: psycopg.AsyncConnection[Any], rebuilt: str, live: str, *, with_envelopes: bool = False
-) -> list[tuple[Any, ...]]:
-    """Events parked in `rebuilt` that `live` has applied (decided, and not parked there)."""
-    extra = sql.SQL(", r.envelope" if with_envelopes else "")
-    rows = await (
-        await conn.execute(
-            sql.SQL(
-                "SELECT r.producer, r.position, r.event_id, r.reason{} FROM {} r "
-                "JOIN {} l USING (producer) WHERE r.position <= l.position AND NOT EXISTS "
-                "(SELECT 1 FROM {} k WHERE k.producer = r.producer AND k.position = r.position) "
-                "ORDER BY r.producer, r.position"
-            ).format(
-                extra,
-                sql.Identifier(rebuilt, "_parked"),
-                sql.Identifier(live, "_positions"),
-                sql.Identifier(live, "_parked"),
-            )
-        )
-    ).fetchall()
-    return [tuple(r) for r in rows]
-
-
-async def _positions(conn: psycopg.AsyncConnection[Any], schema: str) -> dict[str, int]:
-    rows = await (
-        await conn.execute(
-            sql.SQL("SELECT producer, position FROM {}").format(
-                sql.Identifier(schema, "_positions")
-            )
-        )
-    ).fetchall()
-    return {str(p): int(pos) for p, pos in rows}
-
-
-def _producers(projection: Projection) -> list[str]:
-    return [p for p, exchange in PRODUCER_EXCHANGES.items() if exchange in projection.bindings]
