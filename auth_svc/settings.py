@@ -5,22 +5,19 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ServiceSettings
+from servicekit.settings import ApiSettings, http_port, relay_health_port
 from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 THIRTY_DAYS = 30 * 24 * 3600
 
 
-class AuthSettings(ServiceSettings):
+class AuthSettings(ApiSettings):
     """Every field is read from `AUTH_<FIELD>` (e.g. `AUTH_LOCKOUT_THRESHOLD`)."""
 
     model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore", populate_by_name=True)
 
-    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
-    port: int = Field(default=8101, description="Port the HTTP server listens on.")
-    relay_port: int = Field(
-        default=8111, description="Port of the relay's health and metrics server."
-    )
+    port: int = http_port(8101)
+    relay_port: int = relay_health_port(8111)
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/auth",
         description="PostgreSQL URL of auth_svc's own database (events and signing keys).",

@@ -7,7 +7,6 @@ with the rate limits raised so that the load measures the proxy (the limiter sti
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
-from bench.harness import auth_and_users, median, process, write_result, wrk
+from bench.harness import auth_and_users, median, process, report, wrk
 from gateway.kong import load_kong
 from gateway.settings import DEFAULT_KONG_CONFIG
 from testbed.ports import free_port
@@ -93,8 +92,7 @@ def main() -> None:
     }
     result["ratio"] = round(float(result["rps"]) / float(result["baseline_rps"]), 3)  # type: ignore[arg-type]
     result["target"] = "ratio >= 0.75 (the gateway costs <= 25% of throughput), errors == 0"
-    write_result("gateway", result)
-    print(json.dumps(result))
+    report("gateway", result)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""What every benchmark shares: temporary databases and vhosts, processes, wrk, medians."""
+"""What every benchmark shares: temporary databases and vhosts, processes, wrk, medians and
+percentiles, and the result each one reports."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import shutil
@@ -99,11 +102,36 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def write_result(name: str, result: dict[str, object]) -> None:
+def percentile(seconds: list[float], q: float) -> float:
+    """The nearest-rank `q` percentile of durations in seconds, in milliseconds (0 for none)."""
+    if not seconds:
+        return 0.0
+    ordered = sorted(seconds)
+    return round(ordered[max(math.ceil(q * len(ordered)) - 1, 0)] * 1000, 2)
+
+
+def versus(
+    baseline: tuple[str, list[float]], measured: tuple[str, list[float]], *, target: str
+) -> dict[str, object]:
+    """Figures of a run against its baseline (rounds of each): both medians, measured /
+    baseline, and the target that ratio must meet."""
+    (baseline_key, baseline_rounds), (measured_key, measured_rounds) = baseline, measured
+    return {
+        baseline_key: median(baseline_rounds),
+        measured_key: median(measured_rounds),
+        "ratio": round(median(measured_rounds) / median(baseline_rounds), 3),
+        "target": target,
+    }
+
+
+def report(name: str, result: dict[str, object]) -> None:
+    """Keep the result in bench/results/<day>-<name>.json and print it as the last line, one
+    JSON object (what `make bench` reads)."""
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     day = time.strftime("%Y-%m-%d")
-    (out / f"{day}-{name}.json").write_text(__import__("json").dumps(result, indent=2) + "\n")
+    (out / f"{day}-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
 
 
 class Services(NamedTuple):

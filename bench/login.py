@@ -3,7 +3,6 @@ parameters on the same cores (target >= 0.8). Interleaved A B A B."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from argon2 import PasswordHasher
 
-from bench.harness import median, process, temp_database, uvicorn_argv, write_result
+from bench.harness import process, report, temp_database, uvicorn_argv, versus
 from testbed.ports import free_port
 
 SECONDS = 8
@@ -92,13 +91,9 @@ def main() -> None:
             "m_kib": settings.argon2_memory_kib,
             "p": settings.argon2_parallelism,
         },
-        "baseline_verifies_per_s": median(raw),
-        "logins_per_s": median(login),
-        "ratio": round(median(login) / median(raw), 3),
-        "target": "ratio >= 0.8",
+        **versus(("baseline_verifies_per_s", raw), ("logins_per_s", login), target="ratio >= 0.8"),
     }
-    write_result("login", result)
-    print(json.dumps(result))
+    report("login", result)
 
 
 if __name__ == "__main__":

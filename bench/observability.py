@@ -12,7 +12,6 @@ Target: on/off >= 0.9 for both.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -24,10 +23,10 @@ from bench.harness import (
     free_port,
     median,
     process,
+    report,
     temp_database,
     temp_vhost,
     uvicorn_argv,
-    write_result,
     wrk,
 )
 
@@ -156,8 +155,7 @@ def main() -> None:
         "target": "users_me_ratio >= 0.9 and relay_ratio >= 0.9",
     }
     result["ratio"] = min(result["users_me_ratio"], result["relay_ratio"])  # type: ignore[type-var]
-    write_result("observability", result)
-    print(json.dumps(result))
+    report("observability", result)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Target: >= 0.6. Runs interleaved A B A B.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import tempfile
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import auth_and_users, median, write_result
+from bench.harness import auth_and_users, report, versus
 from servicekit.eventstore import eventsourcing_env
 
 SECONDS = 6
@@ -93,13 +92,9 @@ def main() -> None:
         "benchmark": (
             f"PATCH /users/me ({THREADS} connections) vs raw app.save() ({THREADS} threads)"
         ),
-        "baseline_saves_per_s": median(raw),
-        "patches_per_s": median(patched),
-        "ratio": round(median(patched) / median(raw), 3),
-        "target": "ratio >= 0.6",
+        **versus(("baseline_saves_per_s", raw), ("patches_per_s", patched), target="ratio >= 0.6"),
     }
-    write_result("patch_profile", result)
-    print(json.dumps(result))
+    report("patch_profile", result)
 
 
 if __name__ == "__main__":

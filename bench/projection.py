@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
 import httpx
@@ -27,11 +28,12 @@ import httpx
 from bench.harness import (
     free_port,
     median,
+    percentile,
     process,
+    report,
     temp_database,
     temp_vhost,
     uvicorn_argv,
-    write_result,
 )
 from reporting_svc.main import init_db
 from reporting_svc.projection import Reporting
@@ -42,6 +44,7 @@ from servicekit.messages import IncomingEvent, Outcome
 from servicekit.process import run_projection
 from servicekit.projection import ProjectionStore
 from servicekit.replay import Progress, Replay
+from testbed.cli import ESCTL
 from testbed.history import generate, publish
 
 EVENTS = 50_000
@@ -63,22 +66,27 @@ async def raw_queue_consume(amqp_url: str, bodies: Sequence[tuple[str, str, byte
             arguments={"x-queue-type": "quorum", "x-single-active-consumer": True},
         )
         await publish_to_queue(channel, name, [b for _, _, b in bodies])
-        done = asyncio.Event()
-        count = 0
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal count
-            await message.ack()
-            count += 1
-            if count == len(bodies):
-                done.set()
-
-        started = time.perf_counter()
-        await queue.consume(on_message)
-        await done.wait()
-        elapsed = time.perf_counter() - started
+        elapsed = await seconds_to_ack(queue, len(bodies))
         await queue.delete(if_unused=False, if_empty=False)
     return len(bodies) / elapsed
+
+
+async def seconds_to_ack(queue: aio_pika.abc.AbstractQueue, count: int, **consume: Any) -> float:
+    """Seconds from subscribing to `queue` to having acked `count` messages, one by one."""
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal seen
+        await message.ack()
+        seen += 1
+        if seen == count:
+            done.set()
+
+    started = time.perf_counter()
+    await queue.consume(on_message, **consume)
+    await done.wait()
+    return time.perf_counter() - started
 
 
 async def publish_to_queue(
@@ -136,20 +144,7 @@ async def raw_stream_consume(amqp_url: str, count: int) -> float:
         stream = await channel.declare_queue(
             "events.history", durable=True, arguments={"x-queue-type": "stream"}
         )
-        done = asyncio.Event()
-        seen = 0
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal seen
-            await message.ack()
-            seen += 1
-            if seen == count:
-                done.set()
-
-        started = time.perf_counter()
-        await stream.consume(on_message, arguments={"x-stream-offset": "first"})
-        await done.wait()
-        return count / (time.perf_counter() - started)
+        return count / await seconds_to_ack(stream, count, arguments={"x-stream-offset": "first"})
 
 
 async def replay_rate(amqp_url: str, count: int) -> float:
@@ -243,7 +238,7 @@ async def end_to_end(amqp_url: str, seconds: int = 10) -> Stages:
                 f"http://127.0.0.1:{port}/health/ready",
             ),
             process(
-                [sys.executable, "-m", "esctl.main", "relay", "auth_svc"],
+                [*ESCTL, "relay", "auth_svc"],
                 env,
                 f"http://127.0.0.1:{relay_port}/health/ready",
             ),
@@ -316,11 +311,6 @@ async def raw_latency(amqp_url: str, count: int = 1000) -> list[float]:
     return [arrived[i] - sent[i] for i in sent]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[max(int(len(ordered) * q) - 1, 0)] * 1000, 2)
-
-
 def stage_percentiles(stages: Stages) -> dict[str, dict[str, float]]:
     return {
         name: {"p50_ms": percentile(values, 0.5), "p99_ms": percentile(values, 0.99)}
@@ -387,9 +377,7 @@ def main() -> None:
     if sys.argv[1:] == ["e2e"]:
         print(json.dumps(asyncio.run(e2e_only())))
         return
-    result = asyncio.run(run())
-    write_result("projection", result)
-    print(json.dumps(result))
+    report("projection", asyncio.run(run()))
 
 
 if __name__ == "__main__":

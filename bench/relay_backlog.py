@@ -15,7 +15,7 @@ import time
 import aio_pika
 import psycopg
 
-from bench.harness import median, temp_database, temp_vhost, write_result
+from bench.harness import percentile, report, temp_database, temp_vhost, versus
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.messages import envelope_for
 from servicekit.relay import Relay, create_relay_table
@@ -140,23 +140,21 @@ async def run() -> dict[str, object]:
             relayed.append(await relay_catch_up(app, db, amqp_url))
         latencies = sorted(await latency_at_100_per_second(app, db, amqp_url))
         app.close()
-    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     result: dict[str, object] = {
         "benchmark": f"relay catching up {BACKLOG} events vs raw aio-pika publish with confirms",
-        "baseline_events_per_s": median(raw),
-        "events_per_s": median(relayed),
-        "ratio": round(median(relayed) / median(raw), 3),
-        "target": "ratio >= 0.6; append->exchange p99 <= 50 ms at 100 events/s",
+        **versus(
+            ("baseline_events_per_s", raw),
+            ("events_per_s", relayed),
+            target="ratio >= 0.6; append->exchange p99 <= 50 ms at 100 events/s",
+        ),
         "append_to_exchange_p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "append_to_exchange_p99_ms": round(p99, 2),
+        "append_to_exchange_p99_ms": percentile(latencies, 0.99),
     }
     return result
 
 
 def main() -> None:
-    result = asyncio.run(run())
-    write_result("relay_backlog", result)
-    print(json.dumps(result))
+    report("relay_backlog", asyncio.run(run()))
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ from collections.abc import Sequence
 import aio_pika
 import httpx
 
-from bench.harness import median, process, temp_database, temp_vhost, write_result
+from bench.harness import median, process, report, temp_database, temp_vhost
 from reporting_svc.main import init_db
 from reporting_svc.projection import Reporting
 from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import declare_producer_exchange
 from servicekit.replay import Progress, Replay, ReplayError, ReplayResult
 from shared_contracts.names import PRODUCER_EXCHANGES
+from testbed.cli import ESCTL
 from testbed.history import History, generate, publish
 from testbed.ports import free_port
 from testbed.projections import assert_reports_match, positions, wait_caught_up
@@ -108,7 +109,7 @@ async def one_round(full: History, live: bool) -> tuple[float | None, dict[str, 
             "REPORTING_CONSUMER_PORT": str(port),
             "LOG_LEVEL": "WARNING",
         }
-        argv = [sys.executable, "-m", "esctl.main", "consume", "reporting_svc"]
+        argv = [*ESCTL, "consume", "reporting_svc"]
         with process(argv, env, f"http://127.0.0.1:{port}/health/ready"):
             status = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
             await publish(amqp_url, history.bodies())
@@ -180,9 +181,7 @@ async def run() -> dict[str, object]:
 
 
 def main() -> None:
-    result = asyncio.run(run())
-    write_result("replay_live", result)
-    print(json.dumps(result))
+    report("replay_live", asyncio.run(run()))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ the guarantees checked by testbed/stack.py (must be 0).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -24,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import write_result
+from bench.harness import percentile, report
 from testbed.audit import Audit
-from testbed.checks import check_everything, end_to_end_recovery, eventually
+from testbed.checks import check_everything, end_to_end_recovery, until_no_problems
 from testbed.load import Ledger, LoadGenerator
 from testbed.servers import private_servers
 from testbed.stack import Stack, running_stack
@@ -35,14 +34,6 @@ RATE_PER_S = float(os.environ.get("SOAK_RATE", "20"))  # client operations per s
 # Memory bound: no process may end above start * 1.5 + 64 MiB (caches fill, then stay).
 RSS_GROWTH_FACTOR = 1.5
 RSS_GROWTH_SLACK_MIB = 64.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = min(int(q * len(ordered)), len(ordered) - 1)
-    return round(ordered[index] * 1000, 2)
 
 
 async def steady_load(load: LoadGenerator, seconds: float, calm: Ledger) -> None:
@@ -121,7 +112,9 @@ async def _soak(stack: Stack, audit: Audit, seconds: float) -> dict[str, object]
     finally:
         await load.aclose()
     elapsed = time.monotonic() - started
-    verdict, catch_up = await eventually(lambda: check_everything(stack, audit, [ledger]), 120)
+    verdict, catch_up = await until_no_problems(
+        lambda: check_everything(stack, audit, [ledger]), 120
+    )
     rss_end = stack.rss_mib()
 
     result: dict[str, object] = {
@@ -168,8 +161,7 @@ async def _soak(stack: Stack, audit: Audit, seconds: float) -> dict[str, object]
 def main() -> None:
     seconds = float(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("SOAK_SECONDS", "600"))
     result = soak(seconds)
-    write_result("soak", result)
-    print(json.dumps(result))
+    report("soak", result)
     if result["loss_count"] or result["rss_over_bound"]:
         sys.exit(1)
 

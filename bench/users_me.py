@@ -5,8 +5,6 @@ Target: >= 0.5 of the hello-world throughput, p99 <= 25 ms. Runs interleaved A B
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
 from bench.harness import (
@@ -14,8 +12,8 @@ from bench.harness import (
     free_port,
     median,
     process,
+    report,
     uvicorn_argv,
-    write_result,
     wrk,
 )
 
@@ -56,8 +54,7 @@ def main() -> None:
     }
     result["ratio"] = round(result["rps"] / result["baseline_rps"], 3)  # type: ignore[operator]
     result["target"] = "ratio >= 0.5 and p99_ms <= 25"
-    write_result("users_me", result)
-    print(json.dumps(result))
+    report("users_me", result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 
-from bench.harness import median, process, temp_database, temp_vhost, write_result
+from bench.harness import process, report, temp_database, temp_vhost, versus
 from integration_svc import endpoints
 from integration_svc.endpoints import Endpoint
 from integration_svc.main import init_db
@@ -32,6 +31,7 @@ from integration_svc.settings import IntegrationSettings
 from integration_svc.signing import new_secret
 from servicekit.eventstore import connection_kwargs
 from servicekit.process import run_on_uvloop
+from testbed.cli import ESCTL
 from testbed.events import envelope
 from testbed.history import publish
 from testbed.ports import free_port
@@ -124,7 +124,7 @@ async def run() -> dict[str, object]:
         ] * EVENTS
         raw, fanned = [], []
         with process(
-            [sys.executable, "-m", "esctl.main", "consume", "integration_svc"],
+            [*ESCTL, "consume", "integration_svc"],
             env,
             f"http://127.0.0.1:{consumer_port}/health/ready",
         ):
@@ -143,18 +143,15 @@ async def run() -> dict[str, object]:
     return {
         "benchmark": f"webhook fan-out of {EVENTS} events to {ENDPOINTS} local endpoints "
         "(publish -> delivered) vs raw httpx POSTs of the same count",
-        "baseline_posts_per_s": median(raw),
-        "deliveries_per_s": median(fanned),
-        "ratio": round(median(fanned) / median(raw), 3),
+        **versus(
+            ("baseline_posts_per_s", raw), ("deliveries_per_s", fanned), target="ratio >= 0.6"
+        ),
         "rounds": {"raw": [round(r, 1) for r in raw], "fan_out": [round(f, 1) for f in fanned]},
-        "target": "ratio >= 0.6",
     }
 
 
 def main() -> None:
-    result = run_on_uvloop(run())
-    write_result("webhooks", result)
-    print(json.dumps(result))
+    report("webhooks", run_on_uvloop(run()))
 
 
 if __name__ == "__main__":

@@ -5,26 +5,21 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ConsumerSettings
+from servicekit.settings import DispatchSettings, consumer_health_port, no_http_port
 
 
-class NotifySettings(ConsumerSettings):
+class NotifySettings(DispatchSettings):
     """Every field is read from `NOTIFY_<FIELD>` (e.g. `NOTIFY_SMTP_URL`)."""
 
     model_config = SettingsConfigDict(env_prefix="NOTIFY_", extra="ignore", populate_by_name=True)
 
-    port: int = Field(
-        default=8103,
-        description="Reserved for an HTTP API; notify_svc has none (health: NOTIFY_CONSUMER_PORT).",
-    )
+    port: int = no_http_port(8103, "notify_svc", health="NOTIFY_CONSUMER_PORT")
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/notify",
         description="PostgreSQL URL of notify_svc's own database (recipients and mail intents).",
     )
     db_pool_size: int = Field(default=4, ge=1, description="Connections of the mail dispatcher.")
-    consumer_port: int = Field(
-        default=8131, description="Port of the consumer's health and metrics server."
-    )
+    consumer_port: int = consumer_health_port(8131)
     smtp_url: str | None = Field(
         default=None,
         description="smtp://[user:password@]host[:port] (STARTTLS when offered) or smtps:// "
@@ -41,26 +36,19 @@ class NotifySettings(ConsumerSettings):
         default=15.0, gt=0, description="Bound on one SMTP conversation (connect to QUIT)."
     )
     send_concurrency: int = Field(default=4, ge=1, description="Mails sent at the same time.")
-    retry_initial_seconds: float = Field(
-        default=10.0, gt=0, description="Delay before the first retry; doubles each attempt."
+    retry_initial_seconds: float = DispatchSettings.first_retry_delay(10.0)
+    retry_window_seconds: float = DispatchSettings.retry_window(
+        "After this long a mail still unsent is marked failed."
     )
-    retry_max_interval_seconds: float = Field(
-        default=3600.0, gt=0, description="Longest delay between two attempts."
+    breaker_failures: int = DispatchSettings.breaker_threshold(
+        "Consecutive SMTP failures that pause sending."
     )
-    retry_window_seconds: float = Field(
-        default=86400.0, gt=0, description="After this long a mail still unsent is marked failed."
+    breaker_cooldown_seconds: float = DispatchSettings.breaker_cooldown(
+        "Pause before one mail probes a failing SMTP server again."
     )
-    breaker_failures: int = Field(
-        default=5, ge=1, description="Consecutive SMTP failures that pause sending."
+    dispatch_poll_seconds: float = DispatchSettings.dispatch_poll(
+        "Longest wait for new intents when no NOTIFY arrives."
     )
-    breaker_cooldown_seconds: float = Field(
-        default=30.0, gt=0, description="Pause before one mail probes a failing SMTP server again."
-    )
-    dispatch_poll_seconds: float = Field(
-        default=2.0, gt=0, description="Longest wait for new intents when no NOTIFY arrives."
-    )
-    lease_seconds: float = Field(
-        default=120.0,
-        gt=0,
-        description="How long a claimed mail is reserved; after a crash it is sent again then.",
+    lease_seconds: float = DispatchSettings.claim_lease(
+        "How long a claimed mail is reserved; after a crash it is sent again then."
     )

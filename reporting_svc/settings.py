@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ConsumerSettings
+from servicekit.settings import ConsumerSettings, consumer_health_port
 
 
 class ReportingSettings(ConsumerSettings):
@@ -19,6 +19,4 @@ class ReportingSettings(ConsumerSettings):
         default="postgresql://postgres@127.0.0.1:5432/reporting",
         description="PostgreSQL URL of reporting_svc's own database (its read models).",
     )
-    consumer_port: int = Field(
-        default=8121, description="Port of the consumer's health and metrics server."
-    )
+    consumer_port: int = consumer_health_port(8121)

@@ -1,4 +1,10 @@
-"""Settings shared by every service. Each service has one typed settings class built on these."""
+"""Settings shared by every service. Each service has one typed settings class built on these.
+
+Beside the base classes, the fields that mean the same in several services, each declared
+here once: the ports of the processes (every service has its own numbers, the wording is
+one), and the dispatchers' retry schedule, breaker, lease and poll (one type, bound and
+default; each service describes them in the words of what it sends).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,35 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servicekit.amqp import DEFAULT_HEARTBEAT_SECONDS, amqp_urls, with_heartbeat
 
+DELIVERY_LIMIT = (
+    "Handler failures (errors, or the consumer dying while handling it) before a "
+    "message is parked and dead-lettered; lost connections never count."
+)
+
 
 def shared(name: str, default: Any, **constraints: Any) -> Any:
     """A field read from an unprefixed variable (shared by all services), e.g. AMQP_URL."""
     return Field(default=default, validation_alias=AliasChoices(name), **constraints)
+
+
+def http_port(default: int) -> Any:
+    return Field(default=default, description="Port the HTTP server listens on.")
+
+
+def no_http_port(default: int, service: str, *, health: str) -> Any:
+    """The `port` of a service without a REST API: reserved, and says where its health is."""
+    return Field(
+        default=default,
+        description=f"Reserved for an HTTP API; {service} has none (health: {health}).",
+    )
+
+
+def relay_health_port(default: int) -> Any:
+    return Field(default=default, description="Port of the relay's health and metrics server.")
+
+
+def consumer_health_port(default: int) -> Any:
+    return Field(default=default, description="Port of the consumer's health and metrics server.")
 
 
 class ServiceSettings(BaseSettings):
@@ -43,19 +74,65 @@ class ServiceSettings(BaseSettings):
         return self
 
 
+class ApiSettings(ServiceSettings):
+    """Fields of a service with a REST API; it declares its `port` with `http_port`."""
+
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
+
+
 class ConsumerSettings(ServiceSettings):
     """Fields of a service whose process is a consumer (a projection: no REST API)."""
 
     host: str = Field(default="127.0.0.1", description="Interface the health server binds to.")
-    consumer_port: int = Field(
-        default=8120, description="Port of the consumer's health and metrics server."
-    )
+    consumer_port: int = consumer_health_port(8120)
     consumer_prefetch: int = Field(
         default=1000, ge=1, description="AMQP prefetch: the most events applied in one batch."
     )
-    consumer_delivery_limit: int = Field(
-        default=5,
-        ge=2,
-        description="Handler failures (errors, or the consumer dying while handling it) before a "
-        "message is parked and dead-lettered; lost connections never count.",
+    consumer_delivery_limit: int = Field(default=5, ge=2, description=DELIVERY_LIMIT)
+
+
+class DispatchSettings(ConsumerSettings):
+    """Fields of a consumer that dispatches the intents it records (mails, webhook deliveries).
+
+    What the dispatcher reads. The retry schedule, the breaker, the lease and the poll mean the
+    same for every intent, so their bounds and defaults are here; a service declares each field
+    annotated below with the static method that follows, in the words of what it sends.
+    """
+
+    retry_initial_seconds: float
+    retry_max_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest delay between two attempts."
     )
+    retry_window_seconds: float
+    breaker_failures: int
+    breaker_cooldown_seconds: float
+    dispatch_poll_seconds: float
+    lease_seconds: float
+
+    @staticmethod
+    def first_retry_delay(default: float) -> Any:
+        return Field(
+            default=default, gt=0, description="Delay before the first retry; doubles each attempt."
+        )
+
+    @staticmethod
+    def retry_window(description: str) -> Any:
+        return Field(default=86400.0, gt=0, description=description)
+
+    @staticmethod
+    def breaker_threshold(description: str) -> Any:
+        return Field(default=5, ge=1, description=description)
+
+    @staticmethod
+    def breaker_cooldown(description: str) -> Any:
+        return Field(default=30.0, gt=0, description=description)
+
+    @staticmethod
+    def dispatch_poll(description: str) -> Any:
+        """The longest wait between two claims; a NOTIFY wakes the dispatcher sooner."""
+        return Field(default=2.0, gt=0, description=description)
+
+    @staticmethod
+    def claim_lease(description: str) -> Any:
+        """How long a claimed intent is reserved: after a crash it is sent again then."""
+        return Field(default=120.0, gt=0, description=description)

@@ -4,16 +4,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 
 from testbed.audit import Audit
-from testbed.checks import Verdict, check_everything, end_to_end_recovery, eventually
+from testbed.checks import Verdict, check_everything, end_to_end_recovery, until_no_problems
 from testbed.load import Ledger, LoadGenerator
-from testbed.stack import Stack
+from testbed.servers import PrivatePostgres, PrivateRabbit, PrivateRabbitCluster
+from testbed.stack import Stack, running_stack
+
+LOAD_SECONDS = 6.0
+FAULT_AFTER = 2.0  # seconds into the load
+# Seconds to a write seen end to end: from the start of a fault that lasts, else from its end.
+RECOVERY_BOUND = 30.0
+CATCH_UP_BOUND = 45.0  # seconds from the end of the load to every check passing
+
+
+@dataclass
+class AuditedStack:
+    """The stack as processes, and the audit of what reached its exchanges."""
+
+    stack: Stack
+    audit: Audit
+
+
+@contextlib.contextmanager
+def audited_stack(
+    postgres: PrivatePostgres, rabbit: PrivateRabbit | PrivateRabbitCluster, *, logs: str
+) -> Iterator[AuditedStack]:
+    """The stack on these servers (its logs in a temporary directory named `logs`...), and
+    the audit of both exchanges, read directly from the broker (any node of a cluster)."""
+    with tempfile.TemporaryDirectory(prefix=logs, ignore_cleanup_errors=True) as workdir:
+        audit = Audit(rabbit.amqp_url_list()).start()
+        try:
+            with running_stack(postgres, rabbit, Path(workdir)) as stack:
+                yield AuditedStack(stack, audit)
+        finally:
+            audit.close()
+
 
 # -- a fault that lasts until the system has recovered -----------------------------------
 
@@ -44,6 +77,15 @@ class FaultCase:
             f"catch-up={self.catch_up:.1f}s restarts={restarts}"
         )
 
+    def assert_held(self, stack: Stack) -> None:
+        """Every check passed, the load had writes accepted and refused, and every accepted
+        registration was projected and had its one mail and one webhook."""
+        verdict, ledger = self.verdict, self.ledger
+        assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
+        assert ledger.accepted > 0 and ledger.rejected > 0
+        assert verdict.projected == len(ledger.users)
+        assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
+
 
 async def run_fault(
     stack: Stack,
@@ -52,10 +94,10 @@ async def run_fault(
     *,
     begin: Callable[[], None],
     end: Callable[[], None] | None = None,
-    load_seconds: float = 6.0,
-    fault_after: float = 2.0,
-    recovery_bound: float = 30.0,
-    catch_up_bound: float = 45.0,
+    load_seconds: float = LOAD_SECONDS,
+    fault_after: float = FAULT_AFTER,
+    recovery_bound: float = RECOVERY_BOUND,
+    catch_up_bound: float = CATCH_UP_BOUND,
     diagnose: Callable[[], str] | None = None,
 ) -> FaultCase:
     """Load for `load_seconds`; after `fault_after` s, `begin()` the fault.
@@ -91,7 +133,7 @@ async def run_fault(
         with contextlib.suppress(Exception):
             await traffic
         await load.aclose()
-    verdict, catch_up = await eventually(
+    verdict, catch_up = await until_no_problems(
         lambda: check_everything(stack, audit, [ledger]), catch_up_bound
     )
     suppressed = await asyncio.to_thread(stack.duplicates_suppressed) - duplicates_before

@@ -239,7 +239,7 @@ async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) ->
     return Verdict(problems, projected, effects)
 
 
-async def eventually(
+async def until_no_problems(
     check: Callable[[], Awaitable[Verdict]], timeout: float
 ) -> tuple[Verdict, float]:
     """Poll `check` until it finds no problem or `timeout` passes; (verdict, seconds)."""

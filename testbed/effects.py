@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from testbed.projections import live_generation
 from testbed.receiver import Receiver, Request
 
 WEBHOOK_ENDPOINT = "chaos"
@@ -149,14 +150,12 @@ def _rows(url: str, query: str) -> list[tuple[Any, ...]]:
 
 def _recipients(url: str) -> dict[str, tuple[str | None, bool]]:
     with psycopg.connect(url, connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT live FROM public.projection_generations WHERE projection = 'notify_svc'"
-        ).fetchone()
-        if row is None:
+        live = live_generation(conn, "notify_svc")
+        if live is None:
             return {}
         rows = conn.execute(
             sql.SQL("SELECT user_id::text, email, profile FROM {}").format(
-                sql.Identifier(str(row[0]), "recipients")
+                sql.Identifier(live, "recipients")
             )
         ).fetchall()
     return {r[0]: (r[1], bool(r[2])) for r in rows}

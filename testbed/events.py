@@ -49,8 +49,9 @@ async def eventually(
     *,
     timeout: float = 15.0,
     what: str = "condition",
+    poll: float = 0.05,
 ) -> None:
-    """Poll `check` until it is true; fail with `what` after `timeout` seconds."""
+    """Poll `check` every `poll` seconds until it is true; fail with `what` after `timeout`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = check()
@@ -59,7 +60,7 @@ async def eventually(
         if result:
             return
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(poll)
 
 
 class Worker(Protocol):

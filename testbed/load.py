@@ -62,9 +62,10 @@ class LoadGenerator:
         await self.client.aclose()
 
     async def _request(
-        self, route: str, method: str, url: str, **kwargs: Any
+        self, method: str, base: str, path: str, **kwargs: Any
     ) -> tuple[httpx.Response | None, int]:
         """The first definitive response, and how many attempts failed before it."""
+        route, url = f"{method} {path}", f"{base}{path}"
         failures = 0
         deadline = time.monotonic() + self.give_up_after
         while time.monotonic() < deadline:
@@ -83,15 +84,27 @@ class LoadGenerator:
             await asyncio.sleep(0.2)
         return None, failures
 
+    async def _post_auth(
+        self, path: str, body: dict[str, str]
+    ) -> tuple[httpx.Response | None, int]:
+        return await self._request("POST", self.auth, path, json=body)
+
+    async def _patch_bio(
+        self, token: str, bio: str, *, if_match: str | None = None
+    ) -> tuple[httpx.Response | None, int]:
+        headers = {"authorization": f"Bearer {token}"}
+        if if_match is not None:
+            headers["if-match"] = if_match
+        return await self._request(
+            "PATCH", self.users, "/users/me", headers=headers, json={"bio": bio}
+        )
+
     async def register(self, email: str) -> str | None:
         """Register; the user id once the account certainly exists (None if never)."""
         ledger = self.ledger
         ledger.sent += 1
-        response, failures = await self._request(
-            "POST /auth/register",
-            "POST",
-            f"{self.auth}/auth/register",
-            json={"email": email, "password": PASSWORD, "display_name": ledger.tag},
+        response, failures = await self._post_auth(
+            "/auth/register", {"email": email, "password": PASSWORD, "display_name": ledger.tag}
         )
         if response is None:
             ledger.unresolved += 1
@@ -113,11 +126,8 @@ class LoadGenerator:
         """Log in; the access token (None if never)."""
         ledger = self.ledger
         ledger.sent += 1
-        response, failures = await self._request(
-            "POST /auth/login",
-            "POST",
-            f"{self.auth}/auth/login",
-            json={"email": email, "password": PASSWORD},
+        response, failures = await self._post_auth(
+            "/auth/login", {"email": email, "password": PASSWORD}
         )
         if response is None or response.status_code != 200:
             ledger.unresolved += response is None
@@ -135,13 +145,7 @@ class LoadGenerator:
     async def edit_bio(self, token: str, user_id: str, bio: str) -> None:
         ledger = self.ledger
         ledger.sent += 1
-        response, _ = await self._request(
-            "PATCH /users/me",
-            "PATCH",
-            f"{self.users}/users/me",
-            headers={"authorization": f"Bearer {token}"},
-            json={"bio": bio},
-        )
+        response, _ = await self._patch_bio(token, bio)
         if response is None:
             ledger.unresolved += 1
         elif response.status_code == 200:
@@ -152,10 +156,7 @@ class LoadGenerator:
 
     async def read_profile(self, token: str) -> None:
         response, _ = await self._request(
-            "GET /users/me",
-            "GET",
-            f"{self.users}/users/me",
-            headers={"authorization": f"Bearer {token}"},
+            "GET", self.users, "/users/me", headers={"authorization": f"Bearer {token}"}
         )
         if response is None or response.status_code != 200:
             self.ledger.unexpected.append(f"read: {response and response.status_code}")
@@ -164,11 +165,8 @@ class LoadGenerator:
         """Writes the services must refuse, leaving no trace: a taken e-mail, a stale If-Match."""
         ledger = self.ledger
         ledger.sent += 2
-        response, _ = await self._request(
-            "POST /auth/register",
-            "POST",
-            f"{self.auth}/auth/register",
-            json={"email": email, "password": PASSWORD, "display_name": "impostor"},
+        response, _ = await self._post_auth(
+            "/auth/register", {"email": email, "password": PASSWORD, "display_name": "impostor"}
         )
         if response is not None and response.status_code == 409:
             ledger.rejected += 1
@@ -176,13 +174,7 @@ class LoadGenerator:
             ledger.unexpected.append(f"taken e-mail accepted? {response and response.status_code}")
         bio = f"rejected-{uuid.uuid4().hex[:8]}"
         ledger.rejected_bios.add(bio)
-        response, _ = await self._request(
-            "PATCH /users/me",
-            "PATCH",
-            f"{self.users}/users/me",
-            headers={"authorization": f"Bearer {token}", "if-match": '"999999"'},
-            json={"bio": bio},
-        )
+        response, _ = await self._patch_bio(token, bio, if_match='"999999"')
         if response is not None and response.status_code == 412:
             ledger.rejected += 1
         else:

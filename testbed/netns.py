@@ -39,7 +39,8 @@ BLACKHOLE_METRIC = 4242
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-([0-9a-f]{{6}})$")
 
 
-def _ip(*args: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+def ip(*args: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+    """`ip ARGS` (iproute2); RuntimeError with its message if it fails and `check`."""
     result = subprocess.run(
         ["ip", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -57,18 +58,18 @@ def netns_unavailable() -> str | None:
         return "needs root to create network namespaces and veth pairs"
     probe = f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
-        added = _ip("netns", "add", probe, check=False)
+        added = ip("netns", "add", probe, check=False)
         if added.returncode != 0:
             return f"`ip netns add` failed: {added.stderr.strip()}"
         host, peer = _veth_names(probe)
-        veth = _ip("link", "add", host, "type", "veth", "peer", "name", peer, check=False)
+        veth = ip("link", "add", host, "type", "veth", "peer", "name", peer, check=False)
         if veth.returncode != 0:
             return f"cannot create a veth pair: {veth.stderr.strip()}"
-        _ip("link", "del", host, check=False)
+        ip("link", "del", host, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"network namespaces unavailable: {exc}"
     finally:
-        _ip("netns", "del", probe, check=False)
+        ip("netns", "del", probe, check=False)
     return None
 
 
@@ -83,10 +84,10 @@ def _veth_names(name: str) -> tuple[str, str]:
 def _networks_in_use() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network the host has an address or a route in."""
     found = []
-    for line in _ip("-4", "-o", "addr", "show").stdout.splitlines():
+    for line in ip("-4", "-o", "addr", "show").stdout.splitlines():
         if m := re.search(r"inet (\S+)", line):
             found.append(ipaddress.IPv4Interface(m.group(1)).network)
-    for line in _ip("-4", "route", "show", "table", "all").stdout.splitlines():
+    for line in ip("-4", "route", "show", "table", "all").stdout.splitlines():
         words = line.split()
         for word in words[:2]:
             with contextlib.suppress(ValueError):
@@ -149,11 +150,11 @@ class NetworkNamespace:
         self.subnet = _free_subnet()
         prefix = f"/{self.subnet.prefixlen}"
         try:
-            _ip("netns", "add", self.name)
-            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-            _ip("link", "set", self.ns_if, "netns", self.name)
-            _ip("addr", "add", self.host_ip + prefix, "dev", self.host_if)
-            _ip("link", "set", self.host_if, "up")
+            ip("netns", "add", self.name)
+            ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+            ip("link", "set", self.ns_if, "netns", self.name)
+            ip("addr", "add", self.host_ip + prefix, "dev", self.host_if)
+            ip("link", "set", self.host_if, "up")
             self.exec_ip("addr", "add", self.ns_ip + prefix, "dev", self.ns_if)
             self.exec_ip("link", "set", self.ns_if, "up")
             self.exec_ip("link", "set", "lo", "up")
@@ -164,7 +165,7 @@ class NetworkNamespace:
 
     def exec_ip(self, *args: str) -> str:
         """`ip ARGS` run inside the namespace."""
-        return _ip("netns", "exec", self.name, "ip", *args).stdout
+        return ip("netns", "exec", self.name, "ip", *args).stdout
 
     def popen(
         self,
@@ -195,22 +196,22 @@ class NetworkNamespace:
         assert self.subnet is not None
         # First the route that keeps the host's packets for the namespace on this machine
         # (unused while the connected route exists), then the link.
-        _ip("route", "replace", "blackhole", str(self.subnet), "metric", str(BLACKHOLE_METRIC))
+        ip("route", "replace", "blackhole", str(self.subnet), "metric", str(BLACKHOLE_METRIC))
         self.blackholed = True
-        _ip("link", "set", self.host_if, "down")
+        ip("link", "set", self.host_if, "down")
         self._wait_link(up=False)
 
     def heal(self) -> None:
         """The link back up; connections that outlived the blackhole carry on."""
         assert self.subnet is not None
-        _ip("link", "set", self.host_if, "up")
+        ip("link", "set", self.host_if, "up")
         self._wait_link(up=True)
         self._drop_blackhole_route()
         self.blackholed = False
 
     def _drop_blackhole_route(self) -> None:
         if self.subnet is not None:
-            _ip(
+            ip(
                 "route",
                 "del",
                 "blackhole",
@@ -224,7 +225,7 @@ class NetworkNamespace:
         """Until the host has (or no longer has) its connected route to the namespace."""
         deadline = time.monotonic() + timeout
         while True:
-            routes = _ip("-4", "route", "show", "dev", self.host_if, check=False).stdout
+            routes = ip("-4", "route", "show", "dev", self.host_if, check=False).stdout
             has_route = str(self.subnet) in routes and "linkdown" not in routes
             if has_route == up:
                 return
@@ -241,8 +242,8 @@ class NetworkNamespace:
                     proc.wait(timeout=10)
         self._procs.clear()
         self._drop_blackhole_route()
-        _ip("link", "del", self.host_if, check=False)
-        _ip("netns", "del", self.name, check=False)
+        ip("link", "del", self.host_if, check=False)
+        ip("netns", "del", self.name, check=False)
         self.blackholed = False
 
 
@@ -260,17 +261,17 @@ def sweep_stale() -> list[str]:
     """Remove the namespaces (with their veth pairs and blackhole routes) of runs whose
     process is gone: a killed test run cannot tear down. Returns their names."""
     removed = []
-    listing = _ip("netns", "list", check=False).stdout
+    listing = ip("netns", "list", check=False).stdout
     for line in listing.splitlines():
         name = line.split()[0] if line.split() else ""
         match = _NAME.match(name)
         if not match or _alive(int(match.group(1))):
             continue
-        inside = _ip("netns", "exec", name, "ip", "-4", "-o", "addr", "show", check=False)
+        inside = ip("netns", "exec", name, "ip", "-4", "-o", "addr", "show", check=False)
         for m in re.finditer(r"inet (\S+)", inside.stdout):
             network = ipaddress.IPv4Interface(m.group(1)).network
             if network.prefixlen == 30:
-                _ip(
+                ip(
                     "route",
                     "del",
                     "blackhole",
@@ -280,7 +281,7 @@ def sweep_stale() -> list[str]:
                     check=False,
                 )
         host_if, _ = _veth_names(name)
-        _ip("link", "del", host_if, check=False)
-        _ip("netns", "del", name, check=False)
+        ip("link", "del", host_if, check=False)
+        ip("netns", "del", name, check=False)
         removed.append(name)
     return removed

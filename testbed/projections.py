@@ -1,18 +1,24 @@
-"""Running reporting_svc's projection in-process and checking it against a history."""
+"""Running a projection in-process (reporting_svc's by default), rebuilding it as `esctl
+replay` does, and checking reporting_svc's reports against a history."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
 
 from reporting_svc.projection import Reporting
 from reporting_svc.reports import REPORTS, read_report
 from reporting_svc.settings import ReportingSettings
 from servicekit.consumer import Consumer
 from servicekit.process import ProjectionWorker
-from servicekit.projection import Projection, ProjectionStore
-from testbed.history import History
+from servicekit.projection import LIVE_GENERATION, Projection, ProjectionStore
+from servicekit.replay import Replay, ReplayResult
+from servicekit.settings import ServiceSettings
+from testbed.history import History, publish
 
 
 async def positions(settings: ReportingSettings) -> dict[str, int]:
@@ -30,6 +36,12 @@ async def wait_caught_up(
     while (seen := await positions(settings)) != history.last_position:
         assert asyncio.get_running_loop().time() < deadline, f"stuck at {seen}"
         await asyncio.sleep(0.2)
+
+
+async def publish_and_catch_up(settings: ReportingSettings, history: History) -> None:
+    """Publish `history` like the relays and wait until the consumers have applied it all."""
+    await publish(settings.amqp_url, history.bodies())
+    await wait_caught_up(settings, history)
 
 
 async def assert_reports_match(settings: ReportingSettings, history: History) -> None:
@@ -59,3 +71,21 @@ async def consuming(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+async def rebuild(
+    projection: Projection, settings: ServiceSettings, *, timeout: float = 30.0, **options: Any
+) -> ReplayResult:
+    """What `esctl replay` does: a new generation of `projection` built from events.history,
+    swapped in once caught up (`options`: Replay's, e.g. idle_seconds, stall_seconds)."""
+    replay = Replay(
+        projection, database_url=settings.database_url, amqp_url=settings.amqp_url, **options
+    )
+    return await asyncio.wait_for(replay.run(asyncio.Event()), timeout)
+
+
+def live_generation(conn: psycopg.Connection[Any], projection: str) -> str | None:
+    """The schema of `projection`'s live generation (None before its first setup), read on
+    the connection that then reads its tables."""
+    row = conn.execute(LIVE_GENERATION, (projection,)).fetchone()
+    return None if row is None else str(row[0])

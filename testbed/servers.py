@@ -197,22 +197,15 @@ class PrivateRabbit:
         return env
 
     def ctl(self, *args: str, timeout: float = 90) -> str:
-        result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
-            env=self.env,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stdout}{result.stderr}")
-        return result.stdout
+        return self._cli("rabbitmqctl", *args, timeout=timeout)
 
     def queues(self, *args: str, timeout: float = 60) -> str:
         """`rabbitmq-queues -n NODE ARGS` (quorum queue membership and status)."""
+        return self._cli("rabbitmq-queues", *args, timeout=timeout)
+
+    def _cli(self, tool: str, *args: str, timeout: float) -> str:
         result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmq-queues"), "-n", self.node, *args],
+            [str(RABBITMQ_BIN / tool), "-n", self.node, *args],
             env=self.env,
             check=False,
             capture_output=True,
@@ -220,7 +213,7 @@ class PrivateRabbit:
             timeout=timeout,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"rabbitmq-queues {' '.join(args)}: {result.stdout}{result.stderr}")
+            raise RuntimeError(f"{tool} {' '.join(args)}: {result.stdout}{result.stderr}")
         return result.stdout
 
     def init(self) -> None:
@@ -299,6 +292,10 @@ class PrivateRabbit:
 
     def url(self, vhost: str = "/", host: str = "127.0.0.1") -> str:
         return f"amqp://guest:guest@{host}:{self.port}/{quote(vhost, safe='')}"
+
+    def amqp_url_list(self, vhost: str = "/", host: str = "127.0.0.1") -> str:
+        """The node as AMQP_URL names it (as `PrivateRabbitCluster.amqp_url_list` does)."""
+        return self.url(vhost, host)
 
     def destroy(self) -> None:
         with contextlib.suppress(Exception):
@@ -463,18 +460,16 @@ def private_servers(
 
     `listen`: extra addresses both listen on; `trust`: networks PostgreSQL trusts as well.
     """
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    root.chmod(0o755)  # PostgreSQL runs as `postgres` and must reach its directory
-    postgres = PrivatePostgres(root / "pg", listen=listen, trust=trust)
-    rabbit = PrivateRabbit(root / "rabbit", listen=listen)
-    try:
-        postgres.init()
-        rabbit.init()
-        yield postgres, rabbit
-    finally:
-        rabbit.destroy()
-        postgres.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+    with _servers_root(prefix) as root:
+        postgres = PrivatePostgres(root / "pg", listen=listen, trust=trust)
+        rabbit = PrivateRabbit(root / "rabbit", listen=listen)
+        try:
+            postgres.init()
+            rabbit.init()
+            yield postgres, rabbit
+        finally:
+            rabbit.destroy()
+            postgres.destroy()
 
 
 @contextlib.contextmanager
@@ -483,17 +478,26 @@ def private_cluster_servers(
 ) -> Iterator[tuple[PrivatePostgres, PrivateRabbitCluster]]:
     """A private PostgreSQL and a private RabbitMQ cluster of `size` nodes, started side by
     side, torn down (every node stopped, the files removed) on the way out."""
+    with _servers_root(prefix) as root:
+        postgres = PrivatePostgres(root / "pg")
+        cluster = PrivateRabbitCluster(root / "rabbit", size)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                started = [pool.submit(postgres.init), pool.submit(cluster.init)]
+                for future in started:
+                    future.result()
+            yield postgres, cluster
+        finally:
+            cluster.destroy()
+            postgres.destroy()
+
+
+@contextlib.contextmanager
+def _servers_root(prefix: str) -> Iterator[Path]:
+    """A temporary directory for the servers' data and logs, removed on the way out."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
-    root.chmod(0o755)
-    postgres = PrivatePostgres(root / "pg")
-    cluster = PrivateRabbitCluster(root / "rabbit", size)
+    root.chmod(0o755)  # PostgreSQL runs as `postgres` and must reach its directory
     try:
-        with ThreadPoolExecutor(2) as pool:
-            started = [pool.submit(postgres.init), pool.submit(cluster.init)]
-            for future in started:
-                future.result()
-        yield postgres, cluster
+        yield root
     finally:
-        cluster.destroy()
-        postgres.destroy()
         shutil.rmtree(root, ignore_errors=True)

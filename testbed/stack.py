@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ import psycopg
 import registry
 from integration_svc.signing import new_secret
 from servicekit.service import Role
+from testbed.cli import ESCTL
 from testbed.effects import (
     MAIL_FROM,
     WEBHOOK_ENDPOINT,
@@ -101,9 +101,8 @@ class Stack:
         self.maildir = MaildirReader(workdir / "maildir")
         self.sink = WebhookSink().start()
         self.webhook_secret = new_secret()
-        esctl = [sys.executable, "-m", "esctl.main"]
         self.procs = {
-            p.name: Proc(p.name, [*esctl, *p.command], pick_port()) for p in registry.processes()
+            p.name: Proc(p.name, [*ESCTL, *p.command], pick_port()) for p in registry.processes()
         }
         self.auth = self.procs["auth_svc"].url
         self.users = self.procs["user_svc"].url

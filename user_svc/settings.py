@@ -5,33 +5,30 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ServiceSettings
+from servicekit.settings import (
+    DELIVERY_LIMIT,
+    ApiSettings,
+    consumer_health_port,
+    http_port,
+    relay_health_port,
+)
 from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 
-class UserSettings(ServiceSettings):
+class UserSettings(ApiSettings):
     """Every field is read from `USER_<FIELD>` (e.g. `USER_DATABASE_URL`)."""
 
     model_config = SettingsConfigDict(env_prefix="USER_", extra="ignore", populate_by_name=True)
 
-    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
-    port: int = Field(default=8102, description="Port the HTTP server listens on.")
+    port: int = http_port(8102)
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/users",
         description="PostgreSQL URL of user_svc's own database (the profile event store).",
     )
-    relay_port: int = Field(
-        default=8112, description="Port of the relay's health and metrics server."
-    )
-    consumer_port: int = Field(
-        default=8113, description="Port of the consumer's health and metrics server."
-    )
+    relay_port: int = relay_health_port(8112)
+    consumer_port: int = consumer_health_port(8113)
     consumer_prefetch: int = Field(default=100, description="AMQP prefetch of the consumer.")
-    consumer_delivery_limit: int = Field(
-        default=5,
-        description="Handler failures (errors, or the consumer dying while handling it) before a "
-        "message is parked and dead-lettered; lost connections never count.",
-    )
+    consumer_delivery_limit: int = Field(default=5, description=DELIVERY_LIMIT)
     db_pool_size: int = Field(
         default=10,
         ge=1,

@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -40,36 +35,26 @@ import pytest
 
 from servicekit.eventstore import connection_kwargs
 from shared_contracts.names import live_queue
-from testbed.audit import Audit, inject_duplicates
-from testbed.cases import run_fault
-from testbed.checks import check_everything, dlq_depths, eventually
+from testbed import cli
+from testbed.audit import inject_duplicates
+from testbed.cases import CATCH_UP_BOUND, AuditedStack, audited_stack, run_fault
+from testbed.checks import check_everything, dlq_depths, until_no_problems
+from testbed.events import eventually
 from testbed.load import Ledger, LoadGenerator
+from testbed.projections import live_generation
 from testbed.servers import private_servers
-from testbed.stack import CONSUMERS, DLQ_SERVICES, Stack, running_stack
+from testbed.stack import CONSUMERS, DLQ_SERVICES, Stack
 
-LOAD_SECONDS = 6.0
-FAULT_AFTER = 2.0
-RECOVERY_BOUND = 30.0  # seconds from the end of a fault to a write seen end to end
-CATCH_UP_BOUND = 45.0  # seconds from the end of the load to every check passing
-
-
-@dataclass
-class World:
-    stack: Stack
-    audit: Audit
+World = AuditedStack
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    workdir = Path(tempfile.mkdtemp(prefix="eskit-chaos-logs-"))
-    with private_servers() as (postgres, rabbit):
-        audit = Audit(rabbit.url()).start()
-        try:
-            with running_stack(postgres, rabbit, workdir) as stack:
-                yield World(stack, audit)
-        finally:
-            audit.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with (
+        private_servers() as (postgres, rabbit),
+        audited_stack(postgres, rabbit, logs="eskit-chaos-logs-") as world,
+    ):
+        yield world
 
 
 async def run_case(
@@ -78,27 +63,14 @@ async def run_case(
     fault: Callable[[World], None],
     capsys: pytest.CaptureFixture[str],
 ) -> Ledger:
-    """Load for LOAD_SECONDS, the fault after FAULT_AFTER, then recovery and every check."""
+    """Load, the fault a little into it, then recovery and every check (`run_fault`)."""
     stack, audit = world.stack, world.audit
-    case = await run_fault(
-        stack,
-        audit,
-        tag,
-        begin=lambda: fault(world),
-        load_seconds=LOAD_SECONDS,
-        fault_after=FAULT_AFTER,
-        recovery_bound=RECOVERY_BOUND,
-        catch_up_bound=CATCH_UP_BOUND,
-    )
-    ledger, verdict = case.ledger, case.verdict
+    case = await run_fault(stack, audit, tag, begin=lambda: fault(world))
     with capsys.disabled():
         print(f"\n{case.summary(stack, audit)}")
-    assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
-    assert ledger.accepted > 0 and ledger.rejected > 0
+    case.assert_held(stack)
     assert case.catch_up < CATCH_UP_BOUND + 30
-    assert verdict.projected == len(ledger.users)
-    assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
-    return ledger
+    return case.ledger
 
 
 def restart_rabbitmq(world: World) -> None:
@@ -204,11 +176,9 @@ POISON_TABLES = {  # database -> the table a poisoned user's profile events cann
 
 def live_schema(stack: Stack, database: str, projection: str) -> str:
     with psycopg.connect(**connection_kwargs(stack.direct_db[database])) as conn:
-        row = conn.execute(
-            "SELECT live FROM projection_generations WHERE projection = %s", (projection,)
-        ).fetchone()
-        assert row is not None
-        return str(row[0])
+        live = live_generation(conn, projection)
+    assert live is not None
+    return live
 
 
 @contextlib.contextmanager
@@ -259,13 +229,10 @@ def _poison(stack: Stack, database: str, target: str, condition: str) -> None:
 
 def esctl(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """The CLI against the chaos stack's servers, as an operator runs it."""
-    result = subprocess.run(
-        [sys.executable, "-m", "esctl.main", *args],
+    result = cli.esctl(
+        *args,
         env={**stack.env, "NO_COLOR": "1", "COLUMNS": "200", "LOG_FORMAT": "console"},
-        capture_output=True,
-        text=True,
         timeout=timeout,
-        check=False,
     )
     assert result.returncode == 0, f"esctl {' '.join(args)}: {result.stdout}{result.stderr}"
     return result
@@ -312,10 +279,8 @@ def _has_profile(conn: psycopg.Connection[Any], schema: str, user_id: str) -> bo
 
 
 async def eventually_true(check: Callable[[], bool], what: str, timeout: float = 45) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(check):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
+    """`check` (it blocks: it reads the databases) on a thread, until it is true."""
+    await eventually(lambda: asyncio.to_thread(check), timeout=timeout, what=what, poll=0.2)
 
 
 async def patch_profile(
@@ -385,7 +350,7 @@ async def test_replays_of_every_projection_under_load_carry_a_parked_event_and_s
         replays_done.set()
         await traffic
         await load.aclose()
-    verdict, catch_up = await eventually(
+    verdict, catch_up = await until_no_problems(
         lambda: check_everything(stack, audit, [ledger]), CATCH_UP_BOUND
     )
     with capsys.disabled():
@@ -417,7 +382,7 @@ async def test_a_dlq_retry_of_an_old_profile_update_keeps_the_newer_state(
     await eventually_true(lambda: recipient_name(stack, user_id) == "New", "the newest name")
     for projection in ("reporting_svc", "notify_svc"):
         await asyncio.to_thread(esctl, stack, "dlq", "retry", projection, "--all")
-    verdict, catch_up = await eventually(
+    verdict, catch_up = await until_no_problems(
         lambda: check_everything(stack, audit, [ledger]), CATCH_UP_BOUND
     )
     with capsys.disabled():

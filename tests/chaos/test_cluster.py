@@ -16,48 +16,34 @@ applied twice, every effect once, the dead-letter queues empty.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from shared_contracts.names import HISTORY_STREAM, live_queue
-from testbed.audit import AUDIT_QUEUE, Audit
-from testbed.cases import run_fault
+from testbed.audit import AUDIT_QUEUE
+from testbed.cases import RECOVERY_BOUND, AuditedStack, audited_stack, run_fault
 from testbed.servers import PrivateRabbitCluster, private_cluster_servers
-from testbed.stack import DLQ_SERVICES, Stack, running_stack
+from testbed.stack import DLQ_SERVICES
 
-FAULT_AFTER = 2.0
-RECOVERY_BOUND = 30.0  # seconds from the node's stop to a write seen end to end
-CATCH_UP_BOUND = 45.0
 CONSUMER_QUEUES = [live_queue(service) for service in DLQ_SERVICES]
 
 
 @dataclass
-class World:
-    stack: Stack
-    audit: Audit
+class World(AuditedStack):
     cluster: PrivateRabbitCluster
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     with (
-        tempfile.TemporaryDirectory(
-            prefix="eskit-cluster-logs-", ignore_cleanup_errors=True
-        ) as logs,
         private_cluster_servers() as (postgres, cluster),
+        audited_stack(postgres, cluster, logs="eskit-cluster-logs-") as running,
     ):
-        audit = Audit(cluster.amqp_url_list()).start()  # directly, any node
-        try:
-            with running_stack(postgres, cluster, Path(logs)) as stack:
-                yield World(stack, audit, cluster)
-        finally:
-            audit.close()
+        yield World(running.stack, running.audit, cluster)
 
 
 def _wait_all_online(cluster: PrivateRabbitCluster, queues: list[str], timeout: float) -> float:
@@ -110,16 +96,8 @@ async def test_stopping_the_node_leading_the_consumer_queues_loses_nothing(
         cluster.start_node(target)
 
     try:
-        case = await run_fault(
-            stack,
-            audit,
-            "cluster-node-stop",
-            begin=stop,
-            end=start,
-            fault_after=FAULT_AFTER,
-            recovery_bound=RECOVERY_BOUND,
-            catch_up_bound=CATCH_UP_BOUND,
-        )
+        # Recovery is timed from the node's stop: it stays down until `start`.
+        case = await run_fault(stack, audit, "cluster-node-stop", begin=stop, end=start)
     finally:
         cluster.start_node(target)  # idempotent: never leave the node down
     online_after = await asyncio.to_thread(_wait_all_online, cluster, CONSUMER_QUEUES, 60)
@@ -130,11 +108,7 @@ async def test_stopping_the_node_leading_the_consumer_queues_loses_nothing(
             f"{len(CONSUMER_QUEUES)} consumer queues); members online again "
             f"{online_after:.1f}s after its start, stack ready {ready_after:.1f}s"
         )
-    verdict, ledger = case.verdict, case.ledger
-    assert not verdict.problems, "\n".join(verdict.problems) + "\n" + stack.log_tail()
-    assert ledger.accepted > 0 and ledger.rejected > 0
-    assert verdict.projected == len(ledger.users)
-    assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
+    case.assert_held(stack)
     assert case.recovery <= RECOVERY_BOUND
     # While it was down, the two others ran the cluster and led every consumer queue.
     assert running_during and node not in running_during[0]

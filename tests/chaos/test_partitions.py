@@ -23,26 +23,26 @@ import contextlib
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
 from shared_contracts.names import live_queue
-from testbed.audit import Audit
-from testbed.cases import FaultCase, database_sessions, run_fault
-from testbed.netns import NetworkNamespace, netns_unavailable
+from testbed.cases import (
+    RECOVERY_BOUND,
+    AuditedStack,
+    FaultCase,
+    audited_stack,
+    database_sessions,
+    run_fault,
+)
+from testbed.netns import NetworkNamespace, ip, netns_unavailable
 from testbed.replicas import NamespacedReplica, active_consumer_hosts, queue_consumers
 from testbed.servers import private_servers
-from testbed.stack import Stack, running_stack
 
-FAULT_AFTER = 2.0
-RECOVERY_BOUND = 30.0  # seconds from the blackhole's start to a write seen end to end
-CATCH_UP_BOUND = 45.0
 TAKE_ROLE_BOUND = 60.0  # the namespace replica becoming the active one
 REJOIN_BOUND = 60.0  # the namespace replica back as a standby after the heal
 
@@ -71,10 +71,6 @@ try:
 except OSError as exc:
     print(type(exc).__name__, round(time.monotonic() - started, 1), flush=True)
 """
-
-
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -130,37 +126,32 @@ def test_a_blackholed_namespace_drops_everything_silently() -> None:
                 out, _ = peer.communicate(timeout=10)
             assert out.startswith("received b'back'"), out
         name, host_if, subnet = ns.name, ns.host_if, str(ns.subnet)
-    assert name not in _ip("netns", "list")
-    assert host_if not in _ip("-o", "link")
-    assert subnet not in _ip("route", "show", "table", "all")
+    assert name not in ip("netns", "list").stdout
+    assert host_if not in ip("-o", "link").stdout
+    assert subnet not in ip("route", "show", "table", "all").stdout
 
 
 # -- the stack with replicas in the namespace ----------------------------------------------
 
 
 @dataclass
-class World:
-    stack: Stack
-    audit: Audit
+class World(AuditedStack):
     ns: NetworkNamespace
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     _needs_namespaces()
-    logs = tempfile.TemporaryDirectory(prefix="eskit-partition-logs-", ignore_cleanup_errors=True)
     # The namespace first: both servers bind its host address as they start.
-    with logs as workdir, NetworkNamespace() as ns:
+    with NetworkNamespace() as ns:
         servers = private_servers(
             prefix="eskit-partition-", listen=[ns.host_ip], trust=[str(ns.subnet)]
         )
-        with servers as (postgres, rabbit):
-            audit = Audit(rabbit.url()).start()
-            try:
-                with running_stack(postgres, rabbit, Path(workdir)) as stack:
-                    yield World(stack, audit, ns)
-            finally:
-                audit.close()
+        with (
+            servers as (postgres, rabbit),
+            audited_stack(postgres, rabbit, logs="eskit-partition-logs-") as running,
+        ):
+            yield World(running.stack, running.audit, ns)
 
 
 def _status(url: str) -> dict[str, object]:
@@ -212,12 +203,18 @@ def _report(capsys: pytest.CaptureFixture[str], world: World, case: FaultCase, e
 
 
 def _assert_checks(world: World, case: FaultCase) -> None:
-    verdict, ledger = case.verdict, case.ledger
-    assert not verdict.problems, "\n".join(verdict.problems) + "\n" + world.stack.log_tail()
-    assert ledger.accepted > 0 and ledger.rejected > 0
-    assert verdict.projected == len(ledger.users)
-    assert verdict.effects.mails == verdict.effects.webhooks == len(ledger.users)
+    case.assert_held(world.stack)
     assert case.recovery <= RECOVERY_BOUND
+
+
+async def _partition(
+    world: World, tag: str, *, heal: Callable[[], None], diagnose: Callable[[], str]
+) -> FaultCase:
+    """The namespace blackholed under load, and kept so until `heal` (recovery is timed from
+    the blackhole's start)."""
+    return await run_fault(
+        world.stack, world.audit, tag, begin=world.ns.blackhole, end=heal, diagnose=diagnose
+    )
 
 
 async def test_relay_leader_cut_off_from_the_database_is_replaced_by_its_standby(
@@ -244,15 +241,10 @@ async def test_relay_leader_cut_off_from_the_database_is_replaced_by_its_standby
                 )
             )
 
-        case = await run_fault(
-            stack,
-            world.audit,
+        case = await _partition(
+            world,
             "partition-relay-leader",
-            begin=ns.blackhole,
-            end=heal,
-            fault_after=FAULT_AFTER,
-            recovery_bound=RECOVERY_BOUND,
-            catch_up_bound=CATCH_UP_BOUND,
+            heal=heal,
             diagnose=lambda: (
                 f"host relay: {_during(lambda: _status(host_relay.url))}\n"
                 f"auth sessions (pid|client|state|wait|wait event|s|query):\n"
@@ -300,15 +292,10 @@ async def test_active_consumer_cut_off_from_the_broker_is_replaced_by_its_standb
             actives_during.append(_during(active))
             rejoined.append(_heal_and_rejoin(ns, replica, waiting_again))
 
-        case = await run_fault(
-            stack,
-            world.audit,
+        case = await _partition(
+            world,
             "partition-active-consumer",
-            begin=ns.blackhole,
-            end=heal,
-            fault_after=FAULT_AFTER,
-            recovery_bound=RECOVERY_BOUND,
-            catch_up_bound=CATCH_UP_BOUND,
+            heal=heal,
             diagnose=lambda: (
                 f"consumers of {queue} (client, active): {queue_consumers(rabbit, queue)}\n"
                 f"host consumer: {_during(lambda: _status(stack.procs[name].url))}\n"

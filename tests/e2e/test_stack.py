@@ -4,8 +4,6 @@ exchanges like any subscriber."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -14,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from testbed.cli import esctl
 from tests.support.amqp import subscribed
 from tests.support.stack import EsctlUp, esctl_up
 
@@ -140,14 +139,7 @@ async def _sleep(seconds: float) -> None:
 
 
 def esctl_json(stack: EsctlUp, *args: str) -> Any:
-    result = subprocess.run(
-        [sys.executable, "-m", "esctl.main", *args, "--format", "json"],
-        env={**stack.env, "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = esctl(*args, "--format", "json", env={**stack.env, "NO_COLOR": "1"})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.kong import load_kong
 from servicekit.eventstore import connection_kwargs
+from testbed.cli import esctl
 from tests.support.amqp import subscribed
+from tests.support.api import bearer
 from tests.support.stack import EsctlUp, esctl_up
 
 KONG_YML = Path(__file__).parents[2] / "compose" / "kong.yml"
@@ -72,10 +72,6 @@ def token(kid: str, private_key: Any, user_id: str, *, expires_in: int) -> str:
         "jti": uuid.uuid4().hex,
     }
     return jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": kid})
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {value}"}
 
 
 def test_only_the_public_api_is_routed(stack: EsctlUp) -> None:
@@ -230,14 +226,7 @@ def test_a_rotated_key_works_at_once_and_the_old_one_until_its_tokens_expire(
 
     user_id, old_token = sign_up(stack)
     old_kid = jwt.get_unverified_header(old_token)["kid"]
-    rotated = subprocess.run(
-        [sys.executable, "-m", "esctl.main", "keys", "rotate"],
-        env=stack.env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    rotated = esctl("keys", "rotate", env=stack.env, timeout=30)
     assert rotated.returncode == 0, rotated.stderr
     new_kid = rotated.stdout.split()[-1]
     assert new_kid != old_kid

@@ -14,27 +14,23 @@ from fastapi.testclient import TestClient
 
 from auth_svc.application import AuthService
 from auth_svc.contracts import to_contract
-from auth_svc.main import create_app, init_db
+from auth_svc.main import create_app
 from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs
-from testbed.auth import cheap_auth_settings
+from testbed.auth import auth_database
+from tests.support.api import EMAIL, PASSWORD, assert_problem, bearer, login, register
 
-PASSWORD = "correct horse battery"
-EMAIL = "ada@example.com"
 JSON_ENDPOINTS = ["/auth/register", "/auth/login", "/auth/refresh", "/auth/logout"]
 
 
-def cheap_settings(database_url: str, **overrides: Any) -> AuthSettings:
-    return cheap_auth_settings(
-        database_url, **{**dict(db_pool_size=10, lockout_threshold=3), **overrides}
-    )
+def ready_settings(database_url: str, **overrides: Any) -> AuthSettings:
+    """Cheap hashing, a lockout after three failures, auth_svc's tables in the database."""
+    return auth_database(database_url, **{"db_pool_size": 10, "lockout_threshold": 3, **overrides})
 
 
 @pytest.fixture
 def settings(make_database: Callable[[str], str]) -> AuthSettings:
-    s = cheap_settings(make_database("auth"))
-    init_db(s)
-    return s
+    return ready_settings(make_database("auth"))
 
 
 @pytest.fixture
@@ -52,31 +48,8 @@ def stored_position(client: TestClient) -> int:
     return service(client).recorder.max_notification_id() or 0
 
 
-def register(client: TestClient, email: str = EMAIL, password: str = PASSWORD) -> dict[str, Any]:
-    response = client.post("/auth/register", json={"email": email, "password": password})
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def login(client: TestClient, email: str = EMAIL, password: str = PASSWORD) -> dict[str, Any]:
-    response = client.post("/auth/login", json={"email": email, "password": password})
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 def without_request_id(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "request_id"}
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert {"type", "title", "detail", "request_id"} <= body.keys()
-    return body
 
 
 # --- register ---------------------------------------------------------------------------
@@ -234,8 +207,7 @@ def test_repeated_failures_lock_the_account_with_retry_after(client: TestClient)
 
 
 def test_a_lock_expires(make_database: Callable[[str], str]) -> None:
-    settings = cheap_settings(make_database("auth"), lockout_threshold=1, lockout_seconds=1)
-    init_db(settings)
+    settings = ready_settings(make_database("auth"), lockout_threshold=1, lockout_seconds=1)
     with TestClient(create_app(settings)) as client:
         register(client)
         client.post("/auth/login", json={"email": EMAIL, "password": "wrong password"})
@@ -329,17 +301,13 @@ def test_logout_ends_the_session(client: TestClient) -> None:
 # --- password change --------------------------------------------------------------------
 
 
-def bearer(pair: dict[str, Any]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {pair['access_token']}"}
-
-
 def test_a_password_change_revokes_every_refresh_token(client: TestClient) -> None:
     register(client)
     a, b = login(client), login(client)
     response = client.post(
         "/auth/password",
         json={"current_password": PASSWORD, "new_password": "a brand new secret"},
-        headers=bearer(a),
+        headers=bearer(a["access_token"]),
     )
     assert response.status_code == 204
     for pair in (a, b):
@@ -357,7 +325,7 @@ def test_a_password_change_needs_the_current_password(client: TestClient) -> Non
     response = client.post(
         "/auth/password",
         json={"current_password": "not my password", "new_password": "a brand new secret"},
-        headers=bearer(pair),
+        headers=bearer(pair["access_token"]),
     )
     assert_problem(response, 401)
     assert stored_position(client) == before
@@ -376,7 +344,8 @@ def test_invalid_password_changes_are_422(client: TestClient, body: dict[str, An
     register(client)
     pair = login(client)
     before = stored_position(client)
-    assert_problem(client.post("/auth/password", json=body, headers=bearer(pair)), 422)
+    refused = client.post("/auth/password", json=body, headers=bearer(pair["access_token"]))
+    assert_problem(refused, 422)
     assert stored_position(client) == before
 
 
@@ -411,7 +380,7 @@ def test_no_response_or_public_contract_contains_a_password_or_a_hash(client: Te
         client.post(
             "/auth/password",
             json={"current_password": PASSWORD, "new_password": PASSWORD + "!"},
-            headers=bearer(pair),
+            headers=bearer(pair["access_token"]),
         ).text
     )
     for body in bodies:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -27,39 +24,27 @@ from auth_svc.keys import (
     list_keys,
     rotate_signing_key,
 )
-from auth_svc.main import create_app, init_db
+from auth_svc.main import create_app
 from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.tokens import InvalidToken, PublicKey, TokenVerifier, parse_jwks
-from testbed.auth import cheap_auth_settings
+from testbed.auth import auth_database, cheap_auth_settings
+from tests.support.api import EMAIL, PASSWORD, login, register
+from tests.support.attacks import b64url, hs256, unsigned_jwt
 
-PASSWORD = "correct horse battery"
-EMAIL = "ada@example.com"
-
-
-def cheap_settings(database_url: str, **overrides: Any) -> AuthSettings:
-    return cheap_auth_settings(database_url, **{**dict(keys_refresh_seconds=0.2), **overrides})
+QUICK_KEYS = {"keys_refresh_seconds": 0.2}  # rotations seen within a test
 
 
 @pytest.fixture
 def settings(make_database: Callable[[str], str]) -> AuthSettings:
-    s = cheap_settings(make_database("auth"))
-    init_db(s)
-    return s
+    return auth_database(make_database("auth"), **QUICK_KEYS)
 
 
 @pytest.fixture
 def client(settings: AuthSettings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
-        c.post("/auth/register", json={"email": EMAIL, "password": PASSWORD})
+        register(c)
         yield c
-
-
-def login(client: TestClient) -> dict[str, Any]:
-    response = client.post("/auth/login", json={"email": EMAIL, "password": PASSWORD})
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def key_store(client: TestClient) -> KeyStore:
@@ -84,14 +69,6 @@ def change_password_with(client: TestClient, token: str) -> Any:
         json={"current_password": PASSWORD, "new_password": PASSWORD},
         headers={"Authorization": f"Bearer {token}"},
     )
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
-    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
 
 
 def valid_claims(client: TestClient, settings: AuthSettings, **changes: Any) -> dict[str, Any]:
@@ -149,17 +126,14 @@ def forged_tokens(client: TestClient, settings: AuthSettings) -> dict[str, str]:
     tampered_claims = {**jwt.decode(genuine, options={"verify_signature": False})}
     tampered_claims["sub"] = str(uuid.uuid4())
     public_pem = keys.public_keys()[kid].encode()
-    hs_header = {"alg": "HS256", "typ": "JWT", "kid": kid}
-    hs_signing_input = unsigned(hs_header, claims)
-    hs_signature = hmac.new(public_pem, hs_signing_input.encode(), hashlib.sha256).digest()
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return {
         "expired": keys.sign({**claims, "iat": now - 4000, "exp": now - 3000}),
         "wrong audience": keys.sign({**claims, "aud": "someone-else"}),
         "wrong issuer": keys.sign({**claims, "iss": "evil"}),
-        "tampered": f"{head}.{b64(json.dumps(tampered_claims).encode())}.{signature}",
-        "alg none": unsigned({"alg": "none", "typ": "JWT", "kid": kid}, claims) + ".",
-        "HS256 with the public key": f"{hs_signing_input}.{b64(hs_signature)}",
+        "tampered": f"{head}.{b64url(json.dumps(tampered_claims).encode())}.{signature}",
+        "alg none": unsigned_jwt({"alg": "none", "typ": "JWT", "kid": kid}, claims) + ".",
+        "HS256 with the public key": hs256({"typ": "JWT", "kid": kid}, claims, public_pem),
         "unknown kid": jwt.encode(claims, stranger, algorithm="RS256", headers={"kid": "nope"}),
         "foreign key, known kid": jwt.encode(
             claims, stranger, algorithm="RS256", headers={"kid": kid}
@@ -217,10 +191,9 @@ def test_rotation_keeps_the_old_key_published_and_its_tokens_valid(
 def test_a_new_key_is_published_before_it_signs(
     make_database: Callable[[str], str],
 ) -> None:
-    settings = cheap_settings(make_database("auth"), keys_refresh_seconds=30)
-    init_db(settings)
+    settings = auth_database(make_database("auth"), keys_refresh_seconds=30)
     with TestClient(create_app(settings)) as client:
-        client.post("/auth/register", json={"email": EMAIL, "password": PASSWORD})
+        register(client)
         keys = key_store(client)
         old_kid = keys.current_kid()
         new_kid = keys.rotate()
@@ -232,10 +205,9 @@ def test_a_new_key_is_published_before_it_signs(
 def test_a_retired_key_leaves_the_jwks_once_its_last_token_expired(
     make_database: Callable[[str], str],
 ) -> None:
-    settings = cheap_settings(
-        make_database("auth"), access_token_ttl_seconds=1, key_grace_seconds=0
+    settings = auth_database(
+        make_database("auth"), **QUICK_KEYS, access_token_ttl_seconds=1, key_grace_seconds=0
     )
-    init_db(settings)
     with TestClient(create_app(settings)) as client:
         old_kid = key_store(client).current_kid()
         new_kid = rotate_signing_key(settings)
@@ -249,7 +221,7 @@ def test_a_retired_key_leaves_the_jwks_once_its_last_token_expired(
 def test_processes_starting_together_agree_on_one_signing_key(
     make_database: Callable[[str], str],
 ) -> None:
-    settings = cheap_settings(make_database("auth"))
+    settings = cheap_auth_settings(make_database("auth"), **QUICK_KEYS)
     with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
         create_signing_keys_table(conn)
     stores = [KeyStore(settings) for _ in range(5)]
@@ -269,10 +241,9 @@ def test_processes_starting_together_agree_on_one_signing_key(
 def test_a_login_upgrades_a_hash_made_with_weaker_parameters(
     make_database: Callable[[str], str],
 ) -> None:
-    weak = cheap_settings(make_database("auth"))
-    init_db(weak)
+    weak = auth_database(make_database("auth"), **QUICK_KEYS)
     with TestClient(create_app(weak)) as client:
-        client.post("/auth/register", json={"email": EMAIL, "password": PASSWORD})
+        register(client)
     strong = weak.model_copy(update={"argon2_time_cost": 2})
     with TestClient(create_app(strong)) as client:
         login(client)

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from testbed import cli
 
 
 def esctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "esctl.main", *args],
-        env={**os.environ, **env},
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return cli.esctl(*args, env={**os.environ, **env})
 
 
 def test_up_without_a_broker_names_host_and_port_and_how_to_start_it() -> None:

@@ -18,12 +18,14 @@ from aiosmtpd.controller import Controller
 
 from notify_svc.intents import message_id
 from notify_svc.main import NotifyWorker, init_db, projection
+from notify_svc.projection import Notifications
 from notify_svc.settings import NotifySettings
 from servicekit.eventstore import connection_kwargs
-from servicekit.replay import Replay, ReplayResult
+from servicekit.replay import ReplayResult
 from testbed.events import envelope, event_id, eventually, running
 from testbed.history import publish
 from testbed.ports import free_port
+from testbed.projections import live_generation, rebuild
 
 
 class Inbox:
@@ -88,11 +90,11 @@ def intents(settings: NotifySettings) -> list[tuple[Any, ...]]:
 
 def recipients(settings: NotifySettings) -> list[tuple[Any, ...]]:
     with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
-        row = conn.execute("SELECT live FROM projection_generations").fetchone()
-        assert row is not None
+        live = live_generation(conn, Notifications.name)
+        assert live is not None
         return conn.execute(
             psycopg.sql.SQL("SELECT user_id, email, display_name, locale FROM {}").format(
-                psycopg.sql.Identifier(row[0], "recipients")
+                psycopg.sql.Identifier(live, "recipients")
             )
         ).fetchall()
 
@@ -110,15 +112,7 @@ def html_of(message: EmailMessage) -> str:
 
 
 async def replay(settings: NotifySettings) -> ReplayResult:
-    """What `esctl replay notify_svc` does: rebuild a generation from events.history."""
-    rebuild = Replay(
-        projection(settings),
-        database_url=settings.database_url,
-        amqp_url=settings.amqp_url,
-        idle_seconds=0.3,
-        stall_seconds=5,
-    )
-    return await asyncio.wait_for(rebuild.run(asyncio.Event()), timeout=30)
+    return await rebuild(projection(settings), settings, idle_seconds=0.3, stall_seconds=5)
 
 
 async def test_one_welcome_mail_per_registration_despite_redelivery_and_replay(

@@ -30,13 +30,19 @@ from servicekit.amqp import declare_producer_exchange
 from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent, validated
 from servicekit.projection import ProjectionStore, Transaction
-from servicekit.replay import Progress, Replay, ReplayResult
+from servicekit.replay import Progress
 from shared_contracts.envelope import Envelope
 from shared_contracts.names import dead_letter_queue, live_queue
 from testbed.events import envelope as one_envelope
 from testbed.events import eventually
 from testbed.history import generate, publish
-from testbed.projections import assert_reports_match, consuming, wait_caught_up
+from testbed.projections import (
+    assert_reports_match,
+    consuming,
+    publish_and_catch_up,
+    rebuild,
+    wait_caught_up,
+)
 
 DELIVERY_LIMIT = 3  # testbed.projections.consuming's
 
@@ -253,8 +259,7 @@ async def test_replay_swaps_within_seconds_of_the_live_edge_while_writes_never_s
     history = generate(6_000, seed=41)
     bodies = history.bodies()
     async with consuming(settings, prefetch=200):
-        await publish(settings.amqp_url, bodies[:5_000])
-        await wait_caught_up(settings, history.prefix(5_000))
+        await publish_and_catch_up(settings, history.prefix(5_000))
         async with writes_that_never_stop(settings.amqp_url, bodies[5_000:]) as writes:
             await asyncio.sleep(1)
             edge: list[float] = []
@@ -264,15 +269,14 @@ async def test_replay_swaps_within_seconds_of_the_live_edge_while_writes_never_s
                 if not edge and p.end >= 0 and p.offset >= 5_000 and not p.behind:
                     edge.append(loop.time())
 
-            rebuild = Replay(
+            result = await rebuild(
                 Reporting(),
-                database_url=settings.database_url,
-                amqp_url=settings.amqp_url,
+                settings,
+                timeout=60,
                 idle_seconds=0.5,
                 stall_seconds=10,
                 on_progress=progress,
             )
-            result: ReplayResult = await asyncio.wait_for(rebuild.run(asyncio.Event()), 60)
             swapped_at = loop.time()
             assert not writes.done()  # the writes were still going on at the swap
         assert result.swapped
@@ -331,14 +335,7 @@ async def test_a_replay_applies_an_event_parked_in_the_live_generation_as_new(
             what="the poison in the DLQ",
         )
         projection.broken = False  # fixed; the replay rebuilds from events.history
-        rebuild = Replay(
-            Notifications(),
-            database_url=notify.database_url,
-            amqp_url=notify.amqp_url,
-            idle_seconds=0.3,
-            stall_seconds=5,
-        )
-        result = await asyncio.wait_for(rebuild.run(asyncio.Event()), 30)
+        result = await rebuild(Notifications(), notify, idle_seconds=0.3, stall_seconds=5)
         assert result.swapped
         assert [r[0] for r in welcome_intents(notify)] == sorted(
             uuid.UUID(json.loads(b[2])["event_id"]) for b in bodies
@@ -395,14 +392,8 @@ async def test_a_swap_never_drops_the_recipients_under_the_mail_dispatchers_clai
     claimer = asyncio.create_task(claim_forever())
     try:
         for _ in range(4):
-            rebuild = Replay(
-                Notifications(),
-                database_url=notify.database_url,
-                amqp_url=notify.amqp_url,
-                idle_seconds=0.2,
-                stall_seconds=5,
-            )
-            assert (await asyncio.wait_for(rebuild.run(asyncio.Event()), 30)).swapped
+            swap = await rebuild(Notifications(), notify, idle_seconds=0.2, stall_seconds=5)
+            assert swap.swapped
             assert not claimer.done(), claimer.exception()
     finally:
         stop.set()

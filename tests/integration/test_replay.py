@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +19,15 @@ from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Transaction
 from servicekit.replay import Progress, Replay, ReplayResult
+from testbed import cli, projections
 from testbed.history import generate, publish
-from testbed.projections import assert_reports_match, consuming, positions, wait_caught_up
+from testbed.projections import (
+    assert_reports_match,
+    consuming,
+    positions,
+    publish_and_catch_up,
+    wait_caught_up,
+)
 
 
 @pytest.fixture
@@ -55,9 +61,9 @@ def replay(
 
 def live_generation(settings: ReportingSettings) -> str:
     with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
-        row = conn.execute("SELECT live FROM projection_generations").fetchone()
-        assert row is not None
-        return str(row[0])
+        live = projections.live_generation(conn, Reporting.name)
+    assert live is not None
+    return live
 
 
 async def test_replay_while_live_events_arrive_swaps_in_an_equal_read_model(
@@ -66,8 +72,7 @@ async def test_replay_while_live_events_arrive_swaps_in_an_equal_read_model(
     history = generate(8_000, seed=21)
     bodies = history.bodies()
     async with consuming(settings, prefetch=200):
-        await publish(settings.amqp_url, bodies[:4_000])
-        await wait_caught_up(settings, history.prefix(4_000))
+        await publish_and_catch_up(settings, history.prefix(4_000))
         before = live_generation(settings)
         rebuild = asyncio.create_task(replay(settings)())
         await publish(settings.amqp_url, bodies[4_000:])  # keeps arriving during the replay
@@ -83,8 +88,7 @@ async def test_an_interrupted_replay_resumes_and_ends_with_the_same_result(
 ) -> None:
     history = generate(6_000, seed=8)
     async with consuming(settings):
-        await publish(settings.amqp_url, history.bodies())
-        await wait_caught_up(settings, history)
+        await publish_and_catch_up(settings, history)
         first = await replay(settings, stop_after=2_000)()
         assert first.interrupted and not first.swapped
         assert 2_000 <= first.progress.applied < 5_000
@@ -101,8 +105,7 @@ async def test_an_interrupted_replay_resumes_and_ends_with_the_same_result(
 async def test_dry_run_reports_differences_without_swapping(settings: ReportingSettings) -> None:
     history = generate(2_000, seed=4)
     async with consuming(settings):
-        await publish(settings.amqp_url, history.bodies())
-        await wait_caught_up(settings, history)
+        await publish_and_catch_up(settings, history)
     live = live_generation(settings)
     clean = await replay(settings, dry_run=True)()
     assert not clean.swapped and clean.differences == []
@@ -142,14 +145,7 @@ def esctl(settings: ReportingSettings, *args: str) -> subprocess.CompletedProces
         "NO_COLOR": "1",
         "COLUMNS": "200",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "esctl.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return cli.esctl(*args, env=env)
 
 
 async def test_poison_goes_to_the_dlq_the_rest_is_applied_and_a_retry_after_the_fix_applies_it(
@@ -159,8 +155,7 @@ async def test_poison_goes_to_the_dlq_the_rest_is_applied_and_a_retry_after_the_
     poison = history.envelopes[700]
     projection = Breakable(poison["event_id"])
     async with consuming(settings, prefetch=100, projection=projection):
-        await publish(settings.amqp_url, history.bodies())
-        await wait_caught_up(settings, history)  # the events after the poison are applied
+        await publish_and_catch_up(settings, history)  # the events after the poison are applied
         listed = await asyncio.to_thread(
             esctl, settings, "dlq", "list", "reporting_svc", "--format", "json"
         )
@@ -219,15 +214,14 @@ def test_no_broker_is_a_clear_error(settings: ReportingSettings) -> None:
 async def test_ctrl_c_stops_the_cli_replay_which_then_resumes(settings: ReportingSettings) -> None:
     history = generate(3_000, seed=17)
     async with consuming(settings):
-        await publish(settings.amqp_url, history.bodies())
-        await wait_caught_up(settings, history)
+        await publish_and_catch_up(settings, history)
     env = {
         **os.environ,
         "AMQP_URL": settings.amqp_url,
         "REPORTING_DATABASE_URL": settings.database_url,
         "NO_COLOR": "1",
     }
-    argv = [sys.executable, "-m", "esctl.main", "replay", "reporting_svc", "--batch-size", "1"]
+    argv = [*cli.ESCTL, "replay", "reporting_svc", "--batch-size", "1"]
     proc = await asyncio.create_subprocess_exec(
         *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +19,13 @@ from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent, validated
 from servicekit.projection import ProjectionStore
 from shared_contracts.envelope import Envelope
+from testbed.cli import ESCTL
 from testbed.history import generate, publish
 from testbed.ports import free_port
 from testbed.projections import (
     assert_reports_match,
     consuming,
+    publish_and_catch_up,
     wait_caught_up,
 )
 
@@ -41,8 +42,7 @@ async def test_live_consumption_of_ten_thousand_events_yields_the_expected_repor
 ) -> None:
     history = generate(10_000)
     async with consuming(settings):
-        await publish(settings.amqp_url, history.bodies())
-        await wait_caught_up(settings, history)
+        await publish_and_catch_up(settings, history)
     await assert_reports_match(settings, history)
 
 
@@ -50,8 +50,7 @@ async def test_redelivered_and_older_events_change_nothing(settings: ReportingSe
     history = generate(600, seed=3)
     bodies = history.bodies()
     async with consuming(settings, prefetch=50):
-        await publish(settings.amqp_url, bodies)
-        await wait_caught_up(settings, history)
+        await publish_and_catch_up(settings, history)
         await publish(settings.amqp_url, bodies[:300])  # duplicates and out-of-order olds
         await publish(settings.amqp_url, bodies[-5:])
         await asyncio.sleep(1.0)
@@ -63,8 +62,7 @@ async def test_two_replicas_on_one_queue_give_the_same_result(
 ) -> None:
     history = generate(3_000, seed=11)
     async with consuming(settings, prefetch=100), consuming(settings, prefetch=100):
-        await publish(settings.amqp_url, history.bodies())
-        await wait_caught_up(settings, history)
+        await publish_and_catch_up(settings, history)
     await assert_reports_match(settings, history)
 
 
@@ -82,7 +80,7 @@ async def consumer_process(
         "LOG_LEVEL": "WARNING",
     }
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-        [sys.executable, "-m", "esctl.main", "consume", "reporting_svc"],
+        [*ESCTL, "consume", "reporting_svc"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import threading
 import time
 import uuid
@@ -23,6 +19,8 @@ from fastapi.testclient import TestClient
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.tokens import PublicKey
 from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+from tests.support.api import assert_problem, bearer
+from tests.support.attacks import hs256, unsigned_jwt
 from user_svc.application import ProfileService
 from user_svc.main import create_app, init_db
 from user_svc.settings import UserSettings
@@ -30,7 +28,6 @@ from user_svc.settings import UserSettings
 KID = "test-key-1"
 PRIVATE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-PROBLEM_JSON = "application/problem+json"
 
 
 async def token_keys(kid: str) -> PublicKey | None:
@@ -60,24 +57,16 @@ def auth(user_id: uuid.UUID, **overrides: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {sign(claims(user_id, **overrides))}"}
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def hs256_with_public_key_as_secret(payload: dict[str, Any]) -> str:
     """The RS256/HS256 confusion attack: HMAC keyed with the public key's PEM."""
     secret = PRIVATE_KEY.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": KID}).encode())
-    body = _b64(json.dumps(payload).encode())
-    signature = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
-    return f"{header}.{body}.{_b64(signature)}"
+    return hs256({"typ": "JWT", "kid": KID}, payload, secret)
 
 
 def unsigned(payload: dict[str, Any]) -> str:
-    header = _b64(json.dumps({"alg": "none", "typ": "JWT", "kid": KID}).encode())
-    return f"{header}.{_b64(json.dumps(payload).encode())}."
+    return unsigned_jwt({"alg": "none", "typ": "JWT", "kid": KID}, payload) + "."
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +96,6 @@ def event_count(database_url: str, user_id: uuid.UUID) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM_JSON
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert {"type", "title", "detail", "request_id"} <= body.keys()
-    return body
 
 
 # --- GET /users/me --------------------------------------------------------------------------
@@ -174,9 +154,6 @@ def test_a_token_without_email_creates_a_profile_without_email(
 
 
 def _bad_tokens() -> dict[str, Callable[[uuid.UUID], dict[str, str]]]:
-    def bearer(token: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token}"}
-
     return {
         "missing": lambda u: {},
         "empty bearer": lambda u: {"Authorization": "Bearer "},

@@ -6,7 +6,6 @@ HTTP exactly as a client (or the gateway) would, and can still read their state 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,20 +19,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from auth_svc.main import create_app as create_auth_app
-from auth_svc.main import init_db as init_auth_db
 from auth_svc.settings import AuthSettings
-from testbed.auth import cheap_auth_settings
+from testbed.auth import auth_database
+from testbed.ports import free_port
 from user_svc.main import create_app as create_user_app
 from user_svc.main import init_db as init_user_db
 from user_svc.settings import UserSettings
 
 LOCKOUT_THRESHOLD = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -73,11 +66,10 @@ def running_services(
     make_database: Callable[[str], str], **auth_overrides: Any
 ) -> Iterator[Services]:
     """Both REST services on fresh databases; user_svc verifies tokens with auth_svc's JWKS."""
-    auth_settings = cheap_auth_settings(
+    auth_settings = auth_database(
         make_database("sec_auth"),
         **{"lockout_threshold": LOCKOUT_THRESHOLD, "keys_refresh_seconds": 0.2, **auth_overrides},
     )
-    init_auth_db(auth_settings)
     auth_app = create_auth_app(auth_settings)
     with served(auth_app) as auth_url:
         user_settings = UserSettings(

@@ -283,30 +283,29 @@ def rendered(overlay: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-@pytest.mark.parametrize("overlay", ["dev", "prod"])
-def test_both_overlays_render_and_pass_strict_validation(overlay: str, tmp_path: Path) -> None:
-    manifest = tmp_path / f"{overlay}.yaml"
-    manifest.write_text(yaml.safe_dump_all(rendered(overlay)))
-    result = subprocess.run(
+def strict_validation(manifest: Path) -> subprocess.CompletedProcess[str]:
+    """`kubernetes-validate --strict` of a manifest file."""
+    return subprocess.run(
         [str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(manifest)],
         check=False,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_both_overlays_render_and_pass_strict_validation(overlay: str, tmp_path: Path) -> None:
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(yaml.safe_dump_all(rendered(overlay)))
+    result = strict_validation(manifest)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_credentials_render_of_esctl_validates_for_kubernetes(tmp_path: Path) -> None:
     manifest = tmp_path / "credentials.yaml"
     manifest.write_text(yaml.safe_dump_all(k8s_credentials({"kid-1": "-----BEGIN..."})))
-    result = subprocess.run(
-        [str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(manifest)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = strict_validation(manifest)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

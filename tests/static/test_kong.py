@@ -152,24 +152,22 @@ def kong_rejections(kong: dict[str, Any]) -> list[str]:
     return problems
 
 
-def test_deck_validates_kong_yml_before_and_after_rendering(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["deck", "validate", "-s", str(KONG_YML)],
+def deck_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["deck", "validate", "-s", str(path)],
         check=False,
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_deck_validates_kong_yml_before_and_after_rendering(tmp_path: Path) -> None:
+    result = deck_validate(KONG_YML)
     assert result.returncode == 0, result.stderr
     rendered = tmp_path / "kong.yml"
     rendered.write_text(dump_kong(with_credentials(load_kong(KONG_YML), {"k1": public_key_pem()})))
-    result = subprocess.run(
-        ["deck", "validate", "-s", str(rendered)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = deck_validate(rendered)
     assert result.returncode == 0, result.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text(rendered.read_text().replace("strip_path: false", "strip_path: nope", 1))

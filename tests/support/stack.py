@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import httpx
 
 import registry
 from servicekit.process import stop_process
+from testbed.cli import ESCTL
 from testbed.ports import free_port
 from testbed.stack import database_name
 
@@ -97,9 +97,7 @@ def esctl_up(
     env["USER_JWKS_URL"] = f"http://127.0.0.1:{env['AUTH_PORT']}/auth/.well-known/jwks.json"
     out_path, log_path = work / "stack.log", work / "stderr.log"
     with out_path.open("wb") as out, log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "esctl.main", "up", *up_args], env=env, stdout=out, stderr=log
-        )
+        proc = subprocess.Popen([*ESCTL, "up", *up_args], env=env, stdout=out, stderr=log)
         try:
             deadline = time.monotonic() + 90
             while "eskit is running" not in out_path.read_text(errors="replace"):

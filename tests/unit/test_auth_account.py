@@ -52,6 +52,25 @@ def log_in(account: Account, now: datetime = T0, family: uuid.UUID | None = None
     return family
 
 
+def rotate(
+    account: Account,
+    family: uuid.UUID,
+    new_hash: str,
+    *,
+    presented_hash: str | None = None,
+    expires_at: datetime = T0 + DAY,
+    now: datetime = T0,
+) -> None:
+    """Rotate `family`'s refresh token, presenting the one `log_in` issued unless told."""
+    account.rotate_refresh_token(
+        family_id=family,
+        presented_hash=presented_hash or f"h-{family}",
+        new_hash=new_hash,
+        new_expires_at=expires_at,
+        now=now,
+    )
+
+
 def event_names(account: Account) -> list[str]:
     return [type(e).__name__ for e in account.collect_events()]
 
@@ -147,13 +166,7 @@ def test_a_successful_login_resets_the_failure_count() -> None:
 def test_refresh_rotation_spends_the_presented_token() -> None:
     account = new_account()
     family = log_in(account)
-    account.rotate_refresh_token(
-        family_id=family,
-        presented_hash=f"h-{family}",
-        new_hash="h-2",
-        new_expires_at=T0 + 2 * DAY,
-        now=T0,
-    )
+    rotate(account, family, "h-2", expires_at=T0 + 2 * DAY)
     state = account.refresh_families[str(family)]
     assert state["current"] == "h-2"
     assert state["spent"] == [f"h-{family}"]
@@ -163,31 +176,17 @@ def test_presenting_a_spent_refresh_token_revokes_its_family() -> None:
     account = new_account()
     family = log_in(account)
     other = log_in(account)
-    account.rotate_refresh_token(
-        family_id=family,
-        presented_hash=f"h-{family}",
-        new_hash="h-2",
-        new_expires_at=T0 + DAY,
-        now=T0,
-    )
+    rotate(account, family, "h-2")
     account.collect_events()
     with pytest.raises(RefreshTokenReused):
-        account.rotate_refresh_token(
-            family_id=family,
-            presented_hash=f"h-{family}",
-            new_hash="h-3",
-            new_expires_at=T0 + DAY,
-            now=T0,
-        )
+        rotate(account, family, "h-3")
     events = account.collect_events()
     assert [type(e).__name__ for e in events] == ["RefreshFamilyRevoked"]
     assert events[0].reason == "reuse"  # type: ignore[attr-defined]
     assert not account.has_refresh_family(family)
     assert account.has_refresh_family(other), "other sessions are untouched"
     with pytest.raises(InvalidRefreshToken):  # even the thief's fresh token is dead now
-        account.rotate_refresh_token(
-            family_id=family, presented_hash="h-2", new_hash="h-4", new_expires_at=T0, now=T0
-        )
+        rotate(account, family, "h-4", presented_hash="h-2", expires_at=T0)
 
 
 def test_an_unknown_refresh_token_is_refused_without_revoking_anything() -> None:
@@ -195,9 +194,7 @@ def test_an_unknown_refresh_token_is_refused_without_revoking_anything() -> None
     family = log_in(account)
     account.collect_events()
     with pytest.raises(InvalidRefreshToken) as refused:
-        account.rotate_refresh_token(
-            family_id=family, presented_hash="guess", new_hash="x", new_expires_at=T0, now=T0
-        )
+        rotate(account, family, "x", presented_hash="guess", expires_at=T0)
     assert not isinstance(refused.value, RefreshTokenReused)
     assert account.collect_events() == []
     assert account.has_refresh_family(family)
@@ -207,13 +204,7 @@ def test_an_expired_refresh_token_is_refused() -> None:
     account = new_account()
     family = log_in(account)
     with pytest.raises(InvalidRefreshToken):
-        account.rotate_refresh_token(
-            family_id=family,
-            presented_hash=f"h-{family}",
-            new_hash="x",
-            new_expires_at=T0 + 3 * DAY,
-            now=T0 + DAY,
-        )
+        rotate(account, family, "x", expires_at=T0 + 3 * DAY, now=T0 + DAY)
 
 
 def test_expired_families_are_forgotten_at_the_next_login() -> None:
