@@ -26,7 +26,7 @@ from pydantic import (
 
 from auth_svc.application import AuthService, TokenPair
 from auth_svc.domain import (
-    AccountLocked,
+    AccountIsLocked,
     AuthError,
     ConcurrentUpdate,
     EmailAlreadyRegistered,
@@ -164,7 +164,7 @@ def counted_login(auth: AuthService, email: str, password: str) -> TokenPair:
     """Log in, counting the attempt as succeeded, failed (401) or locked (423)."""
     try:
         pair = auth.login(email, password)
-    except AccountLocked:
+    except AccountIsLocked:
         _LOGIN_OUTCOMES["locked"].inc()
         raise
     except InvalidCredentials:
@@ -225,7 +225,7 @@ _STATUS: dict[type[AuthError], int] = {
     InvalidCredentials: 401,
     WrongPassword: 401,
     InvalidRefreshToken: 401,
-    AccountLocked: 423,
+    AccountIsLocked: 423,
     ConcurrentUpdate: 409,
 }
 _TITLES = {401: "Unauthorized", 409: "Conflict", 423: "Locked"}
@@ -234,7 +234,7 @@ _TITLES = {401: "Unauthorized", 409: "Conflict", 423: "Locked"}
 def problem_for(exc: AuthError) -> JSONResponse:
     status_code = next((s for t, s in _STATUS.items() if isinstance(exc, t)), 400)
     headers: dict[str, str] = {}
-    if isinstance(exc, AccountLocked):
+    if isinstance(exc, AccountIsLocked):
         headers["Retry-After"] = str(exc.retry_after_seconds)
     return problem_response(
         status_code, _TITLES.get(status_code, "Bad request"), str(exc), headers=headers

@@ -57,7 +57,7 @@ class WrongPassword(AuthError):
         super().__init__("The current password is wrong.")
 
 
-class AccountLocked(AuthError):
+class AccountIsLocked(AuthError):
     def __init__(self, until: datetime, now: datetime) -> None:
         super().__init__("Too many failed logins: the account is locked for a while.")
         self.until = until
@@ -212,7 +212,7 @@ class Account(TracedAggregate):
     def ensure_can_log_in(self, now: datetime) -> None:
         """While locked, a login is refused before the password is even looked at."""
         if self.locked_until is not None and now < self.locked_until:
-            raise AccountLocked(self.locked_until, now)
+            raise AccountIsLocked(self.locked_until, now)
 
     def record_failed_login(self, *, now: datetime, threshold: int, lockout_seconds: int) -> None:
         self.ensure_can_log_in(now)

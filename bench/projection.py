@@ -36,7 +36,7 @@ from bench.harness import (
     uvicorn_argv,
 )
 from reporting_svc.main import init_db
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import declare_consumer_queues
 from servicekit.consumer import Consumer, ProjectionHandler
@@ -113,13 +113,13 @@ async def projection_catch_up(amqp_url: str, bodies: Sequence[tuple[str, str, by
         async with connection:
             channel = await connection.channel()
             service = f"bench_{uuid.uuid4().hex[:6]}"
-            queue = await declare_consumer_queues(channel, service, Reporting.bindings)
+            queue = await declare_consumer_queues(channel, service, ReportingProjection.bindings)
             await publish(amqp_url, list(bodies))
-            store = ProjectionStore(Reporting(), db)
+            store = ProjectionStore(ReportingProjection(), db)
             consumer = Consumer(
                 service=service,
                 amqp_url=amqp_url,
-                bindings=Reporting.bindings,
+                bindings=ReportingProjection.bindings,
                 handler=ProjectionHandler(store),
                 prefetch=PREFETCH,
                 batch_size=PREFETCH,
@@ -159,7 +159,7 @@ async def replay_rate(amqp_url: str, count: int) -> float:
                 stop.set()
 
         rebuild = Replay(
-            Reporting(),
+            ReportingProjection(),
             database_url=db,
             amqp_url=amqp_url,
             batch_size=PREFETCH,
@@ -218,12 +218,12 @@ async def end_to_end(amqp_url: str, seconds: int = 10) -> Stages:
             "LOG_LEVEL": "WARNING",
         }
         committed: dict[str, float] = {}
-        store = ProjectionStore(Reporting(), rep_db)
+        store = ProjectionStore(ReportingProjection(), rep_db)
         timed = Timed(store, committed)
         consumer = Consumer(
             service="reporting_svc",
             amqp_url=amqp_url,
-            bindings=Reporting.bindings,
+            bindings=ReportingProjection.bindings,
             handler=timed,
             prefetch=PREFETCH,
         )

@@ -31,7 +31,7 @@ import httpx
 
 from bench.harness import median, process, report, temp_database, temp_vhost
 from reporting_svc.main import init_db
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit.amqp import declare_producer_exchange
 from servicekit.replay import Progress, Replay, ReplayError, ReplayResult
@@ -77,7 +77,9 @@ async def replay(db: str, amqp_url: str) -> tuple[ReplayResult | None, Progress 
     """`esctl replay reporting_svc` with its defaults: (result, progress, "") if it finished,
     else (None, progress so far, why)."""
     seen: list[Progress] = []
-    rebuild = Replay(Reporting(), database_url=db, amqp_url=amqp_url, on_progress=seen.append)
+    rebuild = Replay(
+        ReportingProjection(), database_url=db, amqp_url=amqp_url, on_progress=seen.append
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(rebuild.run(stop))
     done, _ = await asyncio.wait({task}, timeout=TIMEOUT)

@@ -12,7 +12,7 @@ from integration_svc import deliveries, endpoints
 from integration_svc.dispatcher import WebhookDispatcher
 from integration_svc.egress import EgressPolicy
 from integration_svc.endpoints import Endpoint, EndpointError
-from integration_svc.projection import Webhooks
+from integration_svc.projection import WebhookProjection
 from integration_svc.settings import IntegrationSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.process import ProjectionWorker
@@ -23,9 +23,9 @@ from servicekit.supervise import sleep_unless_stopped
 log = logging.getLogger("integration_svc")
 
 
-def projection(settings: IntegrationSettings | None = None) -> Webhooks:
+def projection(settings: IntegrationSettings | None = None) -> WebhookProjection:
     """The projection `esctl replay integration_svc` rebuilds (positions only; it sends nothing)."""
-    return Webhooks()
+    return WebhookProjection()
 
 
 def policy(settings: IntegrationSettings) -> EgressPolicy:
@@ -93,7 +93,7 @@ def worker(settings: IntegrationSettings) -> IntegrationWorker:
 
 
 SERVICE = Service(
-    name=Webhooks.name,
+    name=WebhookProjection.name,
     settings=IntegrationSettings,
     init_db=init_db,
     consumer=worker,

@@ -36,7 +36,7 @@ def body(envelope: Envelope) -> str:
     )
 
 
-class Webhooks(Projection):
+class WebhookProjection(Projection):
     name = "integration_svc"
     bindings = {AUTH_EVENTS: ["#"], USER_EVENTS: ["#"]}
     tables: dict[str, str] = {}

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 from notify_svc import intents
 from notify_svc.intents import NOTIFY_CHANNEL, Intent
 from notify_svc.mail import MailTransport, PermanentMailError, render, transport
-from notify_svc.projection import Notifications
+from notify_svc.projection import NotificationProjection
 from notify_svc.settings import NotifySettings
 from servicekit.dispatch import (
     CircuitBreaker,
@@ -81,7 +81,7 @@ class MailDispatcher(IntentDispatcher):
                         await intents.expire(conn, self.schedule.window)
                         claimed = await intents.claim(
                             conn,
-                            Notifications.name,
+                            NotificationProjection.name,
                             limit=room,
                             lease=self.settings.lease_seconds,
                         )

@@ -5,17 +5,17 @@ from __future__ import annotations
 from notify_svc.dispatcher import MailDispatcher
 from notify_svc.intents import DDL
 from notify_svc.mail import mail_domain
-from notify_svc.projection import Notifications
+from notify_svc.projection import NotificationProjection
 from notify_svc.settings import NotifySettings
 from servicekit.process import ProjectionWorker
 from servicekit.projection import init_projection_db
 from servicekit.service import Service
 
 
-def projection(settings: NotifySettings | None = None) -> Notifications:
+def projection(settings: NotifySettings | None = None) -> NotificationProjection:
     """The projection `esctl replay notify_svc` rebuilds (recipients; it records no intents)."""
     settings = settings or NotifySettings()
-    return Notifications(mail_domain=mail_domain(settings.mail_from))
+    return NotificationProjection(mail_domain=mail_domain(settings.mail_from))
 
 
 def init_db(settings: NotifySettings | None = None) -> None:
@@ -34,7 +34,7 @@ class NotifyWorker(ProjectionWorker):
 
 
 SERVICE = Service(
-    name=Notifications.name,
+    name=NotificationProjection.name,
     settings=NotifySettings,
     init_db=init_db,
     consumer=NotifyWorker,

@@ -30,7 +30,7 @@ PASSWORD_CHANGED = "password_changed"  # noqa: S105 - an effect name
 LOCKED = "locked"
 
 
-class Notifications(Projection):
+class NotificationProjection(Projection):
     name = "notify_svc"
     bindings = {
         AUTH_EVENTS: [

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit.process import ProjectionWorker
 from servicekit.projection import init_projection_db
 from servicekit.service import Service
 
 
-def projection(settings: ReportingSettings | None = None) -> Reporting:
+def projection(settings: ReportingSettings | None = None) -> ReportingProjection:
     """The projection `esctl replay reporting_svc` rebuilds."""
-    return Reporting()
+    return ReportingProjection()
 
 
 def init_db(settings: ReportingSettings | None = None) -> None:
@@ -26,7 +26,7 @@ def worker(settings: ReportingSettings) -> ProjectionWorker:
 
 
 SERVICE = Service(
-    name=Reporting.name,
+    name=ReportingProjection.name,
     settings=ReportingSettings,
     init_db=init_db,
     consumer=worker,

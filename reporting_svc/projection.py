@@ -36,7 +36,7 @@ from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 # The optional profile fields whose completeness is reported.
 
 
-class Reporting(Projection):
+class ReportingProjection(Projection):
     name = "reporting_svc"
     bindings = {
         AUTH_EVENTS: [

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from servicekit.eventstore import connection_kwargs
 from servicekit.projection import LIVE_GENERATION, SHARED_LOCK, lock_key
 from shared_contracts.events import PROFILE_FIELDS
@@ -90,12 +90,12 @@ def read_report(
     if spec is None:
         raise UnknownReport(f"unknown report {name!r}; expected one of: {', '.join(REPORTS)}")
     with connect(**connection_kwargs(database_url), autocommit=False) as conn:
-        conn.execute(SHARED_LOCK, (lock_key(Reporting.name),))  # see SHARED_LOCK
-        row = conn.execute(LIVE_GENERATION, (Reporting.name,)).fetchone()
+        conn.execute(SHARED_LOCK, (lock_key(ReportingProjection.name),))  # see SHARED_LOCK
+        row = conn.execute(LIVE_GENERATION, (ReportingProjection.name,)).fetchone()
         if row is None:
             raise LookupError("reporting_svc's database is not initialised (run `esctl db init`)")
         schema = str(row[0])
-        tables = {t: sql.Identifier(schema, t) for t in Reporting.tables}
+        tables = {t: sql.Identifier(schema, t) for t in ReportingProjection.tables}
         query = sql.SQL(spec.query).format(days=sql.SQL(DAYS), **tables)
         rows = conn.execute(query, {"since": since, "until": until}).fetchall()
     return Report(name, spec.columns, [tuple(r) for r in rows])

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.reports import REPORTS, read_report
 from reporting_svc.settings import ReportingSettings
 from servicekit.consumer import Consumer
@@ -22,7 +22,7 @@ from testbed.history import History, publish
 
 
 async def positions(settings: ReportingSettings) -> dict[str, int]:
-    async with ProjectionStore(Reporting(), settings.database_url) as store:
+    async with ProjectionStore(ReportingProjection(), settings.database_url) as store:
         try:
             return {p: v.position for p, v in (await store.positions()).items()}
         except LookupError:
@@ -56,7 +56,7 @@ async def consuming(
     settings: ReportingSettings, prefetch: int = 1000, projection: Projection | None = None
 ) -> AsyncIterator[Consumer]:
     worker = ProjectionWorker(
-        projection or Reporting(),
+        projection or ReportingProjection(),
         settings.model_copy(update={"consumer_prefetch": prefetch, "consumer_delivery_limit": 3}),
     )
     consumer = worker.consumer

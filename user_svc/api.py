@@ -20,6 +20,7 @@ from servicekit.problems import Problem, problem_responses
 from servicekit.tokens import CurrentUser
 from shared_contracts.events import PROFILE_FIELDS
 from user_svc.application import ProfileService, StaleProfileVersion
+from user_svc.cache import CachedProfile, ProfileCache
 from user_svc.domain import (
     AVATAR_URL_MAX,
     BIO_MAX,
@@ -27,7 +28,6 @@ from user_svc.domain import (
     InvalidProfileField,
     valid_value,
 )
-from user_svc.read_model import CachedProfile, ProfileCache
 from user_svc.views import ProfileView
 
 JSON = "application/json"

@@ -26,8 +26,8 @@ from shared_contracts.events import AccountRegistered
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 from user_svc.api import Profiles, render_profile, router
 from user_svc.application import ProfileService
+from user_svc.cache import CacheFollower, ProfileCache
 from user_svc.contracts import to_contract
-from user_svc.read_model import CacheFollower, ProfileCache
 from user_svc.settings import UserSettings
 
 # The cache's subscription pins one pooled connection to LISTEN and uses another to read

@@ -18,7 +18,7 @@ from aiosmtpd.controller import Controller
 
 from notify_svc.intents import message_id
 from notify_svc.main import NotifyWorker, init_db, projection
-from notify_svc.projection import Notifications
+from notify_svc.projection import NotificationProjection
 from notify_svc.settings import NotifySettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.replay import ReplayResult
@@ -90,7 +90,7 @@ def intents(settings: NotifySettings) -> list[tuple[Any, ...]]:
 
 def recipients(settings: NotifySettings) -> list[tuple[Any, ...]]:
     with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
-        live = live_generation(conn, Notifications.name)
+        live = live_generation(conn, NotificationProjection.name)
         assert live is not None
         return conn.execute(
             psycopg.sql.SQL("SELECT user_id, email, display_name, locale FROM {}").format(

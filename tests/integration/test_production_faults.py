@@ -21,9 +21,9 @@ import pytest
 
 from notify_svc.intents import claim
 from notify_svc.main import init_db as init_notify
-from notify_svc.projection import Notifications
+from notify_svc.projection import NotificationProjection
 from notify_svc.settings import NotifySettings
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit import amqp
 from servicekit.amqp import declare_producer_exchange
@@ -107,7 +107,7 @@ async def test_connection_losses_past_the_delivery_limit_during_a_backlog_dead_l
     async with consuming(settings, prefetch=200):  # declares the queue, then steps aside
         pass
     await publish(settings.amqp_url, history.bodies())
-    queue = live_queue(Reporting.name)
+    queue = live_queue(ReportingProjection.name)
     highest = 0
     for _ in range(2 * DELIVERY_LIMIT + 1):
         highest = await take_without_acking(settings.amqp_url, queue, len(history.envelopes))
@@ -118,7 +118,7 @@ async def test_connection_losses_past_the_delivery_limit_during_a_backlog_dead_l
             close_all_connections(settings.amqp_url)
             await asyncio.sleep(0.3)
         await wait_caught_up(settings, history)
-    assert await queue_depth(settings.amqp_url, dead_letter_queue(Reporting.name)) == 0
+    assert await queue_depth(settings.amqp_url, dead_letter_queue(ReportingProjection.name)) == 0
     await assert_reports_match(settings, history)
 
 
@@ -155,8 +155,8 @@ async def test_an_old_profile_update_retried_after_newer_ones_keeps_the_newer_st
     notify = NotifySettings(database_url=make_database("notify_versions"))
     await asyncio.to_thread(init_notify, notify)
     for projection, url in (
-        (Reporting(), settings.database_url),
-        (Notifications(), notify.database_url),
+        (ReportingProjection(), settings.database_url),
+        (NotificationProjection(), notify.database_url),
     ):
         async with ProjectionStore(projection, url) as store:
             await store.setup()
@@ -186,7 +186,7 @@ async def test_an_applied_event_is_never_parked_and_a_parked_one_is_applied_once
     settings: ReportingSettings,
 ) -> None:
     items = applied_items(generate(30, seed=5).envelopes)
-    async with ProjectionStore(Reporting(), settings.database_url) as store:
+    async with ProjectionStore(ReportingProjection(), settings.database_url) as store:
         await store.setup()
         assert await store.apply_batch(items[:10]) == ["applied"] * 10
         # A redelivery of an applied event near any delivery limit: nothing to park.
@@ -204,7 +204,7 @@ async def test_crashed_handlings_are_counted_only_for_undecided_events(
 ) -> None:
     items = applied_items(generate(12, seed=6).envelopes)
     envelopes = [i.envelope for i in items]
-    async with ProjectionStore(Reporting(), settings.database_url) as store:
+    async with ProjectionStore(ReportingProjection(), settings.database_url) as store:
         await store.setup()
         await store.apply_batch(items[:6])
         counted = await store.attempts(envelopes, count=True)
@@ -270,7 +270,7 @@ async def test_replay_swaps_within_seconds_of_the_live_edge_while_writes_never_s
                     edge.append(loop.time())
 
             result = await rebuild(
-                Reporting(),
+                ReportingProjection(),
                 settings,
                 timeout=60,
                 idle_seconds=0.5,
@@ -287,7 +287,7 @@ async def test_replay_swaps_within_seconds_of_the_live_edge_while_writes_never_s
     await assert_reports_match(settings, caught)
 
 
-class Refusing(Notifications):
+class Refusing(NotificationProjection):
     """notify_svc's projection, unable to apply one chosen event while `broken`."""
 
     def __init__(self, poison: uuid.UUID) -> None:
@@ -331,11 +331,11 @@ async def test_a_replay_applies_an_event_parked_in_the_live_generation_as_new(
             lambda: len(welcome_intents(notify)) == 4, what="the healthy registrations' intents"
         )
         await eventually(
-            lambda: queue_depth(notify.amqp_url, dead_letter_queue(Notifications.name)),
+            lambda: queue_depth(notify.amqp_url, dead_letter_queue(NotificationProjection.name)),
             what="the poison in the DLQ",
         )
         projection.broken = False  # fixed; the replay rebuilds from events.history
-        result = await rebuild(Notifications(), notify, idle_seconds=0.3, stall_seconds=5)
+        result = await rebuild(NotificationProjection(), notify, idle_seconds=0.3, stall_seconds=5)
         assert result.swapped
         assert [r[0] for r in welcome_intents(notify)] == sorted(
             uuid.UUID(json.loads(b[2])["event_id"]) for b in bodies
@@ -344,16 +344,18 @@ async def test_a_replay_applies_an_event_parked_in_the_live_generation_as_new(
         connection = await amqp.connect(notify.amqp_url)
         async with connection:
             channel = await connection.channel()
-            dlq = await channel.declare_queue(dead_letter_queue(Notifications.name), passive=True)
+            dlq = await channel.declare_queue(
+                dead_letter_queue(NotificationProjection.name), passive=True
+            )
             letter = await dlq.get(timeout=5)
             assert letter is not None
             await channel.default_exchange.publish(
-                aio_pika.Message(letter.body), routing_key=live_queue(Notifications.name)
+                aio_pika.Message(letter.body), routing_key=live_queue(NotificationProjection.name)
             )
             await letter.ack()
         await asyncio.sleep(1)
     assert len(welcome_intents(notify)) == len(users)  # each exactly once
-    async with ProjectionStore(Notifications(), notify.database_url) as store:
+    async with ProjectionStore(NotificationProjection(), notify.database_url) as store:
         assert await store.parked_count() == 0
 
 
@@ -386,13 +388,15 @@ async def test_a_swap_never_drops_the_recipients_under_the_mail_dispatchers_clai
             **connection_kwargs(notify.database_url), autocommit=True
         ) as conn:
             while not stop.is_set():
-                await claim(conn, Notifications.name, limit=10, lease=0.001)
+                await claim(conn, NotificationProjection.name, limit=10, lease=0.001)
                 claims += 1
 
     claimer = asyncio.create_task(claim_forever())
     try:
         for _ in range(4):
-            swap = await rebuild(Notifications(), notify, idle_seconds=0.2, stall_seconds=5)
+            swap = await rebuild(
+                NotificationProjection(), notify, idle_seconds=0.2, stall_seconds=5
+            )
             assert swap.swapped
             assert not claimer.done(), claimer.exception()
     finally:

@@ -55,8 +55,8 @@ from hypothesis.stateful import (
 from psycopg import sql
 
 from notify_svc.intents import DDL as INTENTS_DDL
-from notify_svc.projection import LOCKED, PASSWORD_CHANGED, WELCOME, Notifications
-from reporting_svc.projection import Reporting
+from notify_svc.projection import LOCKED, PASSWORD_CHANGED, WELCOME, NotificationProjection
+from reporting_svc.projection import ReportingProjection
 from servicekit.consumer import Consumer, ProjectionHandler
 from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent
@@ -70,7 +70,7 @@ from tests.support.fake_broker import FakeIncomingMessage, FakeQueue, Stored, St
 
 UNUSED_AMQP = "amqp://guest:guest@127.0.0.1:9/never-connected"
 DELIVERY_LIMIT = 2
-REPORTING, NOTIFY = Reporting.name, Notifications.name
+REPORTING, NOTIFY = ReportingProjection.name, NotificationProjection.name
 SERVICES = (REPORTING, NOTIFY)
 EFFECTS = {
     "auth.account.registered": WELCOME,
@@ -108,7 +108,7 @@ class Faults:
         self.killing.clear()
 
 
-class FaultyReporting(Reporting):
+class FaultyReporting(ReportingProjection):
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
 
@@ -117,7 +117,7 @@ class FaultyReporting(Reporting):
         await super().apply(tx, events)
 
 
-class FaultyNotifications(Notifications):
+class FaultyNotifications(NotificationProjection):
     def __init__(self, faults: Faults) -> None:
         super().__init__()
         self.faults = faults

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent
@@ -47,7 +47,7 @@ def replay(
             stop.set()
 
     rebuild = Replay(
-        Reporting(),
+        ReportingProjection(),
         database_url=settings.database_url,
         amqp_url=settings.amqp_url,
         batch_size=200,
@@ -61,7 +61,7 @@ def replay(
 
 def live_generation(settings: ReportingSettings) -> str:
     with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
-        live = projections.live_generation(conn, Reporting.name)
+        live = projections.live_generation(conn, ReportingProjection.name)
     assert live is not None
     return live
 
@@ -124,8 +124,8 @@ async def test_dry_run_reports_differences_without_swapping(settings: ReportingS
     assert live_generation(settings) == live
 
 
-class Breakable(Reporting):
-    """Reporting that cannot apply one chosen event until it is fixed."""
+class Breakable(ReportingProjection):
+    """ReportingProjection that cannot apply one chosen event until it is fixed."""
 
     def __init__(self, poison: str) -> None:
         self.poison = poison

@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent, validated
@@ -153,7 +153,7 @@ async def test_an_event_parked_before_its_last_delivery_is_applied_once(
         for env in (Envelope.model_validate(e) for e in history.envelopes)
         if (event := validated(env)) is not None
     ]
-    async with ProjectionStore(Reporting(), settings.database_url) as store:
+    async with ProjectionStore(ReportingProjection(), settings.database_url) as store:
         await store.setup()
         await store.park(items[0].envelope, "delivery limit reached")
         assert await store.apply_batch(items) == ["applied"] * len(items)

@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import eventsourcing_env
 from servicekit.relay import Relay, create_relay_table, republish
@@ -94,7 +94,7 @@ async def test_replay_detects_retention_and_succeeds_after_republish(
 
         def rebuild() -> Replay:
             return Replay(
-                Reporting(),
+                ReportingProjection(),
                 database_url=settings.database_url,
                 amqp_url=amqp_url,
                 dry_run=True,

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import registry
 from esctl.trace import SpanReceiver, SpanRecord, render
-from reporting_svc.projection import Reporting
+from reporting_svc.projection import ReportingProjection
 from servicekit import telemetry
 from servicekit.replay import Replay
 from tests.support.amqp import subscribed
@@ -204,7 +204,7 @@ def test_a_replayed_projection_span_links_to_the_original_trace(
     exporter = InMemorySpanExporter()
     with telemetry.exporting_to(exporter):
         replay = Replay(
-            Reporting(),
+            ReportingProjection(),
             database_url=stack.env["REPORTING_DATABASE_URL"],
             amqp_url=stack.env["AMQP_URL"],
             dry_run=True,

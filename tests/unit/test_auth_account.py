@@ -12,16 +12,14 @@ from auth_svc.contracts import to_contract
 from auth_svc.domain import (
     MAX_REFRESH_FAMILIES,
     Account,
-    AccountLocked,
+    AccountIsLocked,
     EmailRegistration,
     InvalidRefreshToken,
     RefreshTokenReused,
     registration_id,
 )
 from shared_contracts.events import (
-    AccountLocked as AccountLockedContract,
-)
-from shared_contracts.events import (
+    AccountLocked,
     AccountRegistered,
     LoginFailed,
     LoginSucceeded,
@@ -119,7 +117,7 @@ def test_the_threshold_th_failure_locks_the_account_for_the_lockout_period() -> 
         fail(account, T0)
     assert event_names(account) == ["LoginFailed"] * THRESHOLD + ["Locked"]
     assert account.locked_until == T0 + timedelta(seconds=LOCK_SECONDS)
-    with pytest.raises(AccountLocked) as refused:
+    with pytest.raises(AccountIsLocked) as refused:
         account.ensure_can_log_in(T0 + timedelta(seconds=100))
     assert refused.value.retry_after_seconds == LOCK_SECONDS - 100
 
@@ -128,7 +126,7 @@ def test_a_locked_account_refuses_even_the_right_password() -> None:
     account = new_account()
     for _ in range(THRESHOLD):
         fail(account, T0)
-    with pytest.raises(AccountLocked):
+    with pytest.raises(AccountIsLocked):
         log_in(account, now=T0 + timedelta(seconds=1))
 
 
@@ -137,7 +135,7 @@ def test_a_locked_account_records_no_further_failures() -> None:
     for _ in range(THRESHOLD):
         fail(account, T0)
     account.collect_events()
-    with pytest.raises(AccountLocked):
+    with pytest.raises(AccountIsLocked):
         fail(account, T0 + timedelta(seconds=1))
     assert account.collect_events() == []
 
@@ -277,7 +275,7 @@ def test_public_contracts_carry_no_secret() -> None:
         AccountRegistered,
         LoginSucceeded,
         *[LoginFailed] * THRESHOLD,
-        AccountLockedContract,
+        AccountLocked,
         PasswordChanged,
     ]
     rendered = " ".join(c.model_dump_json() for c in contracts if c is not None)

@@ -27,7 +27,7 @@ from user_svc.application import ProfileService
 from user_svc.domain import Profile
 from user_svc.views import ProfileView
 
-log = logging.getLogger("user_svc.read_model")
+log = logging.getLogger("user_svc.cache")
 
 CACHE_LOOKUPS = Counter("user_profile_cache_lookups_total", "Profile cache lookups", ["result"])
 CACHE_HITS = CACHE_LOOKUPS.labels("hit")
