@@ -75,11 +75,6 @@ class RefreshTokenReused(InvalidRefreshToken):
     """A spent refresh token came back: its whole family was revoked."""
 
 
-class ConcurrentUpdate(AuthError):
-    def __init__(self) -> None:
-        super().__init__("The account is being changed concurrently; please retry.")
-
-
 # --- aggregates ---------------------------------------------------------------------------
 
 
@@ -129,8 +124,20 @@ class Account(TracedAggregate):
             aggregate.failed_logins = self.consecutive_failures
 
     class Locked(TracedAggregate.Event):
+        """v2 records the lockout it applied (`lockout_seconds`): the setting may change
+        between deploys, and the event keeps the one in force when the lock was set."""
+
+        class_version = 2
+
         locked_until: datetime
         failed_attempts: int
+        lockout_seconds: int
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            # v1 set `locked_until` to its own timestamp plus the lockout, so it is exact.
+            lockout = state["locked_until"] - state["timestamp"]
+            state["lockout_seconds"] = round(lockout.total_seconds())
 
         def apply(self, aggregate: Account) -> None:
             aggregate.locked_until = self.locked_until
@@ -224,6 +231,7 @@ class Account(TracedAggregate):
                 timestamp=now,
                 locked_until=now + timedelta(seconds=lockout_seconds),
                 failed_attempts=failures,
+                lockout_seconds=lockout_seconds,
             )
 
     def record_login(

@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from functools import cache
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import available_timezones
 
@@ -26,6 +27,9 @@ LOCALE_MAX = 64
 # Fields a user may change (and clear, with None). `email` belongs to auth_svc.
 # The public state carried whole by every event, so a consumer needs no history.
 STATE_FIELDS = ("email", *PROFILE_FIELDS)
+
+# Who changed a profile: its user, or the registration event filling it in.
+UpdateSource = Literal["user", "registration"]
 
 _BCP47_CHARS = re.compile(r"^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
@@ -144,10 +148,24 @@ class Profile(TracedAggregate):
                 setattr(aggregate, name, getattr(self, name))
 
     class Updated(TracedAggregate.Event):
-        """Some fields changed. `state` is the whole public state after the change."""
+        """Some fields changed. `state` is the whole public state after the change.
+
+        v2 records who changed them (`source`): the user, or a registration event filling
+        in a profile made before it arrived.
+        """
+
+        class_version = 2
 
         changes: dict[str, str | None]
         state: dict[str, str | None]
+        source: UpdateSource | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            # A user can never change the address, so a v1 change of it came from the
+            # registration; other v1 changes could come from either: not known (None).
+            changes: dict[str, Any] = state["changes"]
+            state["source"] = "registration" if "email" in changes else None
 
         def apply(self, aggregate: Profile) -> None:
             for name, value in self.changes.items():
@@ -189,7 +207,7 @@ class Profile(TracedAggregate):
         Returns the names of the fields that changed (none: no event).
         """
         normalised = {name: valid_value(name, value) for name, value in changes.items()}
-        return self._change(normalised)
+        return self._change(normalised, source="user")
 
     def fill_in_from_registration(self, email: str | None, display_name: str | None) -> list[str]:
         """Complete a profile created before its registration event arrived.
@@ -202,11 +220,11 @@ class Profile(TracedAggregate):
         name = _usable_display_name(display_name)
         if self.display_name is None and name is not None:
             changes["display_name"] = name
-        return self._change(changes)
+        return self._change(changes, source="registration")
 
-    def _change(self, changes: Mapping[str, str | None]) -> list[str]:
+    def _change(self, changes: Mapping[str, str | None], *, source: UpdateSource) -> list[str]:
         changed = {k: v for k, v in changes.items() if getattr(self, k) != v}
         if changed:
             state = self.state() | changed
-            self.trigger_event(self.Updated, changes=changed, state=state)
+            self.trigger_event(self.Updated, changes=changed, state=state, source=source)
         return sorted(changed)
