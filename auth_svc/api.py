@@ -28,7 +28,6 @@ from auth_svc.application import AuthService, TokenPair
 from auth_svc.domain import (
     AccountIsLocked,
     AuthError,
-    ConcurrentUpdate,
     EmailAlreadyRegistered,
     InvalidCredentials,
     InvalidRefreshToken,
@@ -226,7 +225,6 @@ _STATUS: dict[type[AuthError], int] = {
     WrongPassword: 401,
     InvalidRefreshToken: 401,
     AccountIsLocked: 423,
-    ConcurrentUpdate: 409,
 }
 _TITLES = {401: "Unauthorized", 409: "Conflict", 423: "Locked"}
 

@@ -1,8 +1,12 @@
 """The auth application: registration, login, refresh tokens, password changes.
 
 Synchronous (the eventsourcing library is): call it from plain `def` routes. Every command
-loads an Account, runs a domain method and saves; a concurrent write to the same Account
-(eventsourcing IntegrityError) reloads and runs the command again.
+loads an Account, runs a domain method and saves. Commands on one account take turns in this
+process (`servicekit.aggregates.Combiner`: those that queue meanwhile run in arrival order on
+one load, with one save); a concurrent write from another process (eventsourcing
+IntegrityError) reloads and runs the turn again after a jittered pause, and a 503 problem
+(`Contended`) ends a conflict that outlasts every retry. Password hashes are verified before
+the turn, so a turn never waits for argon2.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import base64
 import hashlib
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -22,7 +26,6 @@ from eventsourcing.persistence import IntegrityError
 from auth_svc.domain import (
     Account,
     AuthError,
-    ConcurrentUpdate,
     EmailAlreadyRegistered,
     EmailRegistration,
     InvalidCredentials,
@@ -33,16 +36,22 @@ from auth_svc.domain import (
 )
 from auth_svc.passwords import PasswordCheck, Passwords
 from auth_svc.settings import AuthSettings
+from servicekit.aggregates import Combiner, retry_conflicts
 from servicekit.eventstore import EventSourcedApplication
 
 T = TypeVar("T")
 
-COMMAND_ATTEMPTS = 5
 SNAPSHOT_EVERY = 50  # every login appends an event; replay at most this many
 
 
 class TokenSigner(Protocol):
     def sign(self, claims: dict[str, Any]) -> str: ...
+
+
+@dataclass(frozen=True)
+class _Command:
+    run: Callable[[Account], Any]
+    missing: type[AuthError]  # raised when the account does not exist
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,9 @@ class AuthService(EventSourcedApplication):
         self._signer = signer
         self._clock = clock or (lambda: datetime.now(UTC))
         self._passwords: Passwords | None = None
+        self._commands: Combiner[uuid.UUID, _Command, Any] = Combiner(
+            self._account_turn, app=self.name
+        )
 
     @property
     def passwords(self) -> Passwords:
@@ -145,6 +157,7 @@ class AuthService(EventSourcedApplication):
         family_id = uuid.uuid4()
         refresh_token = new_refresh_token(account_id, family_id)
         check = self._memoised_check(password)
+        self._verify_ahead(account_id, check)
         settings = self.settings
 
         def log_in(account: Account) -> str:
@@ -209,6 +222,7 @@ class AuthService(EventSourcedApplication):
     def change_password(self, user_id: uuid.UUID, current_password: str, new_password: str) -> None:
         """Requires the current password; revokes every refresh token of the account."""
         check = self._memoised_check(current_password)
+        self._verify_ahead(user_id, check)
         new_hash = self.passwords.hash(new_password)
 
         def change(account: Account) -> None:
@@ -242,31 +256,48 @@ class AuthService(EventSourcedApplication):
         *,
         missing: type[AuthError],
     ) -> T:
-        """Run `command` on the current Account and save; rerun on a concurrent write.
+        """Run `command` on the current Account in the account's turn, and save.
 
         A refused command may still have recorded facts (a failed login, a lock, a revoked
         family): those are saved before the refusal is raised.
         """
-        for _ in range(COMMAND_ATTEMPTS):
+        result: T = self._commands.submit(account_id, _Command(command, missing))
+        return result
+
+    def _account_turn(self, account_id: uuid.UUID, commands: Sequence[_Command]) -> list[Any]:
+        """One load, the queued commands in order (each sees the ones before), one save."""
+
+        def attempt() -> list[Any]:
             try:
                 account: Account = self.repository.get(account_id)
             except AggregateNotFoundError:
-                raise missing from None
-            try:
-                result = command(account)
-            except AuthError:
-                if account.pending_events:
-                    try:
-                        self.save(account)
-                    except IntegrityError:
-                        continue
-                raise
-            try:
+                return [c.missing() for c in commands]
+            results: list[Any] = []
+            for command in commands:
+                try:
+                    results.append(command.run(account))
+                except AuthError as refused:
+                    results.append(refused)
+            if account.pending_events:
                 self.save(account)
-            except IntegrityError:
-                continue
-            return result
-        raise ConcurrentUpdate
+            return results
+
+        return retry_conflicts(attempt, app=self.name, what="This account")
+
+    def _verify_ahead(self, account_id: uuid.UUID, check: Callable[[str], PasswordCheck]) -> None:
+        """Verify the password against the stored hash before the account's turn.
+
+        argon2 costs tens of milliseconds of CPU: done here, concurrent logins to one account
+        verify in parallel, and the turn finds the result memoised (it verifies again only if
+        the hash changed in between). A locked account is not verified: its login is refused
+        before the password is looked at.
+        """
+        try:
+            account: Account = self.repository.get(account_id)
+        except AggregateNotFoundError:
+            return
+        if not account.is_locked(self._clock()):
+            check(account.password_hash)
 
     def _memoised_check(self, password: str) -> Callable[[str], PasswordCheck]:
         """Verify once per stored hash, however often a command is retried."""

@@ -1,31 +1,36 @@
 """The profile service: commands and queries on profiles, and the registration handler.
 
 Sync, like the eventsourcing library: HTTP handlers call it in the threadpool, the RabbitMQ
-consumer in its worker thread. Concurrent writers are resolved by the event store's
-optimistic concurrency (IntegrityError on a stale version or an already-created id).
+consumer in its worker thread. Edits of one profile take turns in this process
+(`servicekit.aggregates.Combiner`): the edits that queue while a save is in flight are
+applied together, in arrival order, and saved at once. Writers in other processes are
+resolved by the event store's optimistic concurrency (IntegrityError on a stale version or
+an already-created id), retried with jittered backoff; a profile contended past every retry
+is a 503 (`Contended`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import Tracking
 
 from servicekit import context
+from servicekit.aggregates import Combiner, retry_conflicts
 from servicekit.eventstore import EventSourcedApplication
 from servicekit.messages import Outcome
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
-from user_svc.domain import Profile
+from user_svc.domain import InvalidProfileField, Profile
 from user_svc.views import ProfileView
 
 log = logging.getLogger("user_svc.application")
 
-# Each attempt loses only when another writer saved this very profile in between.
-MAX_ATTEMPTS = 20
+PROFILE = "this profile"
 
 
 class StaleProfileVersion(Exception):
@@ -36,22 +41,28 @@ class StaleProfileVersion(Exception):
         self.current = current
 
 
+@dataclass(frozen=True)
+class _Edit:
+    changes: Mapping[str, str | None]
+    expected: frozenset[int] | None
+    email: str | None
+
+
 class ProfileService(EventSourcedApplication):
     name = "users"
 
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env=env)
+        self._edits: Combiner[uuid.UUID, _Edit, ProfileView] = Combiner(
+            self._edit_turn, app=self.name
+        )
+
     def get_or_create(self, user_id: uuid.UUID, email: str | None) -> ProfileView:
         """The user's profile, created (empty but for the e-mail) on first use."""
-        for _ in range(MAX_ATTEMPTS):
-            profile = self._load(user_id)
-            if profile is not None:
-                return ProfileView.of(profile)
-            profile = Profile.create(user_id, email=email)
-            try:
-                self.save(profile)
-            except IntegrityError:
-                continue  # Created meanwhile by the registration event or another request.
+        profile = self._load(user_id)
+        if profile is not None:
             return ProfileView.of(profile)
-        raise _contention(user_id)
+        return self.update(user_id, {}, email=email)
 
     def update(
         self,
@@ -64,22 +75,38 @@ class ProfileService(EventSourcedApplication):
         """Apply changes; `expected_version` (from If-Match) makes it conditional.
 
         Raises InvalidProfileField on a bad value and StaleProfileVersion when the profile
-        is not at an expected version. Without a precondition a concurrent write that wins
-        is not an error: the changes are applied again on top of it.
+        is not at an expected version (an edit queued just before it counts: If-Match is
+        checked in arrival order). Without a precondition a concurrent write that wins is
+        not an error: the changes are applied on top of it.
         """
-        expected = _versions(expected_version)
-        for _ in range(MAX_ATTEMPTS):
-            profile = self._load(user_id) or Profile.create(user_id, email=email)
-            if expected is not None and profile.version not in expected:
-                raise StaleProfileVersion(ProfileView.of(profile))
-            profile.update(changes)
-            if profile.pending_events:
-                try:
-                    self.save(profile)
-                except IntegrityError:
+        return self._edits.submit(user_id, _Edit(changes, _versions(expected_version), email))
+
+    def _edit_turn(
+        self, user_id: uuid.UUID, edits: Sequence[_Edit]
+    ) -> list[ProfileView | Exception]:
+        """One load, every queued edit in order, one save (again if another process won)."""
+
+        def attempt() -> list[ProfileView | Exception]:
+            profile = self._load(user_id)
+            if profile is None:
+                email = next((e.email for e in edits if e.email is not None), None)
+                profile = Profile.create(user_id, email=email)
+            results: list[ProfileView | Exception] = []
+            for edit in edits:
+                if edit.expected is not None and profile.version not in edit.expected:
+                    results.append(StaleProfileVersion(ProfileView.of(profile)))
                     continue
-            return ProfileView.of(profile)
-        raise _contention(user_id)
+                try:
+                    profile.update(edit.changes)
+                except InvalidProfileField as invalid:
+                    results.append(invalid)
+                    continue
+                results.append(ProfileView.of(profile))
+            if profile.pending_events:
+                self.save(profile)
+            return results
+
+        return retry_conflicts(attempt, app=self.name, what=PROFILE)
 
     def public_profile(self, user_id: uuid.UUID) -> ProfileView | None:
         profile = self._load(user_id)
@@ -95,32 +122,35 @@ class ProfileService(EventSourcedApplication):
         position.
         """
         registered = AccountRegistered.model_validate(envelope.data)
-        producer = AccountRegistered.producer
         with context.bound(
             correlation_id=envelope.correlation_id, causation_id=str(envelope.event_id)
         ):
-            for _ in range(MAX_ATTEMPTS):
-                late = self.tracked_position(producer) >= envelope.position
-                profile = self._load(registered.user_id)
-                if late and profile is not None:
-                    return "duplicate"  # a redelivery: the user may have edited it since
-                if profile is None:
-                    profile = Profile.create(
-                        registered.user_id,
-                        email=registered.email,
-                        display_name=registered.display_name,
-                    )
-                else:  # The user's first GET /users/me came first.
-                    profile.fill_in_from_registration(registered.email, registered.display_name)
-                try:
-                    if late:
-                        self.save(profile)
-                    else:
-                        self.save_tracked(profile, tracking=Tracking(producer, envelope.position))
-                except IntegrityError:
-                    continue  # A request saved this profile meanwhile, or a redelivery won.
-                return "applied"
-        raise _contention(registered.user_id)
+            return retry_conflicts(
+                lambda: self._apply_registration(registered, envelope.position),
+                app=self.name,
+                what=PROFILE,
+            )
+
+    def _apply_registration(self, registered: AccountRegistered, position: int) -> Outcome:
+        producer = AccountRegistered.producer
+        late = self.tracked_position(producer) >= position
+        profile = self._load(registered.user_id)
+        if late and profile is not None:
+            return "duplicate"  # a redelivery: the user may have edited it since
+        if profile is None:
+            profile = Profile.create(
+                registered.user_id,
+                email=registered.email,
+                display_name=registered.display_name,
+            )
+        else:  # The user's first GET /users/me came first.
+            profile.fill_in_from_registration(registered.email, registered.display_name)
+        # IntegrityError: a request saved this profile meanwhile, or a redelivery won.
+        if late:
+            self.save(profile)
+        else:
+            self.save_tracked(profile, tracking=Tracking(producer, position))
+        return "applied"
 
     def _load(self, user_id: uuid.UUID) -> Profile | None:
         try:
@@ -136,8 +166,3 @@ def _versions(expected: int | Collection[int] | None) -> frozenset[int] | None:
     if isinstance(expected, int):
         return frozenset((expected,))
     return frozenset(expected)
-
-
-def _contention(user_id: uuid.UUID) -> RuntimeError:
-    log.error("gave up writing profile %s after %d conflicts", user_id, MAX_ATTEMPTS)
-    return RuntimeError(f"too many concurrent writes to profile {user_id}")
