@@ -99,6 +99,13 @@ LAG_EVENTS = Gauge(
     ["service"],
 )
 DLQ_DEPTH = Gauge("consumer_dlq_messages", "Messages in the dead-letter queue", ["service"])
+# Unlike consumer_lag_seconds, this keeps meaning while nothing is handled: with events
+# waiting, `time() - it` is how far behind the projection is (alert EskitProjectionLagSeconds).
+LAST_EVENT_OCCURRED = Gauge(
+    "consumer_last_event_occurred_timestamp_seconds",
+    "When the last event handled occurred (Unix time), per producer",
+    ["service", "producer"],
+)
 
 # The CONSUMER span of each message of the batch being handled, by event id.
 _message_spans: contextvars.ContextVar[Mapping[uuid.UUID, telemetry.Span]] = contextvars.ContextVar(
@@ -567,6 +574,9 @@ class Consumer:
         POSITION.labels(self.service, envelope.producer).set(envelope.position)
         LAG_SECONDS.labels(self.service, envelope.producer).set(
             max((datetime.now(UTC) - envelope.occurred_at).total_seconds(), 0.0)
+        )
+        LAST_EVENT_OCCURRED.labels(self.service, envelope.producer).set(
+            envelope.occurred_at.timestamp()
         )
         if outcome == "duplicate":
             log.info(

@@ -3,9 +3,11 @@ with compose/kong.yml (nothing here can run Docker or a cluster)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -566,8 +568,15 @@ def test_the_ingress_and_kong_resources_mirror_kong_yml() -> None:
     def canonical(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
         return sorted((p["name"], yaml.safe_dump(p.get("config"), sort_keys=True)) for p in entries)
 
+    def effective(route: dict[str, Any]) -> list[dict[str, Any]]:
+        """kong.yml's plugins of a route and its global plugins: a route's own plugin
+        replaces the global one of the same name, as in Kong."""
+        own = route.get("plugins", [])
+        names = {p["name"] for p in own}
+        return [*own, *(p for p in kong["plugins"] if p["name"] not in names)]
+
     expected = {
-        (path, k8s_service[s["name"]], tuple(canonical(r.get("plugins", []))))
+        (path, k8s_service[s["name"]], tuple(canonical(effective(r))))
         for s in kong["services"]
         for r in s["routes"]
         for path in r["paths"]
@@ -578,16 +587,247 @@ def test_the_ingress_and_kong_resources_mirror_kong_yml() -> None:
         annotations = ingress["metadata"].get("annotations", {})
         assert annotations["konghq.com/strip-path"] == "false"
         names = [n for n in annotations.get("konghq.com/plugins", "").split(",") if n]
+        assert len({plugins[n]["plugin"] for n in names}) == len(names), names  # one of a kind
         attached = [{"name": plugins[n]["plugin"], "config": plugins[n]["config"]} for n in names]
         for rule in ingress["spec"]["rules"]:
             for path in rule["http"]["paths"]:
                 service = path["backend"]["service"]["name"]
                 actual.add((path["path"], service, tuple(canonical(attached))))
     assert actual == expected
-    globals_ = [d for d in docs if d["kind"] == "KongClusterPlugin"]
-    assert all(d["metadata"]["labels"]["global"] == "true" for d in globals_)
-    assert canonical([{"name": d["plugin"], "config": d["config"]} for d in globals_]) == (
-        canonical(kong["plugins"])
-    )
     (consumer,) = [d for d in docs if d["kind"] == "KongConsumer"]
     assert consumer["username"] == kong["consumers"][0]["username"]
+
+
+# Kinds that exist once per cluster: an overlay must not create any but its own Namespace, so
+# that dev and prod (or another application) in one cluster never change each other.
+CLUSTER_SCOPED = {
+    "Namespace",
+    "KongClusterPlugin",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "IngressClass",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+    "PersistentVolume",
+}
+
+
+@pytest.mark.parametrize(("overlay", "namespace"), [("dev", "eskit-dev"), ("prod", "eskit")])
+def test_an_overlay_changes_nothing_outside_its_namespace(overlay: str, namespace: str) -> None:
+    docs = rendered(overlay)
+    (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == namespace
+    assert [d["kind"] for d in docs if d["kind"] in CLUSTER_SCOPED] == ["Namespace"]
+    others = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+    assert others == {namespace}
+    # The Kong plugins are namespaced; none is global for the whole Kong.
+    plugins = [d for d in docs if d["kind"] == "KongPlugin"]
+    assert plugins
+    assert not [p for p in plugins if p["metadata"].get("labels", {}).get("global")]
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_each_deployment_spreads_its_own_replicas_only(overlay: str) -> None:
+    docs = rendered(overlay)
+    deployments = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        constraints = deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+        if deployment["kind"] == "Deployment":  # (prod's RabbitMQ nodes spread over zones)
+            assert {c["topologyKey"] for c in constraints} >= {"kubernetes.io/hostname"}, name
+        for constraint in constraints:
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert selector == deployment["spec"]["selector"]["matchLabels"], name
+            chosen = [
+                d["metadata"]["name"]
+                for d in deployments
+                if selects(selector, d["spec"]["template"]["metadata"]["labels"])
+            ]
+            assert chosen == [name], (name, chosen)
+
+
+# --- NetworkPolicies: each flow the architecture needs, and a few it must not allow ---------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One end of a connection: a pod (of ours, or of Kong, Prometheus, DNS) or an address
+    outside the cluster."""
+
+    namespace: str | None = None  # None: outside the cluster
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()  # named container ports
+    ip: str | None = None
+
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions)."""
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def peer_matches(rule_peer: dict[str, Any], peer: Peer, namespace: str) -> bool:
+    if "ipBlock" in rule_peer:
+        if peer.ip is None:
+            return False
+        block = rule_peer["ipBlock"]
+        address = ipaddress.ip_address(peer.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if peer.namespace is None:
+        return False
+    if "namespaceSelector" in rule_peer:
+        ns_labels = {"kubernetes.io/metadata.name": peer.namespace}
+        if not matches(rule_peer["namespaceSelector"], ns_labels):
+            return False
+    elif peer.namespace != namespace:
+        return False
+    return matches(rule_peer.get("podSelector", {}), peer.label_map())
+
+
+def port_matches(rule_ports: list[dict[str, Any]] | None, port: int, target: Peer) -> bool:
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        wanted = entry.get("port")
+        if isinstance(wanted, str):
+            wanted = dict(target.ports).get(wanted)
+        if wanted is None or wanted == port or wanted <= port <= entry.get("endPort", wanted):
+            return True
+    return False
+
+
+def allowed(
+    policies: list[dict[str, Any]], namespace: str, source: Peer, target: Peer, port: int
+) -> bool:
+    """Whether TCP from `source` to `target:port` passes the egress policies of the source and
+    the ingress policies of the target (only pods of `namespace` are subject to ours)."""
+
+    def side(pod: Peer, other: Peer, direction: str, key: str) -> bool:
+        if pod.namespace != namespace:
+            return True
+        chosen = [
+            p
+            for p in policies
+            if direction in p["spec"].get("policyTypes", [])
+            and matches(p["spec"]["podSelector"], pod.label_map())
+        ]
+        if not chosen:
+            return True
+        return any(
+            (not rule.get(key) or any(peer_matches(r, other, namespace) for r in rule[key]))
+            and port_matches(rule.get("ports"), port, target)
+            for policy in chosen
+            for rule in policy["spec"].get(direction.lower(), [])
+        )
+
+    return side(source, target, "Egress", "to") and side(target, source, "Ingress", "from")
+
+
+def pods_of(docs: list[dict[str, Any]], namespace: str) -> dict[str, Peer]:
+    pods = {}
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        template = doc["spec"]["template"]
+        ports = tuple(
+            (p["name"], p["containerPort"])
+            for c in template["spec"]["containers"]
+            for p in c.get("ports", [])
+            if "name" in p
+        )
+        labels = tuple(sorted(template["metadata"]["labels"].items()))
+        pods[doc["metadata"]["name"]] = Peer(namespace, labels, ports)
+    return pods
+
+
+KONG = Peer("kong", (("app.kubernetes.io/name", "kong"),))
+PROMETHEUS = Peer("monitoring", (("app.kubernetes.io/name", "prometheus"),))
+KUBE_DNS = Peer("kube-system", (("k8s-app", "kube-dns"),))
+POSTGRES = Peer(ip="10.20.0.5")  # a managed PostgreSQL outside the cluster
+API_SERVER = Peer(ip="10.96.0.1")
+PUBLIC = Peer(ip="93.184.215.14")
+PRIVATE = Peer(ip="10.0.3.7")
+METADATA = Peer(ip="169.254.169.254")
+
+
+@pytest.mark.parametrize(("overlay", "namespace"), [("dev", "eskit-dev"), ("prod", "eskit")])
+def test_network_policies_let_through_exactly_the_flows_of_the_architecture(
+    overlay: str, namespace: str
+) -> None:
+    docs = rendered(overlay)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = pods_of(docs, namespace)
+    processes = [n for n in pods if n not in ("rabbitmq", "eskit-db-init")]
+    assert len(processes) == len(PROCESSES)
+    rabbitmq, auth, users = pods["rabbitmq"], pods["auth-svc"], pods["user-svc"]
+
+    def ok(source: Peer, target: Peer, port: int) -> bool:
+        return allowed(policies, namespace, source, target, port)
+
+    # Default deny: a policy that selects every pod, both ways, with no rule.
+    assert any(
+        p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+        for p in policies
+    )
+    # The gateway reaches the REST services, and only them.
+    assert ok(KONG, auth, 8101)
+    assert ok(KONG, users, 8102)
+    for name in processes:
+        if name not in ("auth-svc", "user-svc"):
+            assert not ok(KONG, pods[name], dict(pods[name].ports)["http"]), name
+    assert not ok(KONG, rabbitmq, 5672)
+    # user_svc reads auth_svc's JWKS; nothing else calls auth_svc inside the cluster.
+    assert ok(users, auth, 8101)
+    assert not ok(pods["reporting-svc"], auth, 8101)
+    # Every process (and db-init): DNS, the broker, PostgreSQL; nothing else by default.
+    for name in [*processes, "eskit-db-init"]:
+        pod = pods[name]
+        assert ok(pod, KUBE_DNS, 53), name
+        assert ok(pod, rabbitmq, 5672), name
+        assert ok(pod, POSTGRES, 5432), name
+        assert not ok(pod, rabbitmq, 15672), name  # not the management API
+        assert not ok(pod, API_SERVER, 443), name
+        if name != "integration-svc":
+            assert not ok(pod, PUBLIC, 443), name
+        if name != "notify-svc":
+            assert not ok(pod, PUBLIC, 587), name
+    # Prometheus scrapes every process's /metrics port and RabbitMQ's :15692.
+    for name in processes:
+        assert ok(PROMETHEUS, pods[name], dict(pods[name].ports)["http"]), name
+    assert ok(PROMETHEUS, rabbitmq, 15692)
+    assert not ok(PROMETHEUS, rabbitmq, 5672)
+    # The RabbitMQ nodes talk to each other and to the Kubernetes API (peer discovery).
+    for port in (4369, 25672, 35672):
+        assert ok(rabbitmq, rabbitmq, port), port
+    assert not ok(pods["reporting-svc"], rabbitmq, 25672)
+    assert ok(rabbitmq, API_SERVER, 443)
+    assert not ok(rabbitmq, PUBLIC, 80)
+    # Webhooks to public HTTPS only; mail to SMTP.
+    assert ok(pods["integration-svc"], PUBLIC, 443)
+    assert not ok(pods["integration-svc"], PRIVATE, 443)
+    assert not ok(pods["integration-svc"], METADATA, 80)
+    assert not ok(pods["integration-svc"], PUBLIC, 22)
+    for port in (25, 465, 587):
+        assert ok(pods["notify-svc"], PUBLIC, port), port
