@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: up gateway-tools test lint typecheck unit integration bench db-init clean audit
+.PHONY: up gateway-tools asyncapi-cli test lint typecheck unit integration bench db-init clean audit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -26,6 +26,17 @@ gateway-tools:
 	  && command -v promtool >/dev/null \
 	  || (apt-get update -qq && apt-get install -y -qq haproxy deck kubectl prometheus)
 
+## The official AsyncAPI CLI, pinned in tools/asyncapi/ (validates the contracts' AsyncAPI
+## document); Node.js and npm from Debian where missing. Install scripts off: the CLI needs
+## none, and one of them only reports the install.
+ASYNCAPI_CLI := tools/asyncapi/node_modules/.bin/asyncapi
+$(ASYNCAPI_CLI): tools/asyncapi/package.json tools/asyncapi/package-lock.json
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	cd tools/asyncapi && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(ASYNCAPI_CLI)
+
+asyncapi-cli: $(ASYNCAPI_CLI)
+
 ## Run the whole stack on this machine (Ctrl-C stops it).
 up: $(STAMP) gateway-tools
 	$(BIN)/esctl up
@@ -34,7 +45,7 @@ db-init: $(STAMP)
 	$(BIN)/esctl db init
 
 ## Lint, type-check, check service boundaries, then run every test.
-test: $(STAMP) gateway-tools lint typecheck
+test: $(STAMP) gateway-tools asyncapi-cli lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

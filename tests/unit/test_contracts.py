@@ -51,3 +51,15 @@ def test_event_ids_are_stable_and_differ_across_producers_sharing_an_aggregate_i
     assert event_id_for("auth_svc", user, 1) == event_id_for("auth_svc", user, 1)
     assert event_id_for("auth_svc", user, 1) != event_id_for("user_svc", user, 1)
     assert event_id_for("auth_svc", user, 1) != event_id_for("auth_svc", user, 2)
+
+
+def test_the_asyncapi_document_states_persistent_delivery_on_each_publish_operation() -> None:
+    """AMQP bindings: delivery mode is the operation's, never the message's (the CLI rejects
+    it there); the exchange is the channel's."""
+    doc = asyncapi_document()
+    for operation in doc["operations"].values():
+        assert operation["bindings"]["amqp"]["deliveryMode"] == 2
+    for message in doc["components"]["messages"].values():
+        assert "deliveryMode" not in message["bindings"]["amqp"]
+    exchanges = {c["bindings"]["amqp"]["exchange"]["name"] for c in doc["channels"].values()}
+    assert exchanges == {"auth.events", "user.events"}
