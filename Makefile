@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: up gateway-tools asyncapi-cli test lint typecheck unit integration bench db-init clean audit
+.PHONY: up gateway-tools asyncapi-cli broker-plugins test lint typecheck unit integration bench db-init clean audit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -37,15 +37,23 @@ $(ASYNCAPI_CLI): tools/asyncapi/package.json tools/asyncapi/package-lock.json
 
 asyncapi-cli: $(ASYNCAPI_CLI)
 
+## RabbitMQ's management HTTP API (port 15672): `esctl db init` writes the consumer queues'
+## policies through it. Enabled on the local node (offline if it is not running yet).
+broker-plugins:
+	@command -v rabbitmq-plugins >/dev/null || exit 0; \
+	rabbitmq-plugins -q is_enabled rabbitmq_management >/dev/null 2>&1 \
+	  || rabbitmq-plugins -q enable rabbitmq_management >/dev/null \
+	  || rabbitmq-plugins -q enable --offline rabbitmq_management
+
 ## Run the whole stack on this machine (Ctrl-C stops it).
-up: $(STAMP) gateway-tools
+up: $(STAMP) gateway-tools broker-plugins
 	$(BIN)/esctl up
 
-db-init: $(STAMP)
+db-init: $(STAMP) broker-plugins
 	$(BIN)/esctl db init
 
 ## Lint, type-check, check service boundaries, then run every test.
-test: $(STAMP) gateway-tools asyncapi-cli lint typecheck
+test: $(STAMP) gateway-tools asyncapi-cli broker-plugins lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

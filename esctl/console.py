@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -24,6 +25,18 @@ T = TypeVar("T")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+class OutputFormat(StrEnum):
+    """How a list command prints its rows: a table for people, JSON for scripts."""
+
+    table = "table"
+    json = "json"
+
+
+FormatOption = Annotated[
+    OutputFormat, typer.Option("--format", case_sensitive=False, help="table or json")
+]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import typer
 
-from esctl import contracts, db, dlq, gateway, keys, projections, reports, run, webhooks
+from esctl import (
+    broker,
+    contracts,
+    db,
+    dlq,
+    gateway,
+    keys,
+    projections,
+    reports,
+    run,
+    webhooks,
+)
 
 app = typer.Typer(help="Run and operate the eskit stack.", no_args_is_help=True)
 app.add_typer(db.app, name="db")
+app.add_typer(broker.app, name="broker")
 app.add_typer(keys.app, name="keys")
 app.add_typer(contracts.app, name="contracts")
 app.add_typer(gateway.app, name="gateway")

@@ -1,5 +1,5 @@
 """RabbitMQ: connecting to a cluster, and the topology, declared once here for relays,
-consumers and the CLI.
+consumers and the CLI, with the policies that set what a running queue may change.
 
 A broker setting (`AMQP_URL`) names one node or several, separated by commas: the nodes of a
 cluster. `connect` tries them in turn, starting with the last one that worked, so a client
@@ -11,12 +11,16 @@ URL says otherwise) and its socket keeps TCP keepalives, so a node cut off witho
 from __future__ import annotations
 
 import logging
+import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
+import httpx
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -43,8 +47,23 @@ CONNECT_TIMEOUT_SECONDS = 5.0  # per node: a cluster of three is tried in 15 s a
 # A quorum queue's own redelivery count rises for every unacked message each time its
 # consumer's connection or channel goes away, so it counts broker trouble, not poison. The
 # consumer counts handler failures itself (servicekit.consumer); the broker's limit stays as a
-# backstop against a message that kills the process before it can be counted.
+# backstop against a message that kills the process before it can be counted. It is set by a
+# policy (`consumer_queue_policy`), so it can change on a running queue.
 BROKER_DELIVERY_LIMIT = 1000
+
+# What RabbitMQ takes only at declare time; everything else about a consumer's queue is a
+# policy's. Neither can change on an existing queue, so a declare never fails for a setting.
+CONSUMER_QUEUE_ARGUMENTS: Mapping[str, Any] = MappingProxyType(
+    {"x-queue-type": "quorum", "x-single-active-consumer": True}
+)
+
+# Our policies: named `eskit.<queue>`, each matching exactly one queue of ours. Only one user
+# policy applies to a queue (the highest priority); 10 beats the usual catch-all policies at 0
+# on our queues only. Operators add limits with operator policies, which combine with ours.
+POLICY_PREFIX = "eskit."
+POLICY_PRIORITY = 10
+MANAGEMENT_PORT = 15672
+MANAGEMENT_TIMEOUT_SECONDS = 10.0
 
 
 def amqp_urls(setting: str | Sequence[str]) -> list[str]:
@@ -186,12 +205,15 @@ async def declare_consumer_queues(
     service: str,
     bindings: dict[str, list[str]],
 ) -> AbstractQueue:
-    """`<service>.q` (quorum, single active consumer, dead-lettering) and `<service>.dlq`.
+    """`<service>.q` (quorum, single active consumer) and `<service>.dlq`.
 
-    `bindings` maps a producer exchange to the routing keys the service handles. A queue
-    declared earlier with other arguments (an older build's delivery limit) cannot be
-    redeclared (PRECONDITION_FAILED): it is then used as it is, with a warning. Declare
-    before setting the channel's QoS: the failed declare closes and reopens the channel.
+    `bindings` maps a producer exchange to the routing keys the service handles. The queue
+    carries only what RabbitMQ fixes at declare time (`CONSUMER_QUEUE_ARGUMENTS`); its
+    delivery limit and dead-lettering come from `consumer_queue_policy`, so they change on a
+    running queue and no setting of the consumer makes the declare differ. A queue declared
+    by an older build with x-arguments cannot be redeclared (PRECONDITION_FAILED): it is then
+    used as it is, with a warning. Declare before setting the channel's QoS: the failed
+    declare closes and reopens the channel.
     """
     dlx = await channel.declare_exchange(
         dead_letter_exchange(service), aio_pika.ExchangeType.FANOUT, durable=True
@@ -200,23 +222,17 @@ async def declare_consumer_queues(
         dead_letter_queue(service), durable=True, arguments={"x-queue-type": "quorum"}
     )
     await dlq.bind(dlx)
-    arguments: dict[str, Any] = {
-        "x-queue-type": "quorum",
-        "x-single-active-consumer": True,
-        "x-delivery-limit": BROKER_DELIVERY_LIMIT,
-        "x-dead-letter-exchange": dead_letter_exchange(service),
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }
     try:
-        queue = await channel.declare_queue(live_queue(service), durable=True, arguments=arguments)
+        queue = await channel.declare_queue(
+            live_queue(service), durable=True, arguments=dict(CONSUMER_QUEUE_ARGUMENTS)
+        )
     except aio_pika.exceptions.ChannelPreconditionFailed as exc:
         log.warning(
-            "queue %s exists with other arguments; using it as it is. Its broker delivery "
-            "limit may dead-letter healthy messages after connection losses: move it to %d "
-            "with a policy (rabbitmqctl set_policy) or recreate the queue when it is empty",
+            "queue %s was declared with other x-arguments (an older build); using it as it "
+            "is. Its x-dead-letter-exchange overrides the policy's and the lower of its "
+            "x-delivery-limit and the policy's applies: recreate the queue when it is empty "
+            "so that the policies alone decide (esctl db init applies them)",
             live_queue(service),
-            BROKER_DELIVERY_LIMIT,
             extra={"error": str(exc)},
         )
         await channel.reopen()  # a failed declare closes the channel
@@ -226,3 +242,146 @@ async def declare_consumer_queues(
         for key in routing_keys:
             await queue.bind(declared, routing_key=key)
     return queue
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """A RabbitMQ policy, as the management HTTP API takes it."""
+
+    name: str
+    pattern: str
+    definition: Mapping[str, Any]
+    priority: int = POLICY_PRIORITY
+    apply_to: str = "queues"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "definition": dict(self.definition),
+            "priority": self.priority,
+            "apply-to": self.apply_to,
+        }
+
+
+def consumer_queue_policy(
+    service: str, *, delivery_limit: int = BROKER_DELIVERY_LIMIT
+) -> QueuePolicy:
+    """The settings of `<service>.q` that a running queue takes from a policy.
+
+    Its pattern names that one queue and nothing else; the name starts with `POLICY_PREFIX`.
+    Dead-lettering at least once needs `overflow: reject-publish`, hence both.
+    """
+    queue = live_queue(service)
+    return QueuePolicy(
+        name=f"{POLICY_PREFIX}{queue}",
+        pattern=f"^{re.escape(queue)}$",
+        definition={
+            "delivery-limit": delivery_limit,
+            "dead-letter-exchange": dead_letter_exchange(service),
+            "dead-letter-strategy": "at-least-once",
+            "overflow": "reject-publish",
+        },
+    )
+
+
+class ManagementError(Exception):
+    """The management HTTP API is unreachable or refused a request; the message says why."""
+
+
+def management_api(
+    amqp_setting: str, override: str | None = None
+) -> tuple[list[str], str, tuple[str, str]]:
+    """Base URLs of the management API (one per node), the vhost, and (user, password).
+
+    Derived from the AMQP URLs: the same hosts on port 15672, the same credentials and
+    vhost. `override` (e.g. `http://rabbit:15672`) replaces the base URLs; credentials in it
+    win over the AMQP URL's.
+    """
+    urls = amqp_urls(amqp_setting)
+    first = urlsplit(urls[0])
+    vhost = unquote(first.path[1:]) if len(first.path) > 1 else "/"
+    user, password = unquote(first.username or "guest"), unquote(first.password or "guest")
+    if override:
+        parts = urlsplit(override)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            msg = f"not an http:// or https:// URL: {override!r}"
+            raise ManagementError(msg)
+        if parts.username:
+            user, password = unquote(parts.username), unquote(parts.password or "")
+        port = f":{parts.port}" if parts.port else ""
+        bases = [f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"]
+    else:
+        hosts = [urlsplit(u).hostname or "127.0.0.1" for u in urls]
+        scheme = "https" if first.scheme == "amqps" else "http"
+        bases = [f"{scheme}://{h}:{MANAGEMENT_PORT}" for h in dict.fromkeys(hosts)]
+    return bases, vhost, (user, password)
+
+
+async def _management(
+    amqp_setting: str,
+    override: str | None,
+    method: str,
+    path: str,
+    body: Mapping[str, Any] | None = None,
+) -> Any:
+    """One request to the first node whose management API answers; its JSON (or None)."""
+    bases, vhost, auth = management_api(amqp_setting, override)
+    path = path.format(vhost=quote(vhost, safe=""))
+    error = ""
+    async with httpx.AsyncClient(auth=auth, timeout=MANAGEMENT_TIMEOUT_SECONDS) as client:
+        for base in bases:
+            try:
+                response = await client.request(method, f"{base}/api/{path}", json=body)
+            except httpx.HTTPError as exc:
+                error = f"{base}: {type(exc).__name__} {exc}".strip()
+                continue
+            if response.status_code == 404 and method == "GET":
+                return None
+            if response.status_code >= 400:
+                msg = (
+                    f"RabbitMQ management API {method} /api/{path}: "
+                    f"{response.status_code} {response.text.strip()[:200]}"
+                )
+                raise ManagementError(msg)
+            return response.json() if response.content else None
+    msg = (
+        f"the RabbitMQ management API is not reachable ({error}); enable it with "
+        "`rabbitmq-plugins enable rabbitmq_management` or set RABBITMQ_MANAGEMENT_URL"
+    )
+    raise ManagementError(msg)
+
+
+async def apply_policies(
+    amqp_setting: str, policies: Sequence[QueuePolicy], *, management_url: str | None = None
+) -> str:
+    """Create or update `policies` in the vhost of `amqp_setting`; the vhost's name.
+
+    Only the named policies are written: an operator's own policies are left alone.
+    """
+    for policy in policies:
+        await _management(
+            amqp_setting,
+            management_url,
+            "PUT",
+            f"policies/{{vhost}}/{quote(policy.name, safe='')}",
+            policy.body(),
+        )
+    return management_api(amqp_setting, management_url)[1]
+
+
+async def read_policies(
+    amqp_setting: str, *, management_url: str | None = None
+) -> list[dict[str, Any]]:
+    """The vhost's policies whose name starts with `POLICY_PREFIX` (ours)."""
+    found = await _management(amqp_setting, management_url, "GET", "policies/{vhost}") or []
+    return [p for p in found if str(p.get("name", "")).startswith(POLICY_PREFIX)]
+
+
+async def read_queue(
+    amqp_setting: str, queue: str, *, management_url: str | None = None
+) -> dict[str, Any] | None:
+    """A queue as the management API shows it (arguments, policy), or None if absent."""
+    result = await _management(
+        amqp_setting, management_url, "GET", f"queues/{{vhost}}/{quote(queue, safe='')}"
+    )
+    return dict(result) if result else None
