@@ -33,7 +33,7 @@ ReadinessCheck = Callable[[], Awaitable[None]]
 
 # Every /metrics is served from here. No `*_created` series: one per counter and histogram
 # child, doubling the series scraped, and Prometheus derives resets from the values anyway.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
 
 HTTP_REQUESTS = Counter(
     "http_requests_total",
