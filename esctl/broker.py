@@ -13,6 +13,7 @@ from rich.table import Table
 
 from esctl.console import FormatOption, OutputFormat, amqp_url, consumers, fail, out, run_async
 from servicekit import amqp
+from servicekit.settings import ENV_FILE
 from shared_contracts.names import live_queue
 
 app = typer.Typer(help="RabbitMQ policies of the consumer queues.", no_args_is_help=True)
@@ -21,7 +22,7 @@ app = typer.Typer(help="RabbitMQ policies of the consumer queues.", no_args_is_h
 class PolicySettings(BaseSettings):
     """What `esctl db init` and `esctl broker apply` write, from the environment."""
 
-    model_config = SettingsConfigDict(extra="ignore")
+    model_config = SettingsConfigDict(extra="ignore", env_file=ENV_FILE, env_file_encoding="utf-8")
 
     amqp_delivery_limit: int = Field(
         default=amqp.BROKER_DELIVERY_LIMIT,

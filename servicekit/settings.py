@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servicekit.amqp import DEFAULT_HEARTBEAT_SECONDS, amqp_urls, with_heartbeat
 
+# Read by every settings class (subclasses inherit it with the rest of `model_config`).
+ENV_FILE = ".env"
+
 DELIVERY_LIMIT = (
     "Handler failures (errors, or the consumer dying while handling it) before a "
     "message is parked and dead-lettered; lost connections never count."
@@ -47,9 +50,15 @@ def consumer_health_port(default: int) -> Any:
 
 
 class ServiceSettings(BaseSettings):
-    """Fields every service reads. Subclasses set `env_prefix` for their own fields."""
+    """Fields every service reads. Subclasses set `env_prefix` for their own fields.
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    Values come from the environment, then from a `.env` file in the working directory
+    (`ENV_FILE`): a variable set in the environment wins over the same one in the file.
+    """
+
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, env_file=ENV_FILE, env_file_encoding="utf-8"
+    )
 
     # One node, or the nodes of a cluster separated by commas (clients fail over between them).
     amqp_url: str = shared("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
