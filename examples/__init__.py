@@ -1,0 +1,1 @@
+"""Examples of using eskit from outside the repository."""

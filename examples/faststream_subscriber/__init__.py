@@ -1,0 +1,1 @@
+"""A subscriber written with FastStream: see app.py and README.md."""
