@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = [
+    "bench.peers",  # ../shared/bench/peers/compare.py against esctl up: hello, CRUD peer, eskit
     "bench.users_me",
     "bench.login",
     "bench.patch_profile",

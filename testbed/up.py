@@ -1,6 +1,7 @@
 """`esctl up` itself, on free ports, fresh databases and a vhost of the test's own.
 
 (testbed.stack runs the same processes one by one, on private servers, to fault them.)
+Shared by the end-to-end tests and `bench.peers`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def esctl_up(
     work: Path,
     *,
     up_args: Sequence[str] = (),
+    ready_timeout: float = 60,
     **extra_env: str,
 ) -> Iterator[EsctlUp]:
     """Run `esctl up` until the block ends (SIGINT, as Ctrl-C would).
@@ -97,9 +99,10 @@ def esctl_up(
     env["USER_JWKS_URL"] = f"http://127.0.0.1:{env['AUTH_PORT']}/auth/.well-known/jwks.json"
     out_path, log_path = work / "stack.log", work / "stderr.log"
     with out_path.open("wb") as out, log_path.open("wb") as log:
-        proc = subprocess.Popen([*ESCTL, "up", *up_args], env=env, stdout=out, stderr=log)
+        argv = [*ESCTL, "up", "--ready-timeout", str(ready_timeout), *up_args]
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=log)
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + ready_timeout + 30
             while "eskit is running" not in out_path.read_text(errors="replace"):
                 assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]

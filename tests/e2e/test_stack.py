@@ -14,7 +14,7 @@ import pytest
 
 from testbed.cli import esctl
 from tests.support.amqp import subscribed
-from tests.support.stack import EsctlUp, esctl_up
+from testbed.up import EsctlUp, esctl_up
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from servicekit.eventstore import connection_kwargs
 from testbed.cli import esctl
 from tests.support.amqp import subscribed
 from tests.support.api import bearer
-from tests.support.stack import EsctlUp, esctl_up
+from testbed.up import EsctlUp, esctl_up
 
 KONG_YML = Path(__file__).parents[2] / "compose" / "kong.yml"
 

@@ -21,7 +21,7 @@ from reporting_svc.projection import ReportingProjection
 from servicekit import telemetry
 from servicekit.replay import Replay
 from tests.support.amqp import subscribed
-from tests.support.stack import EsctlUp, esctl_up
+from testbed.up import EsctlUp, esctl_up
 
 PASSWORD = "correct horse battery staple"
 # Each process `esctl up --no-gateway` starts, by the variable that sets its port.
