@@ -34,7 +34,7 @@ from auth_svc.domain import (
     WrongPassword,
 )
 from auth_svc.keys import KeyStore
-from servicekit.problems import problem_response, problem_responses
+from servicekit.problems import header, problem_response, problem_responses
 from servicekit.tokens import CurrentUser
 
 # --- request and response models ------------------------------------------------------------
@@ -107,7 +107,10 @@ class JsonWebKeySet(BaseModel):
 
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return problem_responses({c: _DESCRIPTIONS.get(c, "Error") for c in (*codes, 400, 413, 422)})
+    return problem_responses(
+        {c: _DESCRIPTIONS.get(c, "Error") for c in (*codes, 400, 413, 422)},
+        headers={423: {"Retry-After": header("Seconds until the lockout ends.", "integer")}},
+    )
 
 
 _DESCRIPTIONS = {
@@ -118,6 +121,12 @@ _DESCRIPTIONS = {
     422: "Invalid request",
     423: "Account locked; see Retry-After",
 }
+
+API_DESCRIPTION = (
+    "Accounts and tokens: registration, login (an access token and a refresh token), "
+    "refresh, logout, password change, and the public keys (JWKS) that verify access tokens "
+    "(RS256, `kid` in the header)."
+)
 
 # --- dependencies ---------------------------------------------------------------------------
 
@@ -147,6 +156,8 @@ router = APIRouter(prefix="/auth", tags=["auth"])
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=RegisteredAccount,
+    operation_id="register",
+    summary="Create an account",
     responses=problems(409),
 )
 def register(body: RegisterRequest, auth: AuthServiceDep) -> RegisteredAccount:
@@ -173,14 +184,26 @@ def counted_login(auth: AuthService, email: str, password: str) -> TokenPair:
     return pair
 
 
-@router.post("/login", response_model=TokenResponse, responses=problems(401, 423))
+@router.post(
+    "/login",
+    response_model=TokenResponse,
+    operation_id="login",
+    summary="Log in with e-mail and password",
+    responses=problems(401, 423),
+)
 def login(body: LoginRequest, auth: AuthServiceDep, response: Response) -> TokenResponse:
     """Exchange e-mail and password for an access token and a refresh token."""
     response.headers.update(NO_STORE)
     return TokenResponse.of(counted_login(auth, body.email, body.password))
 
 
-@router.post("/token", response_model=TokenResponse, responses=problems(401, 423))
+@router.post(
+    "/token",
+    response_model=TokenResponse,
+    operation_id="loginWithPasswordForm",
+    summary="Log in with the OAuth2 password form",
+    responses=problems(401, 423),
+)
 def token(form: PasswordForm, auth: AuthServiceDep, response: Response) -> TokenResponse:
     """OAuth2 password flow (what Swagger UI's Authorize sends): `username` is the e-mail."""
     try:
@@ -191,26 +214,49 @@ def token(form: PasswordForm, auth: AuthServiceDep, response: Response) -> Token
     return TokenResponse.of(counted_login(auth, body.email, body.password))
 
 
-@router.post("/refresh", response_model=TokenResponse, responses=problems(401))
+@router.post(
+    "/refresh",
+    response_model=TokenResponse,
+    operation_id="refreshTokens",
+    summary="Spend a refresh token for a new pair",
+    responses=problems(401),
+)
 def refresh(body: RefreshRequest, auth: AuthServiceDep, response: Response) -> TokenResponse:
     """Spend a refresh token for a new pair. A spent token revokes its whole session."""
     response.headers.update(NO_STORE)
     return TokenResponse.of(auth.refresh(body.refresh_token))
 
 
-@router.post("/logout", status_code=status.HTTP_204_NO_CONTENT, responses=problems())
+@router.post(
+    "/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="logout",
+    summary="End a session",
+    responses=problems(),
+)
 def logout(body: RefreshRequest, auth: AuthServiceDep) -> None:
     """End the refresh token's session. Unknown tokens are accepted silently."""
     auth.logout(body.refresh_token)
 
 
-@router.post("/password", status_code=status.HTTP_204_NO_CONTENT, responses=problems(401))
+@router.post(
+    "/password",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="changePassword",
+    summary="Change the password",
+    responses=problems(401),
+)
 def change_password(body: ChangePasswordRequest, user: CurrentUser, auth: AuthServiceDep) -> None:
     """Change the password (the current one is required); every refresh token is revoked."""
     auth.change_password(user.sub, body.current_password, body.new_password)
 
 
-@router.get("/.well-known/jwks.json", response_model=JsonWebKeySet)
+@router.get(
+    "/.well-known/jwks.json",
+    response_model=JsonWebKeySet,
+    operation_id="getJwks",
+    summary="Public keys that verify access tokens",
+)
 def jwks(keys: KeyStoreDep, response: Response) -> JsonWebKeySet:
     """Public keys that may verify a live access token (`kid`, `alg`: RS256)."""
     response.headers["Cache-Control"] = "public, max-age=5"

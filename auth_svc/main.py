@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from auth_svc.api import install_error_handlers, router
+from auth_svc.api import API_DESCRIPTION, install_error_handlers, router
 from auth_svc.application import AuthService
 from auth_svc.contracts import to_contract
 from auth_svc.keys import KeyStore, init_signing_keys
 from auth_svc.settings import AuthSettings
 from servicekit import web
 from servicekit.eventstore import ensure_database, eventsourcing_env
+from servicekit.openapi import api_servers
 from servicekit.relay import Relay, create_relay_table
 from servicekit.service import Service
 from servicekit.tokens import TokenVerifier
@@ -69,6 +70,8 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
 
     app = web.create_app(
         title="auth_svc",
+        description=API_DESCRIPTION,
+        servers=api_servers(settings.port),
         readiness_checks=[("database", web.database_ready(settings.database_url, timeout=3))],
         lifespan=lifespan,
     )

@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servicekit import context
@@ -45,25 +46,71 @@ class Problem(Exception):
 
 
 class ProblemDetail(BaseModel):
-    """An RFC 9457 problem, served as application/problem+json."""
+    """An RFC 9457 problem, served as application/problem+json.
 
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
-    request_id: str | None = None
+    Extension members (e.g. a readiness check's `checks`) may follow the standard ones.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(default="about:blank", description="A URI naming the kind of problem")
+    title: str = Field(description="Short summary of the kind of problem")
+    status: int = Field(description="The HTTP status code")
+    detail: str = Field(description="What went wrong this time, for a person to read")
+    request_id: str | None = Field(
+        default=None, description="The request's id, as in the `X-Request-ID` header"
+    )
 
 
-def problem_responses(described: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting the problems a route answers with."""
-    return {
-        status: {
-            "model": ProblemDetail,
-            "description": text,
-            "content": {PROBLEM_JSON: {}},
-        }
-        for status, text in described.items()
-    }
+class FieldError(BaseModel):
+    """One invalid part of a request."""
+
+    field: str = Field(description="Dotted path of the field, `body` for the whole body")
+    message: str
+
+
+class ValidationProblem(ProblemDetail):
+    """A 422 problem: the request was well-formed but some of its fields are invalid."""
+
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+def problem_schemas() -> dict[str, Any]:
+    """The problem models as OpenAPI component schemas (`#/components/schemas/<name>`)."""
+    _, schemas = models_json_schema(
+        [(ProblemDetail, "serialization"), (ValidationProblem, "serialization")],
+        ref_template="#/components/schemas/{model}",
+    )
+    found: dict[str, Any] = schemas.get("$defs", {})
+    return found
+
+
+def problem_content(status: int) -> dict[str, Any]:
+    """The `content` of a problem response: problem+json with its schema."""
+    model = ValidationProblem if status == 422 else ProblemDetail
+    return {PROBLEM_JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+
+def problem_responses(
+    described: Mapping[int, str], *, headers: Mapping[int, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the problems a route answers with.
+
+    `headers`: per status, the header objects (see `header`) that status carries, e.g. 423's
+    `Retry-After`; those of every response (`X-Request-ID`) are added by servicekit.openapi.
+    """
+    headers = headers or {}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, text in described.items():
+        responses[status] = {"description": text, "content": problem_content(status)}
+        if status in headers:
+            responses[status]["headers"] = headers[status]
+    return responses
+
+
+def header(description: str, schema_type: str = "string") -> dict[str, Any]:
+    """An OpenAPI response header object."""
+    return {"description": description, "schema": {"type": schema_type}}
 
 
 def problem_response(

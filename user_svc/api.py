@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from servicekit.problems import Problem, problem_responses
+from servicekit.problems import Problem, header, problem_responses
 from servicekit.tokens import CurrentUser
 from shared_contracts.events import PROFILE_FIELDS
 from user_svc.application import ProfileService, StaleProfileVersion
@@ -32,6 +32,12 @@ from user_svc.views import ProfileView
 
 JSON = "application/json"
 MAX_ETAG_DIGITS = 18
+
+
+API_DESCRIPTION = (
+    "User profiles: the caller's own (with an `ETag`, for conditional changes with "
+    "`If-Match`) and other users' public profiles. Bearer tokens are issued by auth_svc."
+)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -85,7 +91,20 @@ class ProfilePatch(BaseModel):
 
 
 def _problems(**described: str) -> dict[int | str, dict[str, Any]]:
-    return problem_responses({int(key.removeprefix("p")): text for key, text in described.items()})
+    return problem_responses(
+        {int(key.removeprefix("p")): text for key, text in described.items()},
+        headers={412: {"ETag": _ETAG_HEADER}},
+    )
+
+
+def _with_etag(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """`responses`, and the 200 carries the profile's ETag."""
+    return {200: {"headers": {"ETag": _ETAG_HEADER}}, **responses}
+
+
+_ETAG_HEADER = header(
+    'The profile\'s version as a strong entity tag, e.g. `"3"`: send it in `If-Match`.'
+)
 
 
 _TOKEN_PROBLEMS = {"p401": "Missing, expired or invalid bearer token"}
@@ -157,10 +176,11 @@ router = APIRouter(prefix="/users", tags=["users"])
 @router.get(
     "/me",
     response_model=ProfileOut,
+    operation_id="getMyProfile",
     summary="The caller's profile",
     description="Created on the first call if the registration has not arrived yet. "
     "The `ETag` header carries the version, for `PATCH` with `If-Match`.",
-    responses=_problems(**_TOKEN_PROBLEMS),
+    responses=_with_etag(_problems(**_TOKEN_PROBLEMS)),
 )
 async def read_my_profile(user: CurrentUser, profiles: ProfilesDep) -> Response:
     entry = profiles.cache.get(user.sub)
@@ -174,15 +194,18 @@ async def read_my_profile(user: CurrentUser, profiles: ProfilesDep) -> Response:
 @router.patch(
     "/me",
     response_model=ProfileOut,
+    operation_id="updateMyProfile",
     summary="Change the caller's profile",
     description="Send only the fields to change; `null` clears a field. With `If-Match` "
     '(the `ETag` of a `GET`, e.g. `"3"`, or `*`) the change applies only to that version.',
-    responses=_problems(
-        p400="Malformed JSON",
-        p412="The profile has changed since the `If-Match` version; the current ETag is sent",
-        p413="Body larger than 64 KiB",
-        p422="Invalid or unknown field",
-        **_TOKEN_PROBLEMS,
+    responses=_with_etag(
+        _problems(
+            p400="Malformed JSON",
+            p412="The profile has changed since the `If-Match` version; the current ETag is sent",
+            p413="Body larger than 64 KiB",
+            p422="Invalid or unknown field",
+            **_TOKEN_PROBLEMS,
+        )
     ),
 )
 async def update_my_profile(
@@ -221,6 +244,7 @@ async def update_my_profile(
 @router.get(
     "/{user_id}",
     response_model=PublicProfileOut,
+    operation_id="getPublicProfile",
     summary="A user's public profile",
     responses=_problems(p404="No profile for this user id", p422="Not a UUID", **_TOKEN_PROBLEMS),
 )

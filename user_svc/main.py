@@ -18,13 +18,14 @@ from servicekit.consumer import Consumer, one_at_a_time
 from servicekit.eventstore import ensure_database, eventsourcing_env
 from servicekit.logs import configure_logging
 from servicekit.messages import Outcome
+from servicekit.openapi import api_servers
 from servicekit.relay import Relay, create_relay_table
 from servicekit.service import Service
 from servicekit.tokens import JwksKeys, KeyLookup, TokenVerifier
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
-from user_svc.api import Profiles, render_profile, router
+from user_svc.api import API_DESCRIPTION, Profiles, render_profile, router
 from user_svc.application import ProfileService
 from user_svc.cache import CacheFollower, ProfileCache
 from user_svc.contracts import to_contract
@@ -93,7 +94,8 @@ def create_app(
 
     app = web.create_app(
         title="user_svc",
-        description="User profiles: the caller's own and other users' public profiles.",
+        description=API_DESCRIPTION,
+        servers=api_servers(settings.port),
         readiness_checks=[("database", web.database_ready(settings.database_url))],
         lifespan=lifespan,
     )
