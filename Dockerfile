@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for every eskit process; the command selects it, e.g.
 #   esctl serve auth_svc | esctl serve user_svc | esctl relay auth_svc | esctl consume notify_svc
 #   esctl db init | esctl keys rotate | esctl gateway render --out /kong/kong.yml
@@ -41,14 +40,20 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     LOG_FORMAT=json \
-    GATEWAY_CONFIG=/app/compose/kong.yml
+    GATEWAY_CONFIG=/app/compose/kong.yml \
+    NOTIFY_MAILDIR=/var/lib/eskit/maildir
+# The paths a process writes, owned by eskit: a fresh volume mounted there starts as a copy of
+# them (owner included), so `kong-config` can write /kong/kong.yml and notify_svc its maildir
+# on a read-only root.
 RUN groupadd --system --gid 10001 eskit \
-    && useradd --system --uid 10001 --gid eskit --no-create-home --shell /usr/sbin/nologin eskit
+    && useradd --system --uid 10001 --gid eskit --no-create-home --shell /usr/sbin/nologin eskit \
+    && install -d -o 10001 -g 10001 -m 0755 /kong /var/lib/eskit /var/lib/eskit/maildir
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/compose/kong.yml /app/compose/kong.yml
 USER 10001:10001
-# Every process serves /health/live on its HTTP port; HEALTH_PORT says which (compose sets it).
+# Every process serves /health/live on its HTTP port; HEALTH_PORT says which. The default fits
+# the default command (auth_svc); compose sets it for every process (tests/static checks it).
 ENV HEALTH_PORT=8101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['HEALTH_PORT']}/health/live\", timeout=2)"]

@@ -56,8 +56,12 @@ def render(
     if out is None:
         sys.stdout.write(text)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except OSError as exc:
+            print(f"error: could not write {out}: {exc.strerror or exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
         print(
             f"wrote {out} with {len(keys)} credential(s): {', '.join(sorted(keys))}",
             file=sys.stderr,

@@ -4,9 +4,10 @@ with compose/kong.yml (nothing here can run Docker or a cluster)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from gateway.kong import k8s_credentials, load_kong
 from gateway.settings import GatewaySettings
 from servicekit.amqp import amqp_urls
 from servicekit.telemetry import TelemetrySettings
+from testbed.cli import esctl
 
 ROOT = Path(__file__).parents[2]
 BIN = ROOT / ".venv" / "bin"
@@ -31,11 +33,17 @@ COMPOSE = ROOT / "compose" / "docker-compose.yml"
 COMPOSE_ENV_EXAMPLE = ROOT / "compose" / ".env.example"
 K8S_SECRETS_EXAMPLE = ROOT / "k8s" / "secrets.example.env"
 RABBITMQ_NODES = 3  # compose and Kubernetes both describe a three-node RabbitMQ cluster
-SHARED_ENV = {"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"} | {
-    # read by servicekit.telemetry.TelemetrySettings in every process
-    name
-    for name in TelemetrySettings.model_json_schema(by_alias=True)["properties"]
-}
+# Read by the image itself (its HEALTHCHECK), not by a settings class.
+IMAGE_ENV = {"HEALTH_PORT"}
+SHARED_ENV = (
+    IMAGE_ENV
+    | {"AMQP_URL", "LOG_LEVEL", "LOG_FORMAT"}
+    | {
+        # read by servicekit.telemetry.TelemetrySettings in every process
+        name
+        for name in TelemetrySettings.model_json_schema(by_alias=True)["properties"]
+    }
+)
 # Settings class of each service (and of the gateway), by environment prefix.
 SETTINGS: dict[str, type[BaseSettings]] = {
     str(cls.model_config.get("env_prefix", "")): cls
@@ -168,11 +176,52 @@ def test_compose_runs_every_process_healthy_and_in_order() -> None:
 def test_compose_health_checks_probe_the_port_each_process_is_told_to_listen_on() -> None:
     for name, service in compose()["services"].items():
         env = service.get("environment") or {}
-        ports = [v for k, v in env.items() if k.endswith("_PORT") and not k.startswith("KONG")]
+        ports = [
+            v
+            for k, v in env.items()
+            if k.endswith("_PORT") and not k.startswith("KONG") and k not in IMAGE_ENV
+        ]
         test = " ".join(service.get("healthcheck", {}).get("test") or [])
         if ports and "health/ready" in test:
             assert f"127.0.0.1:{ports[0]}/health/ready" in test, name
             assert len(ports) == 1, name
+            # The image's own HEALTHCHECK probes HEALTH_PORT: the same port.
+            assert env["HEALTH_PORT"] == ports[0], name
+
+
+def test_the_image_owns_the_paths_compose_mounts_fresh_volumes_on() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "# syntax=" not in dockerfile  # BuildKit would fetch a frontend from Docker Hub
+    (created,) = re.findall(r"install -d -o 10001 -g 10001 (?:-m \d+ )?([^\n]+)", dockerfile)
+    owned = set(created.split())
+    services = compose()["services"]
+    render = services["kong-config"]
+    out = Path(render["command"][render["command"].index("--out") + 1])
+    assert str(out.parent) in {v.split(":")[1] for v in render["volumes"]}
+    assert str(out.parent) in owned
+    notify = services["notify_svc"]
+    maildir = notify["environment"]["NOTIFY_MAILDIR"]
+    assert maildir in owned
+    assert maildir in {v.split(":")[1] for v in notify["volumes"]}
+    assert f"NOTIFY_MAILDIR={maildir}" in dockerfile.replace(" ", "")
+
+
+def test_kong_config_that_cannot_write_its_file_says_so_in_one_line(
+    make_database: Callable[[str], str], tmp_path: Path
+) -> None:
+    """As compose's kong-config on a volume it may not write: esctl's one-line error, exit 1."""
+    from auth_svc.settings import AuthSettings
+
+    database = make_database("kongcfg")
+    registry.service("auth_svc").init_db(AuthSettings(database_url=database))
+    blocker = tmp_path / "kong"
+    blocker.write_text("a file where the directory should be")
+    env = {**os.environ, "AUTH_DATABASE_URL": database}
+    result = esctl("gateway", "render", "--out", str(blocker / "kong.yml"), env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: could not write {blocker / 'kong.yml'}: "), line
 
 
 def rabbitmq_nodes() -> dict[str, dict[str, Any]]:
