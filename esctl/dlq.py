@@ -12,11 +12,11 @@ from typing import Annotated, Any, TypeVar
 import aio_pika
 import typer
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from rich.table import Table
 
 from esctl.console import (
+    FormatOption,
+    OutputFormat,
     amqp_url,
-    choose,
     consumers,
     fail,
     out,
@@ -24,6 +24,7 @@ from esctl.console import (
     run_async,
     service_named,
 )
+from esctl.console import table as console_table
 from servicekit import amqp, messages
 from shared_contracts.names import dead_letter_queue, live_queue
 
@@ -117,12 +118,14 @@ def _age(when: datetime | None) -> str:
 @app.command("list")
 def dlq_list(
     service: Annotated[str, typer.Argument(help="A consuming service, e.g. reporting_svc")],
-    output: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    output: FormatOption = OutputFormat.table,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Rows shown, from the oldest; 0 shows every one.")
+    ] = 20,
 ) -> None:
-    """Count, oldest age, and each message's reason and event type."""
+    """Count, oldest age, and the first rows: each message's reason and event type."""
     require_dependencies()
     service_named(service, consumers(), "service")
-    choose(output, ("table", "json"), "format")
 
     async def act(_: AbstractChannel, letters: list[Letter]) -> list[dict[str, Any]]:
         return [
@@ -139,17 +142,16 @@ def dlq_list(
         ]
 
     rows = run_async(lambda _: _with_dead_letters(service, act))
-    if output == "json":
-        out.print_json(json.dumps(rows))
+    shown = rows[:limit] if limit else rows
+    if output is OutputFormat.json:
+        out.print_json(json.dumps(shown))
         return
     ages = [r["dead_lettered_at"] for r in rows if r["dead_lettered_at"]]
     oldest = _age(datetime.fromisoformat(min(ages))) if ages else "-"
     out.print(f"{dead_letter_queue(service)}: {len(rows)} messages, oldest {oldest}")
-    if rows:
-        table = Table()
-        for column in ("#", "event_id", "event_type", "position", "reason", "age"):
-            table.add_column(column)
-        for r in rows:
+    if shown:
+        table = console_table("#", "event_id", "event_type", "position", "reason", "age", keys=2)
+        for r in shown:
             table.add_row(
                 str(r["index"]),
                 r["event_id"],
@@ -159,6 +161,8 @@ def dlq_list(
                 r["age"],
             )
         out.print(table)
+    if len(shown) < len(rows):
+        out.print(f"... {len(rows) - len(shown)} more: --limit 0 shows every one")
 
 
 @app.command("show")

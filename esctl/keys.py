@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import typer
 from rich.table import Table
 
-from esctl.console import fail, out, require_dependencies
+from esctl.console import FormatOption, OutputFormat, fail, out, require_dependencies
 
 app = typer.Typer(help="auth_svc's token signing keys.", no_args_is_help=True)
 
@@ -25,7 +27,7 @@ def rotate() -> None:
 
 
 @app.command("list")
-def list_() -> None:
+def list_(output: FormatOption = OutputFormat.table) -> None:
     """List signing keys: which signs, which are still published."""
     from auth_svc.keys import list_keys
     from auth_svc.settings import AuthSettings
@@ -35,6 +37,19 @@ def list_() -> None:
         keys = list_keys(AuthSettings())
     except Exception as exc:
         raise fail(f"could not list keys: {exc} (has `esctl db init` run?)") from None
+    if output is OutputFormat.json:
+        rows = [
+            {
+                "kid": key.kid,
+                "created_at": key.created_at.isoformat(),
+                "retired_at": key.retired_at.isoformat() if key.retired_at else None,
+                "signing": key.signing,
+                "published": key.published,
+            }
+            for key in keys
+        ]
+        out.print_json(json.dumps(rows))
+        return
     table = Table()
     for column in ("kid", "created", "retired", "signing", "published"):
         table.add_column(column)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+from typing import Annotated
+
 import typer
 
 from esctl import (
@@ -18,6 +21,26 @@ from esctl import (
 )
 
 app = typer.Typer(help="Run and operate the eskit stack.", no_args_is_help=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"esctl {version('eskit')}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version, exit."
+        ),
+    ] = False,
+) -> None:
+    """Run and operate the eskit stack."""
+
+
 app.add_typer(db.app, name="db")
 app.add_typer(broker.app, name="broker")
 app.add_typer(keys.app, name="keys")

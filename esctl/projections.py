@@ -25,8 +25,9 @@ from rich.table import Table
 
 import registry
 from esctl.console import (
+    FormatOption,
+    OutputFormat,
     amqp_url,
-    choose,
     consumers,
     err,
     fail,
@@ -35,6 +36,7 @@ from esctl.console import (
     run_async,
     service_named,
 )
+from esctl.console import table as console_table
 from servicekit import amqp
 from servicekit.projection import Projection, ProjectionStore
 from servicekit.replay import Progress as ReplayProgress
@@ -208,11 +210,10 @@ def republish(
 
 @app.command("status")
 def status(
-    output: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Per projection and producer: applied position, producer's latest, lag, DLQ depth."""
     require_dependencies()
-    choose(output, ("table", "json"), "format")
     producers = registry.with_role(Role.RELAY)
     latest = {p.name: _latest_position(p) for p in producers}
     depths = run_async(lambda _: _queue_depths([s.name for s in consumers()]))
@@ -241,23 +242,23 @@ def status(
                     "dlq": dlq,
                 }
             )
-    if output == "json":
+    if output is OutputFormat.json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title="projections")
-    for column in (
-        "projection",
-        "producer",
-        "applied",
-        "latest",
-        "behind",
-        "queued",
-        "lag (s)",
-        "DLQ",
-    ):
-        table.add_column(
-            column, justify="right" if column not in ("projection", "producer") else "left"
-        )
+    out.print(status_table(rows))
+    out.print(
+        "behind: positions between the producer's latest event and the last applied one "
+        "(private and unbound events included); queued: messages waiting in the queue."
+    )
+
+
+def status_table(rows: list[dict[str, Any]]) -> Table:
+    """`projections status` as a table that fits 80 columns with every name whole."""
+    table = console_table(
+        "projection", "producer", "applied", "latest", "behind", "queued", "lag (s)", "DLQ", keys=2
+    )
+    for column in table.columns[2:]:
+        column.justify = "right"
     for r in rows:
         table.add_row(
             r["projection"],
@@ -269,11 +270,7 @@ def status(
             f"{r['lag_seconds']:.1f}",
             "-" if r["dlq"] is None else str(r["dlq"]),
         )
-    out.print(table)
-    out.print(
-        "behind: positions between the producer's latest event and the last applied one "
-        "(private and unbound events included); queued: messages waiting in the queue."
-    )
+    return table
 
 
 def _binds(projection: Projection, producer: str) -> bool:

@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 from datetime import date, datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import psycopg
@@ -13,6 +14,12 @@ import typer
 from rich.table import Table
 
 from esctl.console import choose, fail, first_line, out, require_dependencies
+
+
+class ReportFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
 
 
 def report(
@@ -25,14 +32,15 @@ def report(
     until: Annotated[
         datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Last day (UTC), inclusive.")
     ] = None,
-    output: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    output: Annotated[
+        ReportFormat, typer.Option("--format", case_sensitive=False, help="table, json or csv")
+    ] = ReportFormat.table,
 ) -> None:
     """Print one of reporting_svc's read models."""
     from reporting_svc.reports import REPORTS, read_report
     from reporting_svc.settings import ReportingSettings
 
     choose(name, tuple(REPORTS), "report")
-    choose(output, ("table", "json", "csv"), "format")
     if since and until and since > until:
         raise fail("--since is after --until")
     require_dependencies()

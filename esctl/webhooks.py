@@ -15,7 +15,7 @@ import psycopg
 import typer
 from rich.table import Table
 
-from esctl.console import fail, out
+from esctl.console import FormatOption, OutputFormat, fail, out
 from integration_svc import deliveries, endpoints
 from integration_svc.egress import RefusedURL, UnresolvedURL, resolve
 from integration_svc.endpoints import Endpoint, EndpointError
@@ -100,10 +100,23 @@ def add(
 
 
 @app.command("list")
-def list_() -> None:
+def list_(output: FormatOption = OutputFormat.table) -> None:
     """List the endpoints (secrets masked)."""
     with _database(_settings()) as conn:
         rows = endpoints.list_endpoints(conn)
+    if output is OutputFormat.json:
+        listed = [
+            {
+                "id": e.id,
+                "url": e.url,
+                "events": list(e.events),
+                "source": e.source,
+                "secret": mask(e.secret),
+            }
+            for e in rows
+        ]
+        out.print_json(json.dumps(listed))
+        return
     table = Table()
     for column in ("id", "url", "events", "source", "secret"):
         table.add_column(column)
@@ -131,10 +144,14 @@ def deliveries_(
     endpoint: Annotated[str | None, typer.Option(help="Only this endpoint's.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Most recent N.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """The delivery log, most recent first."""
     with _database(_settings()) as conn:
         rows = deliveries.list_deliveries(conn, failed=failed, endpoint=endpoint, limit=limit)
+    if output is OutputFormat.json and not as_json:
+        out.print_json(json.dumps([r.__dict__ for r in rows], default=str))
+        return
     if as_json:
         for r in rows:
             out.print_json(json.dumps(r.__dict__, default=str), indent=None)

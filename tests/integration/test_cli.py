@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+import aio_pika
+
+from shared_contracts.names import dead_letter_queue
 from testbed import cli
+from tests.integration.test_consumer import envelope
 
 
 def esctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -42,3 +49,50 @@ def test_contracts_export_writes_schemas_and_asyncapi(tmp_path: Path) -> None:
     assert "asyncapi.json" in names
     assert "auth.account.registered.v1.json" in names
     assert len(names) == 8
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = esctl("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"esctl {version('eskit')}"
+
+
+def test_an_unknown_format_is_a_usage_error_naming_the_choices() -> None:
+    result = esctl("projections", "status", "--format", "xml")
+    assert result.returncode == 2
+    assert "'xml' is not one of 'table', 'json'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_dlq_list_shows_the_count_and_the_first_rows(make_vhost: Callable[[], str]) -> None:
+    url = make_vhost()
+
+    async def fill() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                dead_letter_queue("reporting_svc"),
+                durable=True,
+                arguments={"x-queue-type": "quorum"},
+            )
+            for position in range(1, 26):
+                body = json.dumps(envelope(position)).encode()
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body), routing_key=queue.name
+                )
+
+    asyncio.run(fill())
+    shown = esctl("dlq", "list", "reporting_svc", "--limit", "5", AMQP_URL=url, COLUMNS="80")
+    assert shown.returncode == 0, shown.stderr
+    assert "reporting_svc.dlq: 25 messages" in shown.stdout
+    assert "... 20 more" in shown.stdout
+    assert all(len(line) <= 80 for line in shown.stdout.splitlines())
+    listed = esctl("dlq", "list", "reporting_svc", "--format", "json", AMQP_URL=url)
+    positions = [r["position"] for r in json.loads(listed.stdout)]
+    assert len(positions) == 20
+    assert set(positions) <= set(range(1, 26))
+    every = esctl("dlq", "list", "reporting_svc", "--format", "json", "--limit", "0", AMQP_URL=url)
+    assert len(json.loads(every.stdout)) == 25
