@@ -43,7 +43,7 @@ def _clean_env() -> None:
 
 
 def users_me() -> dict[str, object]:
-    with auth_and_users() as (auth, users, users_db):
+    with auth_and_users() as (auth, users, users_db, _):
         off_port = free_port()
         off = f"http://127.0.0.1:{off_port}"
         env = {

@@ -67,7 +67,7 @@ def raw_saves(db: str) -> float:
 
 def main() -> None:
     cheap_hashing = {"AUTH_ARGON2_TIME_COST": "1", "AUTH_ARGON2_MEMORY_KIB": "1024"}
-    with auth_and_users(cheap_hashing) as (auth, users, users_db):
+    with auth_and_users(cheap_hashing) as (auth, users, users_db, _):
         tokens = []
         for i in range(USERS):
             body = {"email": f"p{i}@example.com", "password": "benchmark password"}

@@ -25,7 +25,7 @@ def main() -> None:
     hello_port = free_port()
     hello_url = f"http://127.0.0.1:{hello_port}/hello"
     with (
-        auth_and_users() as (auth, users, _),
+        auth_and_users() as (auth, users, _, _),
         process(uvicorn_argv("bench.hello:create_app", hello_port), {}, hello_url),
     ):
         body = {"email": "bench@example.com", "password": "benchmark password"}
