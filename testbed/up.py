@@ -76,7 +76,7 @@ def esctl_up(
     work: Path,
     *,
     up_args: Sequence[str] = (),
-    ready_timeout: float = 60,
+    ready_timeout: float = 120,
     **extra_env: str,
 ) -> Iterator[EsctlUp]:
     """Run `esctl up` until the block ends (SIGINT, as Ctrl-C would).

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from testbed.cli import esctl
-from tests.support.amqp import subscribed
 from testbed.up import EsctlUp, esctl_up
+from tests.support.amqp import subscribed
 
 
 @pytest.fixture(scope="module")

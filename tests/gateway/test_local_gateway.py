@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway.kong import load_kong
 from servicekit.eventstore import connection_kwargs
 from testbed.cli import esctl
+from testbed.up import EsctlUp, esctl_up
 from tests.support.amqp import subscribed
 from tests.support.api import bearer
-from testbed.up import EsctlUp, esctl_up
 
 KONG_YML = Path(__file__).parents[2] / "compose" / "kong.yml"
 

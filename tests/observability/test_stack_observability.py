@@ -20,8 +20,8 @@ from esctl.trace import SpanReceiver, SpanRecord, render
 from reporting_svc.projection import ReportingProjection
 from servicekit import telemetry
 from servicekit.replay import Replay
-from tests.support.amqp import subscribed
 from testbed.up import EsctlUp, esctl_up
+from tests.support.amqp import subscribed
 
 PASSWORD = "correct horse battery staple"
 # Each process `esctl up --no-gateway` starts, by the variable that sets its port.
