@@ -235,12 +235,15 @@ class AuthService(EventSourcedApplication):
     # --- queries ----------------------------------------------------------------------------
 
     def account_id_for(self, email: str) -> uuid.UUID | None:
-        try:
-            registration: EmailRegistration = self.repository.get(
-                registration_id(normalise_email(email))
-            )
-        except AggregateNotFoundError:
-            return None
+        """The account registered with `email`. A claimed address never changes hands, so a
+        registration already in memory answers without reading the store."""
+        key = registration_id(normalise_email(email))
+        registration: EmailRegistration | None = self._in_memory(key)
+        if registration is None:
+            try:
+                registration = self.repository.get(key)
+            except AggregateNotFoundError:
+                return None
         return registration.account_id
 
     def get_account(self, user_id: uuid.UUID) -> Account:
@@ -289,15 +292,28 @@ class AuthService(EventSourcedApplication):
 
         argon2 costs tens of milliseconds of CPU: done here, concurrent logins to one account
         verify in parallel, and the turn finds the result memoised (it verifies again only if
-        the hash changed in between). A locked account is not verified: its login is refused
-        before the password is looked at.
+        the hash changed in between, so a copy a few events behind is good enough here). A
+        locked account is not verified: its login is refused before the password is looked at.
         """
-        try:
-            account: Account = self.repository.get(account_id)
-        except AggregateNotFoundError:
-            return
+        account: Account | None = self._in_memory(account_id)
+        if account is None:
+            try:
+                account = self.repository.get(account_id)
+            except AggregateNotFoundError:
+                return
         if not account.is_locked(self._clock()):
             check(account.password_hash)
+
+    def _in_memory(self, aggregate_id: uuid.UUID) -> Any | None:
+        """The repository's cached copy of an aggregate, without reading the store: possibly
+        a few events behind, and shared, so only read (never changed) by the caller."""
+        cache = self.repository.cache
+        if cache is None:
+            return None
+        try:
+            return cache.get(aggregate_id)
+        except KeyError:
+            return None
 
     def _memoised_check(self, password: str) -> Callable[[str], PasswordCheck]:
         """Verify once per stored hash, however often a command is retried."""
