@@ -20,7 +20,6 @@ import httpx
 
 from bench.harness import (
     auth_and_users,
-    free_port,
     median,
     process,
     report,
@@ -29,6 +28,7 @@ from bench.harness import (
     uvicorn_argv,
     wrk,
 )
+from testbed.ports import free_port
 
 ROUNDS = 5
 SECONDS = 5
@@ -61,7 +61,8 @@ def users_me() -> dict[str, object]:
             bearer = {"Authorization": f"Bearer {token}"}
             for base in (users, off):
                 httpx.get(f"{base}/users/me", headers=bearer, timeout=10).raise_for_status()
-            on_runs, off_runs = [], []
+            on_runs: list[dict[str, float]] = []
+            off_runs: list[dict[str, float]] = []
             for _ in range(ROUNDS):
                 on_runs.append(
                     wrk(f"{users}/users/me", seconds=SECONDS, connections=64, headers=bearer)
@@ -114,7 +115,8 @@ async def catch_up(db: str, amqp_url: str) -> float:
 def relay() -> dict[str, object]:
     with temp_database("obs_relay") as db, temp_vhost() as amqp_url:
         fill_traced(db)
-        on_runs, off_runs = [], []
+        on_runs: list[float] = []
+        off_runs: list[float] = []
         for _ in range(2):
             for env, runs in (({}, on_runs), (OFF, off_runs)):
                 out = subprocess.run(
@@ -154,7 +156,7 @@ def main() -> None:
         ),
         "target": "users_me_ratio >= 0.9 and relay_ratio >= 0.9",
     }
-    result["ratio"] = min(result["users_me_ratio"], result["relay_ratio"])  # type: ignore[type-var]
+    result["ratio"] = min(float(result["users_me_ratio"]), float(result["relay_ratio"]))  # type: ignore[arg-type]
     report("observability", result)
 
 

@@ -26,7 +26,6 @@ import aio_pika
 import httpx
 
 from bench.harness import (
-    free_port,
     median,
     percentile,
     process,
@@ -46,6 +45,7 @@ from servicekit.projection import ProjectionStore
 from servicekit.replay import Progress, Replay
 from testbed.cli import ESCTL
 from testbed.history import generate, publish
+from testbed.ports import free_port
 
 EVENTS = 50_000
 ROUNDS = 2

@@ -27,7 +27,7 @@ from bench.harness import percentile, report
 from testbed.audit import Audit
 from testbed.checks import check_everything, end_to_end_recovery, until_no_problems
 from testbed.load import Ledger, LoadGenerator
-from testbed.servers import private_servers
+from testbed.servers import PrivateRabbit, private_servers
 from testbed.stack import Stack, running_stack
 
 RATE_PER_S = float(os.environ.get("SOAK_RATE", "20"))  # client operations per second
@@ -101,6 +101,7 @@ async def _soak(stack: Stack, audit: Audit, seconds: float) -> dict[str, object]
             stack, audit, ledger, time.monotonic(), 60
         )
         await asyncio.sleep(max(seconds * 2 / 3 - (time.monotonic() - started), 0))
+        assert isinstance(stack.rabbit, PrivateRabbit)  # soak runs one broker
         await asyncio.to_thread(stack.rabbit.restart, 3)
         recoveries["rabbitmq restart"] = await end_to_end_recovery(
             stack, audit, ledger, time.monotonic(), 60

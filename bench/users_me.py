@@ -9,13 +9,13 @@ import httpx
 
 from bench.harness import (
     auth_and_users,
-    free_port,
     median,
     process,
     report,
     uvicorn_argv,
     wrk,
 )
+from testbed.ports import free_port
 
 ROUNDS = 3
 SECONDS = 5
