@@ -26,7 +26,6 @@ first those refills, then the live messages that followed them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import itertools
 import logging
@@ -35,16 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from servicekit import amqp, generations, stream, telemetry
-from servicekit.amqp import declare_history_stream
-from servicekit.batching import fill
+from servicekit import generations, native_stream, stream, telemetry
 from servicekit.generations import Difference, Generations, ReplayError
 from servicekit.messages import (
-    STREAM_OFFSET,
     IncomingEvent,
     Outcome,
     validated,
@@ -88,6 +83,7 @@ class Progress:
     skipped: int = 0
     failed: int = 0
     phase: Phase = Phase.READING
+    protocol: str = ""  # how events.history is read: the native stream protocol, or AMQP
     # Per producer, how many positions the live generation has decided beyond the rebuilt
     # one (when last checked); empty once caught up.
     behind: dict[str, int] = field(default_factory=dict)
@@ -132,6 +128,7 @@ class Replay:
         *,
         database_url: str,
         amqp_url: str,
+        stream_port: int | None = native_stream.DEFAULT_STREAM_PORT,
         dry_run: bool = False,
         restart: bool = False,
         batch_size: int = 1000,
@@ -145,6 +142,7 @@ class Replay:
         self.store = ProjectionStore(projection, database_url)
         self.generations = Generations(self.store)
         self.amqp_url = amqp_url
+        self.stream_port = stream_port  # None: AMQP 0.9.1 only
         self.dry_run = dry_run
         self.restart = restart
         self.batch_size = batch_size
@@ -160,10 +158,15 @@ class Replay:
             await self.store.setup()
             progress = await self._begin()
             self.on_progress(progress)
-            connection = await amqp.connect(self.amqp_url)
-            async with connection:
-                first = await stream.first_offset(connection)
-                watch = await self._watch(connection)  # also the first sight of the live edge
+            reading = native_stream.history_reader(self.amqp_url, self.stream_port)
+            async with reading as (history, _):
+                progress.protocol = history.protocol
+                log.info(
+                    "replay reads events.history",
+                    extra={"projection": self.projection.name, "protocol": history.protocol},
+                )
+                first = await stream.first_offset(history)
+                watch = await self._watch(history)  # also the first sight of the live edge
                 progress.end = watch.end
                 refills: dict[str, stream.Refill] = {}
                 phase, start = 0, progress.offset + 1
@@ -171,7 +174,7 @@ class Replay:
                     live = await self.store.positions()
                     try:
                         refills = await stream.find_refills(
-                            connection, progress.end, self.projection, set(live), self.idle
+                            history, progress.end, self.projection, set(live), self.idle
                         )
                     except stream.RefillMissing as exc:
                         raise ReplayError(str(exc)) from None
@@ -180,13 +183,13 @@ class Replay:
                     until = max((r.last for r in refills.values()), default=-1)
                     if until >= start:
                         await self._read(
-                            connection, progress, stop, start, refills, phase=1, until=until
+                            history, progress, stop, start, refills, phase=1, until=until
                         )
                     phase = 2
                     progress.phase = Phase.READING
                 if not stop.is_set():
                     result = await self._read(
-                        connection, progress, stop, start, refills, phase=phase, watch=watch
+                        history, progress, stop, start, refills, phase=phase, watch=watch
                     )
                     if result is not None:
                         return result
@@ -245,7 +248,7 @@ class Replay:
 
     async def _read(
         self,
-        connection: stream.AnyConnection,
+        history: stream.HistoryReader,
         progress: Progress,
         stop: asyncio.Event,
         start: int,
@@ -261,45 +264,35 @@ class Replay:
         after every batch once the rebuilt generation has caught up: the result. None when
         stopped, or when phase 1 is done.
         """
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.batch_size * 2)
-        history = await declare_history_stream(channel)
-        await history.consume(inbox.put, arguments={STREAM_OFFSET: max(start, 0)}, no_ack=False)
-        try:
+        subscribing = history.subscribe(max(start, 0), prefetch=self.batch_size * 2)
+        async with subscribing as subscription:
             while not stop.is_set():
-                batch: list[AbstractIncomingMessage] = []
-                with contextlib.suppress(TimeoutError):  # nothing new: check anyway
-                    batch.append(await asyncio.wait_for(inbox.get(), timeout=self.idle))
+                # Nothing new within `idle`: an empty batch, and the checks below anyway.
+                batch = await subscription.take(self.batch_size, self.idle, self.linger)
                 if batch:
-                    await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
                     await self._apply(batch, progress, refills, phase)
-                    await batch[-1].ack(multiple=True)
                 if phase == 1:
                     self.on_progress(progress)
                     if progress.offset >= (until or 0):
                         return None
                     continue
-                result, watch = await self._try_finish(connection, progress, watch)
+                result, watch = await self._try_finish(history, progress, watch)
                 self.on_progress(progress)
                 if result is not None:
                     return result
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
         return None
 
     async def _watch(
-        self, connection: stream.AnyConnection, live: dict[str, int] | None = None
+        self, history: stream.HistoryReader, live: dict[str, int] | None = None
     ) -> _Watch:
         """The live generation's positions (given, or read now), then the stream's end."""
         at = asyncio.get_running_loop().time()
         if live is None:
             live = {p: v.position for p, v in (await self.store.positions()).items()}
-        return _Watch(at, live, await stream.end_offset(connection))
+        return _Watch(at, live, await stream.end_offset(history))
 
     async def _try_finish(
-        self, connection: stream.AnyConnection, progress: Progress, watch: _Watch | None
+        self, history: stream.HistoryReader, progress: Progress, watch: _Watch | None
     ) -> tuple[ReplayResult | None, _Watch | None]:
         """Swap if caught up; otherwise keep a watch on the live edge to detect a stall."""
         async with self.store.pool.connection() as conn:
@@ -312,7 +305,7 @@ class Replay:
             return result, None if result is None else watch
         now = asyncio.get_running_loop().time()
         if watch is None:
-            watch = await self._watch(connection, live_positions)
+            watch = await self._watch(history, live_positions)
             progress.end = max(progress.end, watch.end)
             return None, watch
         if progress.offset < watch.end:
@@ -339,7 +332,7 @@ class Replay:
 
     async def _apply(
         self,
-        batch: Sequence[AbstractIncomingMessage],
+        batch: Sequence[stream.HistoryMessage],
         progress: Progress,
         refills: dict[str, stream.Refill],
         phase: int,
@@ -350,9 +343,7 @@ class Replay:
         but whoever looks at either should find the other.
         """
         links = [
-            link
-            for link in (telemetry.link_to(stream.traceparent_of(m)) for m in batch)
-            if link is not None
+            link for link in (telemetry.link_to(m.traceparent) for m in batch) if link is not None
         ]
         span = telemetry.start_span(
             f"replay {self.projection.name}",
@@ -365,8 +356,8 @@ class Replay:
                 "messaging.batch.message_count": len(batch),
                 "eskit.projection": self.projection.name,
                 "eskit.generation": progress.generation,
-                "eskit.stream_offset.first": stream.offset_of(batch[0]),
-                "eskit.stream_offset.last": stream.offset_of(batch[-1]),
+                "eskit.stream_offset.first": batch[0].offset,
+                "eskit.stream_offset.last": batch[-1].offset,
             },
             links=links,
         )
@@ -375,7 +366,7 @@ class Replay:
 
     async def _apply_batch(
         self,
-        batch: Sequence[AbstractIncomingMessage],
+        batch: Sequence[stream.HistoryMessage],
         progress: Progress,
         refills: dict[str, stream.Refill],
         phase: int,
@@ -388,7 +379,7 @@ class Replay:
         """
         items: list[tuple[int, IncomingEvent | tuple[Envelope, str]]] = []
         for message in batch:
-            offset = stream.offset_of(message)
+            offset = message.offset
             progress.end = max(progress.end, offset)
             envelope = stream.wanted(message, offset, refills, phase, self.projection)
             if envelope is None:
@@ -403,7 +394,7 @@ class Replay:
                 progress.skipped += 1
                 continue
             items.append((offset, IncomingEvent(envelope, event)))
-        last = stream.offset_of(batch[-1])
+        last = batch[-1].offset
         outcomes: list[Outcome] = []
         parked = 0
         async with self.store.pool.connection() as conn, conn.transaction():
