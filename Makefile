@@ -44,6 +44,11 @@ broker-plugins:
 	rabbitmq-plugins -q is_enabled rabbitmq_management >/dev/null 2>&1 \
 	  || rabbitmq-plugins -q enable rabbitmq_management >/dev/null \
 	  || rabbitmq-plugins -q enable --offline rabbitmq_management
+	@# The native stream protocol (port 5552): replays read events.history over it.
+	@command -v rabbitmq-plugins >/dev/null || exit 0; \
+	rabbitmq-plugins -q is_enabled rabbitmq_stream >/dev/null 2>&1 \
+	  || rabbitmq-plugins -q enable rabbitmq_stream >/dev/null \
+	  || rabbitmq-plugins -q enable --offline rabbitmq_stream
 
 ## Run the whole stack on this machine (Ctrl-C stops it).
 up: $(STAMP) gateway-tools broker-plugins

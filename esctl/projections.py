@@ -126,6 +126,7 @@ def replay(
         service.projection,
         database_url=service.settings.database_url,
         amqp_url=service.settings.amqp_url,
+        stream_port=service.settings.amqp_stream_port,
         dry_run=dry_run,
         restart=restart,
         batch_size=batch_size,

@@ -65,6 +65,9 @@ class ServiceSettings(BaseSettings):
     amqp_heartbeat_seconds: int = shared(
         "AMQP_HEARTBEAT_SECONDS", DEFAULT_HEARTBEAT_SECONDS, ge=1, le=60
     )
+    # The native stream protocol (plugin rabbitmq_stream) on AMQP_URL's hosts, with its
+    # credentials and vhost: replays read events.history there, or over AMQP where it is off.
+    amqp_stream_port: int = shared("AMQP_STREAM_PORT", 5552, ge=1, le=65535)
     log_level: str = shared("LOG_LEVEL", "INFO")
     log_format: str = shared("LOG_FORMAT", "auto")
     host: str = "127.0.0.1"
