@@ -15,7 +15,7 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(STAMP): $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PYTHON) --quiet
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON) --quiet
 	touch $(STAMP)
 
 venv: $(STAMP)
