@@ -7,9 +7,20 @@ until consumers have moved. Additive changes keep the version.
 from __future__ import annotations
 
 import uuid
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
+
+# A field that carries a bearer secret (a verification or reset link) sealed to notify_svc's
+# public key: ciphertext that only notify_svc opens. Such a field is never forwarded beyond
+# the bus (webhooks drop it: `without_sealed`).
+SEALED: JsonDict = {"x-sealed": True}
+
+
+def sealed_field(description: str) -> Any:
+    """An optional str field marked `x-sealed` in the schema."""
+    return Field(default=None, description=description, json_schema_extra=SEALED)
 
 
 class ContractEvent(BaseModel):
@@ -34,6 +45,13 @@ class AccountRegistered(ContractEvent):
     user_id: uuid.UUID
     email: str
     display_name: str | None = None
+    email_verified: bool = Field(
+        default=False, description="Always false at registration (added in 1.1)."
+    )
+    verification_link_sealed: str | None = sealed_field(
+        "The e-mail verification link, sealed to notify_svc's public key (added in 1.1)."
+    )
+    verification_expires_at: AwareDatetime | None = None
 
 
 class LoginSucceeded(ContractEvent):
@@ -69,6 +87,62 @@ class PasswordChanged(ContractEvent):
     summary = "A user changed their password; every refresh token was revoked."
 
     user_id: uuid.UUID
+
+
+class EmailVerificationRequested(ContractEvent):
+    event_type = "auth.account.email_verification_requested"
+    producer = "auth_svc"
+    summary = "A user asked for a new e-mail verification link (the link is sealed)."
+
+    user_id: uuid.UUID
+    expires_at: AwareDatetime
+    link_sealed: str | None = sealed_field(
+        "The verification link, sealed to notify_svc's public key."
+    )
+
+
+class EmailVerified(ContractEvent):
+    event_type = "auth.account.email_verified"
+    producer = "auth_svc"
+    summary = "A user confirmed their e-mail address with a verification link."
+
+    user_id: uuid.UUID
+    email: str
+
+
+class PasswordResetRequested(ContractEvent):
+    event_type = "auth.account.password_reset_requested"
+    producer = "auth_svc"
+    summary = "Someone asked to reset the password of an existing account (the link is sealed)."
+
+    user_id: uuid.UUID
+    expires_at: AwareDatetime
+    link_sealed: str | None = sealed_field(
+        "The single-use reset link, sealed to notify_svc's public key."
+    )
+
+
+class PasswordReset(ContractEvent):
+    event_type = "auth.account.password_reset"
+    producer = "auth_svc"
+    summary = "A password was reset with a reset link; every session was revoked, any lock lifted."
+
+    user_id: uuid.UUID
+
+
+class SessionRevoked(ContractEvent):
+    event_type = "auth.session.revoked"
+    producer = "auth_svc"
+    summary = (
+        "A session (a refresh-token family, the `sid` of its access tokens) ended: its access "
+        "tokens must be refused from now on."
+    )
+
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    reason: str = Field(
+        description="logout, ended, logout_all, reuse, password_changed or password_reset"
+    )
 
 
 # --- user_svc -------------------------------------------------------------------------------
@@ -115,6 +189,11 @@ CONTRACTS: dict[tuple[str, int], type[ContractEvent]] = {
         LoginFailed,
         AccountLocked,
         PasswordChanged,
+        EmailVerificationRequested,
+        EmailVerified,
+        PasswordResetRequested,
+        PasswordReset,
+        SessionRevoked,
         ProfileCreated,
         ProfileUpdated,
     )
@@ -124,3 +203,18 @@ CONTRACTS: dict[tuple[str, int], type[ContractEvent]] = {
 def contract_for(event_type: str, schema_version: int) -> type[ContractEvent] | None:
     """The model of a published event, or None when this build does not know it."""
     return CONTRACTS.get((event_type, schema_version))
+
+
+def without_sealed(
+    event_type: str, schema_version: int, data: dict[str, object]
+) -> dict[str, object]:
+    """`data` without the sealed fields of its contract: what may leave the bus."""
+    contract = contract_for(event_type, schema_version)
+    if contract is None:
+        return data
+    sealed = {
+        name
+        for name, info in contract.model_fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("x-sealed")
+    }
+    return {k: v for k, v in data.items() if k not in sealed}

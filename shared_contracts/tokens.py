@@ -21,3 +21,13 @@ class AccessTokenClaims(BaseModel):
     exp: int
     jti: str
     email: str | None = None
+    email_verified: bool | None = Field(
+        default=None, description="Whether the address was confirmed (absent in older tokens)"
+    )
+    sid: uuid.UUID | None = Field(
+        default=None, description="The session (refresh-token family) the token belongs to"
+    )
+
+
+# What the discovery document lists as `claims_supported`.
+CLAIMS_SUPPORTED: tuple[str, ...] = tuple(AccessTokenClaims.model_fields)
