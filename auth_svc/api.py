@@ -6,7 +6,9 @@ thread pool). Domain errors become problem+json here, in one place.
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
@@ -24,18 +26,25 @@ from pydantic import (
     ValidationError,
 )
 
-from auth_svc.application import AuthService, TokenPair
+from auth_svc.application import AuthService, Client, TokenPair
 from auth_svc.domain import (
     AccountIsLocked,
     AuthError,
     EmailAlreadyRegistered,
+    EmailAlreadyVerified,
+    EmailNotVerified,
     InvalidCredentials,
+    InvalidLinkToken,
     InvalidRefreshToken,
+    SessionNotFound,
     WrongPassword,
 )
 from auth_svc.keys import KeyStore
+from auth_svc.limits import TooManyRequests
+from auth_svc.screening import PasswordTooCommon, ScreeningUnavailable
 from servicekit.problems import header, problem_response, problem_responses
 from servicekit.tokens import CurrentUser
+from shared_contracts.tokens import ACCESS_TOKEN_ALGORITHM, CLAIMS_SUPPORTED
 
 # --- request and response models ------------------------------------------------------------
 
@@ -54,6 +63,8 @@ DisplayName = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[^\x00]*$"),
 ]
 RefreshToken = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+# A verification or reset token as the link carries it (67 base64url characters today).
+LinkToken = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
 class StrictModel(BaseModel):
@@ -80,6 +91,55 @@ class RefreshRequest(StrictModel):
 class ChangePasswordRequest(StrictModel):
     current_password: GivenPassword
     new_password: NewPassword
+
+
+class VerifyEmailRequest(StrictModel):
+    token: LinkToken
+
+
+class ForgotPasswordRequest(StrictModel):
+    email: Email
+
+
+class ResetPasswordRequest(StrictModel):
+    token: LinkToken
+    new_password: NewPassword
+
+
+class Accepted(BaseModel):
+    detail: str
+
+
+FORGOT_ACCEPTED = Accepted(
+    detail="If an account uses this address, a link to reset its password is on its way."
+)
+
+
+class SessionOut(BaseModel):
+    id: uuid.UUID = Field(description="The session id: the `sid` of its access tokens")
+    created_at: datetime | None
+    last_used_at: datetime | None = Field(description="When its refresh token was last used")
+    user_agent: str | None
+    client_ip: str | None = Field(description="The client's address as seen by the gateway")
+    current: bool = Field(description="The session of the access token that asked")
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionOut]
+
+
+class OpenIdConfiguration(BaseModel):
+    """The subset of OpenID Connect Discovery 1.0 metadata that applies to this issuer."""
+
+    issuer: str
+    jwks_uri: str
+    token_endpoint: str
+    grant_types_supported: list[str]
+    response_types_supported: list[str]
+    subject_types_supported: list[str]
+    id_token_signing_alg_values_supported: list[str]
+    token_endpoint_auth_methods_supported: list[str]
+    claims_supported: list[str]
 
 
 class RegisteredAccount(BaseModel):
@@ -109,23 +169,31 @@ class JsonWebKeySet(BaseModel):
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return problem_responses(
         {c: _DESCRIPTIONS.get(c, "Error") for c in (*codes, 400, 413, 422)},
-        headers={423: {"Retry-After": header("Seconds until the lockout ends.", "integer")}},
+        headers={
+            423: {"Retry-After": header("Seconds until the lockout ends.", "integer")},
+            429: {"Retry-After": header("Seconds until a request may succeed.", "integer")},
+            503: {"Retry-After": header("Seconds to wait before trying again.", "integer")},
+        },
     )
 
 
 _DESCRIPTIONS = {
     400: "Malformed JSON",
     401: "Not authenticated",
+    403: "The account's e-mail address is not verified (type ends in email-not-verified)",
+    404: "Not found",
     409: "Conflict",
     413: "Request body over 64 KiB",
-    422: "Invalid request",
+    422: "Invalid request (or a password too common)",
     423: "Account locked; see Retry-After",
+    429: "Too many requests of this kind; see Retry-After",
+    503: "A dependency (links, breach check) is unavailable",
 }
 
 API_DESCRIPTION = (
     "Accounts and tokens: registration, login (an access token and a refresh token), "
-    "refresh, logout, password change, and the public keys (JWKS) that verify access tokens "
-    "(RS256, `kid` in the header)."
+    "refresh, logout, password change, e-mail verification, password reset, sessions, and the "
+    "public keys (JWKS, discovery) that verify access tokens (RS256, `kid` in the header)."
 )
 
 # --- dependencies ---------------------------------------------------------------------------
@@ -146,6 +214,44 @@ KeyStoreDep = Annotated[KeyStore, Depends(_key_store)]
 PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def client_ip(request: Request, trusted: list[str]) -> str | None:
+    """The client's address: the peer, unless the peer is a trusted proxy (the gateway), then
+    the right-most address of `X-Forwarded-For` that is not a trusted proxy."""
+    peer = request.client.host if request.client else None
+    networks = [ipaddress.ip_network(n, strict=False) for n in trusted]
+
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    if peer is None or not is_trusted(peer):
+        return peer
+    forwarded = [
+        part.strip()
+        for value in request.headers.getlist("x-forwarded-for")
+        for part in value.split(",")
+        if part.strip()
+    ]
+    for address in reversed(forwarded):
+        if not is_trusted(address):
+            try:
+                return str(ipaddress.ip_address(address))
+            except ValueError:
+                return peer  # garbage from beyond the gateway: trust only what we saw
+    return forwarded[0] if forwarded else peer
+
+
+def request_client(request: Request, auth: AuthService) -> Client:
+    return Client(
+        user_agent=request.headers.get("user-agent"),
+        ip=client_ip(request, auth.settings.trusted_proxies),
+    )
+
 
 # --- routes ---------------------------------------------------------------------------------
 
@@ -170,10 +276,12 @@ LOGINS = Counter("auth_logins_total", "Login attempts by outcome", ["outcome"])
 _LOGIN_OUTCOMES = {o: LOGINS.labels(o) for o in ("succeeded", "failed", "locked")}
 
 
-def counted_login(auth: AuthService, email: str, password: str) -> TokenPair:
+def counted_login(
+    auth: AuthService, email: str, password: str, client: Client | None = None
+) -> TokenPair:
     """Log in, counting the attempt as succeeded, failed (401) or locked (423)."""
     try:
-        pair = auth.login(email, password)
+        pair = auth.login(email, password, client)
     except AccountIsLocked:
         _LOGIN_OUTCOMES["locked"].inc()
         raise
@@ -189,12 +297,16 @@ def counted_login(auth: AuthService, email: str, password: str) -> TokenPair:
     response_model=TokenResponse,
     operation_id="login",
     summary="Log in with e-mail and password",
-    responses=problems(401, 423),
+    responses=problems(401, 403, 423),
 )
-def login(body: LoginRequest, auth: AuthServiceDep, response: Response) -> TokenResponse:
-    """Exchange e-mail and password for an access token and a refresh token."""
+def login(
+    body: LoginRequest, auth: AuthServiceDep, request: Request, response: Response
+) -> TokenResponse:
+    """Exchange e-mail and password for an access token and a refresh token (a new
+    session). With AUTH_REQUIRE_VERIFIED_EMAIL an unverified account gets a 403."""
     response.headers.update(NO_STORE)
-    return TokenResponse.of(counted_login(auth, body.email, body.password))
+    client = request_client(request, auth)
+    return TokenResponse.of(counted_login(auth, body.email, body.password, client))
 
 
 @router.post(
@@ -202,16 +314,19 @@ def login(body: LoginRequest, auth: AuthServiceDep, response: Response) -> Token
     response_model=TokenResponse,
     operation_id="loginWithPasswordForm",
     summary="Log in with the OAuth2 password form",
-    responses=problems(401, 423),
+    responses=problems(401, 403, 423),
 )
-def token(form: PasswordForm, auth: AuthServiceDep, response: Response) -> TokenResponse:
+def token(
+    form: PasswordForm, auth: AuthServiceDep, request: Request, response: Response
+) -> TokenResponse:
     """OAuth2 password flow (what Swagger UI's Authorize sends): `username` is the e-mail."""
     try:
         body = LoginRequest(email=form.username, password=form.password)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     response.headers.update(NO_STORE)
-    return TokenResponse.of(counted_login(auth, body.email, body.password))
+    client = request_client(request, auth)
+    return TokenResponse.of(counted_login(auth, body.email, body.password, client))
 
 
 @router.post(
@@ -244,7 +359,7 @@ def logout(body: RefreshRequest, auth: AuthServiceDep) -> None:
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="changePassword",
     summary="Change the password",
-    responses=problems(401),
+    responses=problems(401, 503),
 )
 def change_password(body: ChangePasswordRequest, user: CurrentUser, auth: AuthServiceDep) -> None:
     """Change the password (the current one is required); every refresh token is revoked."""
@@ -263,6 +378,140 @@ def jwks(keys: KeyStoreDep, response: Response) -> JsonWebKeySet:
     return JsonWebKeySet.model_validate(keys.jwks())
 
 
+# --- e-mail verification, password reset, sessions ------------------------------------------
+
+
+@router.post(
+    "/email/verify",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="verifyEmail",
+    summary="Confirm the e-mail address with the link's token",
+    responses=problems(429),
+)
+def verify_email(body: VerifyEmailRequest, auth: AuthServiceDep, request: Request) -> None:
+    """Spend the token of a verification link. Any token that does not verify (unknown,
+    expired, spent, tampered, or a reset token) gets the same 400 and changes nothing."""
+    auth.token_attempts.hit(request_client(request, auth).ip or "unknown")
+    auth.verify_email(body.token)
+
+
+@router.post(
+    "/email/verify/resend",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="resendVerificationEmail",
+    summary="Mail a new verification link",
+    responses=problems(401, 409, 429),
+)
+def resend_verification(user: CurrentUser, auth: AuthServiceDep) -> None:
+    """Mail a new verification link to the caller's address (rate-limited per account);
+    earlier links stop working."""
+    auth.resend_verification(user.sub)
+
+
+@router.post(
+    "/password/forgot",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    operation_id="forgotPassword",
+    summary="Mail a password reset link",
+    responses=problems(429),
+)
+def forgot_password(
+    body: ForgotPasswordRequest, auth: AuthServiceDep, request: Request
+) -> Accepted:
+    """Mail a single-use reset link if an account uses the address. The answer (body and
+    timing) is the same whether it does or not; rate-limited per address and per client IP."""
+    auth.forgot_password(body.email, request_client(request, auth).ip)
+    return FORGOT_ACCEPTED
+
+
+@router.post(
+    "/password/reset",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="resetPassword",
+    summary="Set a new password with a reset link's token",
+    responses=problems(429, 503),
+)
+def reset_password(body: ResetPasswordRequest, auth: AuthServiceDep, request: Request) -> None:
+    """Spend the reset token: the new password applies, every session is revoked and a
+    lockout is lifted. An invalid or expired token gets a 400 and changes nothing."""
+    auth.token_attempts.hit(request_client(request, auth).ip or "unknown")
+    auth.reset_password(body.token, body.new_password)
+
+
+@router.get(
+    "/sessions",
+    response_model=SessionList,
+    operation_id="listSessions",
+    summary="The caller's sessions",
+    responses=problems(401),
+)
+def list_sessions(user: CurrentUser, auth: AuthServiceDep, response: Response) -> SessionList:
+    """Each login opens a session (its refresh tokens); `current` marks the caller's."""
+    response.headers.update(NO_STORE)
+    return SessionList(
+        sessions=[
+            SessionOut(
+                id=s.id,
+                created_at=s.created_at,
+                last_used_at=s.last_used_at,
+                user_agent=s.user_agent,
+                client_ip=s.client_ip,
+                current=s.id == user.sid,
+            )
+            for s in auth.sessions(user.sub)
+        ]
+    )
+
+
+@router.delete(
+    "/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="endSession",
+    summary="End one of the caller's sessions",
+    responses=problems(401, 404),
+)
+def end_session(session_id: uuid.UUID, user: CurrentUser, auth: AuthServiceDep) -> None:
+    """Its refresh token stops working at once, its access tokens within about a second
+    everywhere (`auth.session.revoked`)."""
+    auth.end_session(user.sub, session_id)
+
+
+@router.post(
+    "/logout-all",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="logoutEverywhere",
+    summary="End every session of the caller",
+    responses=problems(401),
+)
+def logout_all(user: CurrentUser, auth: AuthServiceDep) -> None:
+    """End every session of the caller, this one included."""
+    auth.end_every_session(user.sub)
+
+
+@router.get(
+    "/.well-known/openid-configuration",
+    response_model=OpenIdConfiguration,
+    operation_id="getOpenIdConfiguration",
+    summary="Discovery: issuer, JWKS, token endpoint, algorithms, claims",
+)
+def openid_configuration(auth: AuthServiceDep, request: Request) -> OpenIdConfiguration:
+    """OpenID Connect Discovery metadata, so JOSE and gateway libraries configure
+    themselves. URLs are absolute, on the host the caller used (the gateway's)."""
+    base = str(request.base_url).rstrip("/")
+    return OpenIdConfiguration(
+        issuer=auth.settings.issuer,
+        jwks_uri=f"{base}/auth/.well-known/jwks.json",
+        token_endpoint=f"{base}/auth/token",
+        grant_types_supported=["password", "refresh_token"],
+        response_types_supported=["token"],
+        subject_types_supported=["public"],
+        id_token_signing_alg_values_supported=[ACCESS_TOKEN_ALGORITHM],
+        token_endpoint_auth_methods_supported=["none"],
+        claims_supported=list(CLAIMS_SUPPORTED),
+    )
+
+
 # --- domain errors -> problem+json, once ----------------------------------------------------
 
 _STATUS: dict[type[AuthError], int] = {
@@ -271,17 +520,46 @@ _STATUS: dict[type[AuthError], int] = {
     WrongPassword: 401,
     InvalidRefreshToken: 401,
     AccountIsLocked: 423,
+    InvalidLinkToken: 400,
+    EmailNotVerified: 403,
+    EmailAlreadyVerified: 409,
+    SessionNotFound: 404,
+    PasswordTooCommon: 422,
+    TooManyRequests: 429,
+    ScreeningUnavailable: 503,
 }
-_TITLES = {401: "Unauthorized", 409: "Conflict", 423: "Locked"}
+_TITLES = {
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    422: "Unprocessable content",
+    423: "Locked",
+    429: "Too many requests",
+    503: "Service unavailable",
+}
+# Problems a client tells apart by `type` rather than by status alone.
+_TYPES: dict[type[AuthError], str] = {
+    EmailNotVerified: "https://eskit.dev/problems/email-not-verified",
+    InvalidLinkToken: "https://eskit.dev/problems/invalid-link-token",
+    PasswordTooCommon: "https://eskit.dev/problems/password-too-common",
+}
 
 
 def problem_for(exc: AuthError) -> JSONResponse:
     status_code = next((s for t, s in _STATUS.items() if isinstance(exc, t)), 400)
     headers: dict[str, str] = {}
-    if isinstance(exc, AccountIsLocked):
+    if isinstance(exc, AccountIsLocked | TooManyRequests):
         headers["Retry-After"] = str(exc.retry_after_seconds)
+    elif status_code == 503:
+        headers["Retry-After"] = "30"
+    type_ = next((u for t, u in _TYPES.items() if isinstance(exc, t)), "about:blank")
     return problem_response(
-        status_code, _TITLES.get(status_code, "Bad request"), str(exc), headers=headers
+        status_code,
+        _TITLES.get(status_code, "Bad request"),
+        str(exc),
+        type_=type_,
+        headers=headers,
     )
 
 

@@ -1,4 +1,5 @@
-"""The auth application: registration, login, refresh tokens, password changes.
+"""The auth application: registration, login, refresh tokens, password changes, e-mail
+verification, password reset and sessions.
 
 Synchronous (the eventsourcing library is): call it from plain `def` routes. Every command
 loads an Account, runs a domain method and saves. Commands on one account take turns in this
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -27,19 +31,28 @@ from auth_svc.domain import (
     Account,
     AuthError,
     EmailAlreadyRegistered,
+    EmailNotVerified,
     EmailRegistration,
     InvalidCredentials,
+    InvalidLinkToken,
     InvalidRefreshToken,
     WrongPassword,
     normalise_email,
     registration_id,
 )
+from auth_svc.limits import SlidingWindow
 from auth_svc.passwords import PasswordCheck, Passwords
+from auth_svc.screening import PasswordScreen
 from auth_svc.settings import AuthSettings
 from servicekit.aggregates import Combiner, retry_conflicts
 from servicekit.eventstore import EventSourcedApplication
+from servicekit.sealing import seal
 
 T = TypeVar("T")
+log = logging.getLogger("auth_svc.application")
+QUARTER_HOUR = 900.0
+HOUR = 3600.0
+RESET_BACKLOG = 1000  # reset requests waiting for the background worker; more are dropped
 
 SNAPSHOT_EVERY = 50  # every login appends an event; replay at most this many
 
@@ -59,6 +72,31 @@ class TokenPair:
     access_token: str
     expires_in: int
     refresh_token: str
+
+
+@dataclass(frozen=True)
+class Client:
+    """Where a request came from: recorded with a new session."""
+
+    user_agent: str | None = None
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class Session:
+    id: uuid.UUID
+    created_at: datetime | None
+    last_used_at: datetime | None
+    user_agent: str | None
+    client_ip: str | None
+
+
+@dataclass(frozen=True)
+class _Signed:
+    """What an access token says about the account, read in the account's turn."""
+
+    email: str
+    email_verified: bool
 
 
 # --- refresh tokens: opaque to clients, self-locating for us -------------------------------
@@ -94,6 +132,35 @@ def refresh_token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# --- verification and reset tokens: 256 random bits, a purpose, the account -----------------
+
+_LINK_TOKEN_VERSION = 1
+VERIFY_EMAIL = 1
+RESET_PASSWORD = 2
+_LINK_TOKEN_BYTES = 1 + 1 + 16 + 32
+
+
+def new_link_token(account_id: uuid.UUID, purpose: int) -> str:
+    raw = bytes([_LINK_TOKEN_VERSION, purpose]) + account_id.bytes + secrets.token_bytes(32)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def parse_link_token(token: str, purpose: int) -> uuid.UUID:
+    """The account of a well-formed token of `purpose`, else InvalidLinkToken. The purpose is
+    also covered by the stored hash: a token of the other kind never matches."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        raise InvalidLinkToken from None
+    if len(raw) != _LINK_TOKEN_BYTES or raw[0] != _LINK_TOKEN_VERSION or raw[1] != purpose:
+        raise InvalidLinkToken
+    return uuid.UUID(bytes=raw[2:18])
+
+
+def link_token_hash(token: str) -> str:
+    return hashlib.sha256(b"link:" + token.encode()).hexdigest()
+
+
 class AuthService(EventSourcedApplication):
     """Commands and queries of auth_svc. The notification log is `auth_events`."""
 
@@ -116,6 +183,18 @@ class AuthService(EventSourcedApplication):
         self._commands: Combiner[uuid.UUID, _Command, Any] = Combiner(
             self._account_turn, app=self.name
         )
+        self.screen = PasswordScreen(self.settings)
+        limits = self.settings
+        self.resend_limit = SlidingWindow(limits.resend_limit, HOUR)
+        self.forgot_per_address = SlidingWindow(limits.forgot_limit_per_address, QUARTER_HOUR)
+        self.forgot_per_ip = SlidingWindow(limits.forgot_limit_per_ip, QUARTER_HOUR)
+        self.token_attempts = SlidingWindow(limits.token_attempts_per_ip, QUARTER_HOUR)
+        self._resets = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth-reset")
+        self._reset_backlog = threading.BoundedSemaphore(RESET_BACKLOG)
+
+    def close(self) -> None:
+        self._resets.shutdown(wait=True, cancel_futures=False)
+        super().close()
 
     @property
     def passwords(self) -> Passwords:
@@ -130,12 +209,19 @@ class AuthService(EventSourcedApplication):
         """The new account's id (the user id). EmailAlreadyRegistered when taken."""
         if self.account_id_for(email) is not None:
             raise EmailAlreadyRegistered
+        self.screen.check(password)
         now = self._clock()
+        account_id = uuid.uuid4()
+        token = new_link_token(account_id, VERIFY_EMAIL)
         account = Account.register(
             email=email,
             password_hash=self.passwords.hash(password),
             display_name=display_name,
             now=now,
+            account_id=account_id,
+            verification_hash=link_token_hash(token),
+            verification_expires_at=now + timedelta(seconds=self.settings.verification_ttl_seconds),
+            verification_link_sealed=self._sealed_link(self.settings.verify_email_url, token),
         )
         registration = EmailRegistration.claim(account, now=now)
         try:
@@ -149,7 +235,8 @@ class AuthService(EventSourcedApplication):
             raise EmailAlreadyRegistered from None
         return account.id
 
-    def login(self, email: str, password: str) -> TokenPair:
+    def login(self, email: str, password: str, client: Client | None = None) -> TokenPair:
+        client = client or Client()
         account_id = self.account_id_for(email)
         if account_id is None:
             self.passwords.verify_nothing(password)
@@ -160,7 +247,7 @@ class AuthService(EventSourcedApplication):
         self._verify_ahead(account_id, check)
         settings = self.settings
 
-        def log_in(account: Account) -> str:
+        def log_in(account: Account) -> _Signed:
             now = self._clock()
             account.ensure_can_log_in(now)
             result = check(account.password_hash)
@@ -173,23 +260,27 @@ class AuthService(EventSourcedApplication):
                 raise InvalidCredentials
             if result.needs_rehash:
                 account.rehash_password(self.passwords.hash(password), now=now)
+            if settings.require_verified_email and not account.email_verified:
+                raise EmailNotVerified
             account.record_login(
                 family_id=family_id,
                 refresh_token_hash=refresh_token_hash(refresh_token),
                 refresh_expires_at=now + timedelta(seconds=settings.refresh_token_ttl_seconds),
                 now=now,
+                user_agent=client.user_agent,
+                client_ip=client.ip,
             )
-            return account.email
+            return _Signed(account.email, account.email_verified)
 
-        email = self._update(account_id, log_in, missing=InvalidCredentials)
-        return self._token_pair(account_id, email, refresh_token)
+        signed = self._update(account_id, log_in, missing=InvalidCredentials)
+        return self._token_pair(account_id, signed, family_id, refresh_token)
 
     def refresh(self, refresh_token: str) -> TokenPair:
         """Spend `refresh_token` for a new pair; a spent one revokes its whole family."""
         account_id, family_id = parse_refresh_token(refresh_token)
         next_token = new_refresh_token(account_id, family_id)
 
-        def rotate(account: Account) -> str:
+        def rotate(account: Account) -> _Signed:
             now = self._clock()
             account.rotate_refresh_token(
                 family_id=family_id,
@@ -198,10 +289,10 @@ class AuthService(EventSourcedApplication):
                 new_expires_at=now + timedelta(seconds=self.settings.refresh_token_ttl_seconds),
                 now=now,
             )
-            return account.email
+            return _Signed(account.email, account.email_verified)
 
-        email = self._update(account_id, rotate, missing=InvalidRefreshToken)
-        return self._token_pair(account_id, email, next_token)
+        signed = self._update(account_id, rotate, missing=InvalidRefreshToken)
+        return self._token_pair(account_id, signed, family_id, next_token)
 
     def logout(self, refresh_token: str) -> None:
         """Revoke the token's family. Unknown or spent tokens change nothing visible."""
@@ -223,6 +314,7 @@ class AuthService(EventSourcedApplication):
         """Requires the current password; revokes every refresh token of the account."""
         check = self._memoised_check(current_password)
         self._verify_ahead(user_id, check)
+        self.screen.check(new_password)
         new_hash = self.passwords.hash(new_password)
 
         def change(account: Account) -> None:
@@ -231,6 +323,121 @@ class AuthService(EventSourcedApplication):
             account.change_password(new_hash, now=self._clock())
 
         self._update(user_id, change, missing=InvalidCredentials)
+
+    # --- e-mail verification -------------------------------------------------------------
+
+    def verify_email(self, token: str) -> None:
+        """Spend a verification token; InvalidLinkToken for any token that does not verify."""
+        account_id = parse_link_token(token, VERIFY_EMAIL)
+        presented = link_token_hash(token)
+
+        def verify(account: Account) -> None:
+            account.verify_email(presented, now=self._clock())
+
+        self._update(account_id, verify, missing=InvalidLinkToken)
+
+    def resend_verification(self, user_id: uuid.UUID) -> None:
+        """A new verification link for the account (rate-limited per account)."""
+        self.resend_limit.hit(str(user_id))
+        token = new_link_token(user_id, VERIFY_EMAIL)
+        sealed = self._sealed_link(self.settings.verify_email_url, token)
+
+        def request(account: Account) -> None:
+            now = self._clock()
+            account.request_verification(
+                token_hash=link_token_hash(token),
+                expires_at=now + timedelta(seconds=self.settings.verification_ttl_seconds),
+                link_sealed=sealed,
+                now=now,
+            )
+
+        self._update(user_id, request, missing=InvalidCredentials)
+
+    # --- password reset -------------------------------------------------------------------
+
+    def forgot_password(self, email: str, client_ip: str | None) -> None:
+        """Count the request, then leave the rest to a background thread: the caller's answer
+        and its timing are the same whether the address has an account or not."""
+        self.forgot_per_ip.hit(client_ip or "unknown")
+        self.forgot_per_address.hit(normalise_email(email))
+        if not self._reset_backlog.acquire(blocking=False):
+            log.warning("password reset backlog full: request dropped")
+            return
+        try:
+            self._resets.submit(self._issue_reset_link, email)
+        except RuntimeError:  # shutting down
+            self._reset_backlog.release()
+
+    def _issue_reset_link(self, email: str) -> None:
+        try:
+            account_id = self.account_id_for(email)
+            if account_id is None:
+                return
+            token = new_link_token(account_id, RESET_PASSWORD)
+            sealed = self._sealed_link(self.settings.reset_password_url, token)
+
+            def request(account: Account) -> None:
+                now = self._clock()
+                account.request_password_reset(
+                    token_hash=link_token_hash(token),
+                    expires_at=now + timedelta(seconds=self.settings.reset_ttl_seconds),
+                    link_sealed=sealed,
+                    now=now,
+                )
+
+            self._update(account_id, request, missing=InvalidCredentials)
+        except Exception:
+            log.exception("a password reset link could not be issued")
+        finally:
+            self._reset_backlog.release()
+
+    def reset_password(self, token: str, new_password: str) -> None:
+        """Spend a reset token: the new password, every session revoked, any lock lifted."""
+        account_id = parse_link_token(token, RESET_PASSWORD)
+        presented = link_token_hash(token)
+        try:
+            account: Account = self.repository.get(account_id)
+        except AggregateNotFoundError:
+            raise InvalidLinkToken from None
+        # Checked before the (costly) hash and the screening, so a bad token changes nothing.
+        account.ensure_reset_token(presented, now=self._clock())
+        self.screen.check(new_password)
+        new_hash = self.passwords.hash(new_password)
+
+        def reset(account: Account) -> None:
+            account.reset_password(presented, new_hash, now=self._clock())
+
+        self._update(account_id, reset, missing=InvalidLinkToken)
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def sessions(self, user_id: uuid.UUID) -> list[Session]:
+        try:
+            account = self.get_account(user_id)
+        except AggregateNotFoundError:
+            return []
+        return [
+            Session(
+                id=uuid.UUID(family_id),
+                created_at=family.get("created_at"),
+                last_used_at=family.get("last_used_at"),
+                user_agent=family.get("user_agent"),
+                client_ip=family.get("client_ip"),
+            )
+            for family_id, family in account.sessions(self._clock())
+        ]
+
+    def end_session(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+        def end(account: Account) -> None:
+            account.end_session(session_id, now=self._clock())
+
+        self._update(user_id, end, missing=InvalidCredentials)
+
+    def end_every_session(self, user_id: uuid.UUID) -> None:
+        def end(account: Account) -> None:
+            account.end_every_session(reason="logout_all", now=self._clock())
+
+        self._update(user_id, end, missing=InvalidCredentials)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -326,7 +533,17 @@ class AuthService(EventSourcedApplication):
 
         return check
 
-    def _token_pair(self, account_id: uuid.UUID, email: str, refresh_token: str) -> TokenPair:
+    def _sealed_link(self, page: str, token: str) -> str | None:
+        """The link to `page` with `token`, sealed to notify_svc's key. Without a key (a
+        misconfiguration, warned about at start) the token is recorded but no link is sent."""
+        public_key = self.settings.link_sealing_public_key
+        if not public_key:
+            return None
+        return seal(public_key, f"{page}#token={token}")
+
+    def _token_pair(
+        self, account_id: uuid.UUID, signed: _Signed, family_id: uuid.UUID, refresh_token: str
+    ) -> TokenPair:
         if self._signer is None:
             msg = "AuthService was built without a token signer"
             raise RuntimeError(msg)
@@ -339,6 +556,8 @@ class AuthService(EventSourcedApplication):
             "iat": now,
             "exp": now + ttl,
             "jti": uuid.uuid4().hex,
-            "email": email,
+            "email": signed.email,
+            "email_verified": signed.email_verified,
+            "sid": str(family_id),
         }
         return TokenPair(self._signer.sign(claims), ttl, refresh_token)

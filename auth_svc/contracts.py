@@ -1,7 +1,8 @@
 """Stored auth events -> public contract events. Everything else stays private.
 
-Only what others need crosses the wire: never a password hash, a refresh-token hash or any
-key material.
+Only what others need crosses the wire: never a password hash, a refresh-token hash, a
+verification or reset token (nor its hash) or any key material. Verification and reset links
+cross only sealed to notify_svc's public key.
 """
 
 from __future__ import annotations
@@ -13,18 +14,43 @@ from shared_contracts.events import (
     AccountLocked,
     AccountRegistered,
     ContractEvent,
+    EmailVerificationRequested,
+    EmailVerified,
     LoginFailed,
     LoginSucceeded,
     PasswordChanged,
+    PasswordReset,
+    PasswordResetRequested,
+    SessionRevoked,
 )
 
 
 def to_contract(event: Any) -> ContractEvent | None:
-    """The public event for a stored one, or None for private events (rehash, refresh
-    tokens, e-mail registrations)."""
+    """The public event for a stored one, or None for private events (rehash, refresh-token
+    rotation, e-mail registrations)."""
     if isinstance(event, Account.Registered):
         return AccountRegistered(
-            user_id=event.originator_id, email=event.email, display_name=event.display_name
+            user_id=event.originator_id,
+            email=event.email,
+            display_name=event.display_name,
+            verification_link_sealed=event.verification_link_sealed,
+            verification_expires_at=event.verification_expires_at,
+        )
+    if isinstance(event, Account.EmailVerificationRequested):
+        return EmailVerificationRequested(
+            user_id=event.originator_id, expires_at=event.expires_at, link_sealed=event.link_sealed
+        )
+    if isinstance(event, Account.EmailVerified):
+        return EmailVerified(user_id=event.originator_id, email=event.email)
+    if isinstance(event, Account.PasswordResetRequested):
+        return PasswordResetRequested(
+            user_id=event.originator_id, expires_at=event.expires_at, link_sealed=event.link_sealed
+        )
+    if isinstance(event, Account.PasswordReset):
+        return PasswordReset(user_id=event.originator_id)
+    if isinstance(event, Account.RefreshFamilyRevoked):
+        return SessionRevoked(
+            user_id=event.originator_id, session_id=event.family_id, reason=event.reason
         )
     if isinstance(event, Account.LoginSucceeded):
         return LoginSucceeded(user_id=event.originator_id)

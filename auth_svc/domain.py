@@ -22,7 +22,11 @@ EMAIL_NAMESPACE = uuid.UUID("0b7d0f38-54a4-4f6b-9a3c-8d1e2f3a4b5c")
 MAX_REFRESH_FAMILIES = 50  # oldest sessions are dropped beyond this
 MAX_SPENT_PER_FAMILY = 100  # older spent tokens are forgotten (then just "unknown")
 
-RevocationReason = Literal["reuse", "logout"]
+# Why a session (refresh-token family) ended; `auth.session.revoked` carries it.
+RevocationReason = Literal[
+    "reuse", "logout", "ended", "logout_all", "password_changed", "password_reset"
+]
+USER_AGENT_MAX = 256
 
 
 def normalise_email(email: str) -> str:
@@ -75,6 +79,39 @@ class RefreshTokenReused(InvalidRefreshToken):
     """A spent refresh token came back: its whole family was revoked."""
 
 
+class InvalidLinkToken(AuthError):
+    """An unknown, expired, spent, tampered or wrong-purpose verification or reset token:
+    one answer for all, and nothing changes."""
+
+    def __init__(self) -> None:
+        super().__init__("The link is invalid or has expired.")
+
+
+class EmailNotVerified(AuthError):
+    def __init__(self) -> None:
+        super().__init__(
+            "The e-mail address of this account is not verified yet: follow the link in the "
+            "welcome mail, or ask for a new one."
+        )
+
+
+class EmailAlreadyVerified(AuthError):
+    def __init__(self) -> None:
+        super().__init__("The e-mail address of this account is already verified.")
+
+
+class SessionNotFound(AuthError):
+    def __init__(self) -> None:
+        super().__init__("The caller has no session with this id.")
+
+
+def _check_link_token(expected: dict[str, Any] | None, presented_hash: str, now: datetime) -> None:
+    if expected is None or not hmac.compare_digest(presented_hash, expected["hash"]):
+        raise InvalidLinkToken
+    if expected["expires_at"] <= now:
+        raise InvalidLinkToken
+
+
 # --- aggregates ---------------------------------------------------------------------------
 
 
@@ -83,23 +120,64 @@ class Account(TracedAggregate):
 
     A family is one login session: each refresh spends the current token and issues the
     next one. `refresh_families[family_id]` holds the current token's hash and expiry and
-    the hashes already spent, so presenting a spent token is recognised as theft.
+    the hashes already spent, so presenting a spent token is recognised as theft. A family
+    is also what the user sees as a session (`sid` in its access tokens).
+
+    Verification and reset tokens are kept as sha256 hashes with their expiry (one of each
+    at a time: a new request replaces the old one); their links travel only sealed.
     """
 
+    class_version = 2  # v2: e-mail verification, password reset and session details
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["email_verified"] = False
+        state["verification"] = None
+        state["reset"] = None
+
     class Registered(TracedAggregate.Created):
+        """v2 records the first verification token's hash and its sealed link."""
+
+        class_version = 2
+
         email: str
         password_hash: str
         display_name: str | None
+        verification_hash: str | None
+        verification_expires_at: datetime | None
+        verification_link_sealed: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["verification_hash"] = None
+            state["verification_expires_at"] = None
+            state["verification_link_sealed"] = None
 
         def apply(self, aggregate: Account) -> None:
             aggregate.email = self.email
             aggregate.password_hash = self.password_hash
             aggregate.display_name = self.display_name
+            if self.verification_hash and self.verification_expires_at:
+                aggregate.verification = {
+                    "hash": self.verification_hash,
+                    "expires_at": self.verification_expires_at,
+                }
 
     class LoginSucceeded(TracedAggregate.Event):
+        """v2 records where the session was opened from (user agent, client IP)."""
+
+        class_version = 2
+
         family_id: uuid.UUID
         refresh_token_hash: str
         refresh_expires_at: datetime
+        user_agent: str | None
+        client_ip: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["user_agent"] = None
+            state["client_ip"] = None
 
         def apply(self, aggregate: Account) -> None:
             aggregate.failed_logins = 0
@@ -109,6 +187,10 @@ class Account(TracedAggregate):
                 "current": self.refresh_token_hash,
                 "expires_at": self.refresh_expires_at,
                 "spent": [],
+                "created_at": self.timestamp,
+                "last_used_at": self.timestamp,
+                "user_agent": self.user_agent,
+                "client_ip": self.client_ip,
             }
             while len(aggregate.refresh_families) > MAX_REFRESH_FAMILIES:
                 oldest = min(
@@ -169,6 +251,7 @@ class Account(TracedAggregate):
             family["spent"] = [*family["spent"], self.spent_hash][-MAX_SPENT_PER_FAMILY:]
             family["current"] = self.refresh_token_hash
             family["expires_at"] = self.refresh_expires_at
+            family["last_used_at"] = self.timestamp
             aggregate.forget_expired_families(self.timestamp)
 
     class RefreshFamilyRevoked(TracedAggregate.Event):
@@ -178,14 +261,55 @@ class Account(TracedAggregate):
         def apply(self, aggregate: Account) -> None:
             aggregate.refresh_families.pop(str(self.family_id), None)
 
+    class EmailVerificationRequested(TracedAggregate.Event):
+        """A new link (resend): its token's hash replaces the previous one."""
+
+        token_hash: str
+        expires_at: datetime
+        link_sealed: str | None
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.verification = {"hash": self.token_hash, "expires_at": self.expires_at}
+
+    class EmailVerified(TracedAggregate.Event):
+        email: str  # the address confirmed
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.email_verified = True
+            aggregate.verification = None
+
+    class PasswordResetRequested(TracedAggregate.Event):
+        token_hash: str
+        expires_at: datetime
+        link_sealed: str | None
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.reset = {"hash": self.token_hash, "expires_at": self.expires_at}
+
+    class PasswordReset(TracedAggregate.Event):
+        """The reset token is spent, every session was revoked, any lock is lifted."""
+
+        password_hash: str
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.password_hash = self.password_hash
+            aggregate.reset = None
+            aggregate.refresh_families.clear()
+            aggregate.failed_logins = 0
+            aggregate.locked_until = None
+
     def __init__(self) -> None:
         self.email = ""
         self.password_hash = ""
         self.display_name: str | None = None
         self.failed_logins = 0
         self.locked_until: datetime | None = None
-        # family id (str) -> {"current": hash, "expires_at": datetime, "spent": [hash, ...]}
+        # family id (str) -> {"current": hash, "expires_at": datetime, "spent": [hash, ...],
+        # "created_at", "last_used_at", "user_agent", "client_ip"}
         self.refresh_families: dict[str, dict[str, Any]] = {}
+        self.email_verified = False
+        self.verification: dict[str, Any] | None = None  # {"hash", "expires_at"}
+        self.reset: dict[str, Any] | None = None  # {"hash", "expires_at"}
 
     @classmethod
     def register(
@@ -195,14 +319,21 @@ class Account(TracedAggregate):
         password_hash: str,
         display_name: str | None,
         now: datetime,
+        account_id: uuid.UUID | None = None,
+        verification_hash: str | None = None,
+        verification_expires_at: datetime | None = None,
+        verification_link_sealed: str | None = None,
     ) -> Account:
         account: Account = cls._create(
             cls.Registered,
-            id=uuid.uuid4(),
+            id=account_id or uuid.uuid4(),
             timestamp=now,
             email=normalise_email(email),
             password_hash=password_hash,
             display_name=display_name,
+            verification_hash=verification_hash,
+            verification_expires_at=verification_expires_at,
+            verification_link_sealed=verification_link_sealed,
         )
         return account
 
@@ -241,6 +372,8 @@ class Account(TracedAggregate):
         refresh_token_hash: str,
         refresh_expires_at: datetime,
         now: datetime,
+        user_agent: str | None = None,
+        client_ip: str | None = None,
     ) -> None:
         self.ensure_can_log_in(now)
         self.trigger_event(
@@ -249,6 +382,8 @@ class Account(TracedAggregate):
             family_id=family_id,
             refresh_token_hash=refresh_token_hash,
             refresh_expires_at=refresh_expires_at,
+            user_agent=user_agent[:USER_AGENT_MAX] if user_agent else None,
+            client_ip=client_ip,
         )
 
     def rehash_password(self, password_hash: str, *, now: datetime) -> None:
@@ -256,7 +391,71 @@ class Account(TracedAggregate):
 
     def change_password(self, password_hash: str, *, now: datetime) -> None:
         """The caller has checked the current password. Every refresh token is revoked."""
+        self.end_every_session(reason="password_changed", now=now)
         self.trigger_event(self.PasswordChanged, timestamp=now, password_hash=password_hash)
+
+    # --- e-mail verification and password reset --------------------------------------------
+
+    def request_verification(
+        self, *, token_hash: str, expires_at: datetime, link_sealed: str | None, now: datetime
+    ) -> None:
+        if self.email_verified:
+            raise EmailAlreadyVerified
+        self.trigger_event(
+            self.EmailVerificationRequested,
+            timestamp=now,
+            token_hash=token_hash,
+            expires_at=expires_at,
+            link_sealed=link_sealed,
+        )
+
+    def verify_email(self, presented_hash: str, *, now: datetime) -> None:
+        _check_link_token(self.verification, presented_hash, now)
+        self.trigger_event(self.EmailVerified, timestamp=now, email=self.email)
+
+    def request_password_reset(
+        self, *, token_hash: str, expires_at: datetime, link_sealed: str | None, now: datetime
+    ) -> None:
+        self.trigger_event(
+            self.PasswordResetRequested,
+            timestamp=now,
+            token_hash=token_hash,
+            expires_at=expires_at,
+            link_sealed=link_sealed,
+        )
+
+    def ensure_reset_token(self, presented_hash: str, *, now: datetime) -> None:
+        _check_link_token(self.reset, presented_hash, now)
+
+    def reset_password(self, presented_hash: str, password_hash: str, *, now: datetime) -> None:
+        """Spend the reset token: new password, every session revoked, any lock lifted."""
+        _check_link_token(self.reset, presented_hash, now)
+        self.end_every_session(reason="password_reset", now=now)
+        self.trigger_event(self.PasswordReset, timestamp=now, password_hash=password_hash)
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def sessions(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
+        """Live sessions, newest first."""
+        live = [(f, fam) for f, fam in self.refresh_families.items() if fam["expires_at"] > now]
+        return sorted(live, key=lambda item: item[1].get("created_at") or now, reverse=True)
+
+    def end_session(self, family_id: uuid.UUID, *, now: datetime) -> None:
+        family = self.refresh_families.get(str(family_id))
+        if family is None or family["expires_at"] <= now:
+            raise SessionNotFound
+        self.trigger_event(
+            self.RefreshFamilyRevoked, timestamp=now, family_id=family_id, reason="ended"
+        )
+
+    def end_every_session(self, *, reason: RevocationReason, now: datetime) -> None:
+        for family_id in list(self.refresh_families):
+            self.trigger_event(
+                self.RefreshFamilyRevoked,
+                timestamp=now,
+                family_id=uuid.UUID(family_id),
+                reason=reason,
+            )
 
     # --- refresh tokens -------------------------------------------------------------------
 

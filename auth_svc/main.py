@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,8 @@ from servicekit.relay import Relay, create_relay_table
 from servicekit.service import Service
 from servicekit.tokens import TokenVerifier
 from shared_contracts.names import AUTH_EVENTS
+
+log = logging.getLogger("auth_svc.main")
 
 
 def init_db(settings: AuthSettings | None = None) -> None:
@@ -54,6 +57,11 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.link_sealing_public_key:
+            log.warning(
+                "AUTH_LINK_SEALING_PUBLIC_KEY is not set: verification and reset links "
+                "cannot be mailed"
+            )
         keys = KeyStore(settings)
         await asyncio.to_thread(keys.open)
         service = await asyncio.to_thread(build_service, settings, keys)

@@ -9,6 +9,7 @@ from servicekit.settings import ApiSettings, http_port, relay_health_port
 from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 THIRTY_DAYS = 30 * 24 * 3600
+DAY = 24 * 3600
 
 
 class AuthSettings(ApiSettings):
@@ -59,4 +60,74 @@ class AuthSettings(ApiSettings):
         ge=0,
         description="Extra time a retired key stays in the JWKS after its last token "
         "expired (clock skew, caches).",
+    )
+
+    # --- e-mail verification, password reset, sessions -------------------------------------
+    require_verified_email: bool = Field(
+        default=False,
+        description="Refuse logins of accounts whose e-mail address is not verified "
+        "(403 problem `email-not-verified`).",
+    )
+    link_sealing_public_key: str | None = Field(
+        default=None,
+        description="notify_svc's X25519 public key (base64url; `python -m servicekit.sealing` "
+        "makes a pair): verification and reset links are sealed to it. Unset: no link is "
+        "mailed (a warning at start).",
+    )
+    verify_email_url: str = Field(
+        default="http://localhost:3000/verify-email",
+        description="Page of the front-end that confirms an address; the link appends "
+        "`#token=...`.",
+    )
+    reset_password_url: str = Field(
+        default="http://localhost:3000/reset-password",
+        description="Page of the front-end that sets a new password; the link appends "
+        "`#token=...`.",
+    )
+    verification_ttl_seconds: int = Field(
+        default=DAY, ge=60, description="Lifetime of an e-mail verification link."
+    )
+    reset_ttl_seconds: int = Field(
+        default=1800, ge=60, description="Lifetime of a password reset link (single use)."
+    )
+    resend_limit: int = Field(
+        default=3, ge=1, description="Verification mails one account may ask for per hour."
+    )
+    forgot_limit_per_address: int = Field(
+        default=3,
+        ge=1,
+        description="`POST /auth/password/forgot` requests per address per 15 minutes "
+        "(counted alike for unknown addresses).",
+    )
+    forgot_limit_per_ip: int = Field(
+        default=20,
+        ge=1,
+        description="`POST /auth/password/forgot` requests per client IP per 15 minutes.",
+    )
+    token_attempts_per_ip: int = Field(
+        default=20,
+        ge=1,
+        description="Verification and reset token attempts per client IP per 15 minutes.",
+    )
+    trusted_proxies: list[str] = Field(
+        default=["127.0.0.1/32", "::1/128"],
+        description="Networks of the gateway (JSON list of CIDRs): only from these is "
+        "`X-Forwarded-For` believed for the client IP (sessions, rate limits).",
+    )
+    hibp_enabled: bool = Field(
+        default=False,
+        description="Also refuse passwords found in Have I Been Pwned's range API (only a "
+        "5-character SHA-1 prefix leaves the service).",
+    )
+    hibp_url: str = Field(
+        default="https://api.pwnedpasswords.com/range/",
+        description="Base URL of the HIBP range API; the prefix is appended.",
+    )
+    hibp_timeout_seconds: float = Field(
+        default=2.0, gt=0, description="Bound on one HIBP range request."
+    )
+    hibp_fail_open: bool = Field(
+        default=True,
+        description="When HIBP cannot be reached in time: accept the password (true) or "
+        "refuse it with a 503 problem (false).",
     )
