@@ -15,6 +15,7 @@ from integration_svc.deliveries import NOTIFY_CHANNEL
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Projection, Transaction, topic_matches
 from shared_contracts.envelope import Envelope
+from shared_contracts.events import without_sealed
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 
 
@@ -24,7 +25,8 @@ def body(envelope: Envelope) -> str:
         {
             "type": envelope.event_type,
             "timestamp": envelope.occurred_at.isoformat().replace("+00:00", "Z"),
-            "data": envelope.data,
+            # Sealed links are for notify_svc only: they never leave the bus.
+            "data": without_sealed(envelope.event_type, envelope.schema_version, envelope.data),
             "event_id": str(envelope.event_id),
             "schema_version": envelope.schema_version,
             "producer": envelope.producer,

@@ -28,6 +28,7 @@ from servicekit.dispatch import (
     IntentDispatcher,
     RetrySchedule,
 )
+from servicekit.sealing import Opener
 
 log = logging.getLogger("notify_svc.dispatcher")
 
@@ -55,6 +56,8 @@ class MailDispatcher(IntentDispatcher):
             settings.smtp_url, maildir=settings.maildir, timeout=settings.smtp_timeout_seconds
         )
         self.status = MailDispatcherStatus(transport=self.mail.describe())
+        keys = [k for k in settings.link_opening_keys.split(",") if k.strip()]
+        self.opener = Opener(keys) if keys else None
         super().__init__(
             name="notify_svc.dispatcher",
             database_url=settings.database_url,
@@ -127,7 +130,7 @@ class MailDispatcher(IntentDispatcher):
 
     async def _send(self, intent: Intent) -> None:
         try:
-            message = render(intent, sender=self.settings.mail_from)
+            message = render(intent, sender=self.settings.mail_from, opener=self.opener)
             await self.mail.send(message)
         except PermanentMailError as exc:
             await self._failed(intent, str(exc))

@@ -17,6 +17,7 @@ import aiosmtplib
 from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateNotFound, select_autoescape
 
 from notify_svc.intents import Intent
+from servicekit.sealing import Opener, SealingError
 
 LANGUAGES = ("en", "fr")
 DATE_FORMATS = {"en": "%d %B %Y at %H:%M %Z", "fr": "%d/%m/%Y à %H:%M %Z"}
@@ -58,7 +59,26 @@ def local_time(value: str | None, tz: str | None, lang: str) -> str:
     return moment.strftime(DATE_FORMATS[lang])
 
 
-def render(intent: Intent, *, sender: str) -> EmailMessage:
+def opened_link(intent: Intent, opener: Opener | None) -> str | None:
+    """The intent's sealed link, opened; None when it has none (an older welcome event).
+
+    A link that does not open (no key for it any more) fails a link mail for good; a welcome
+    mail goes out without it (the user can ask for a new one).
+    """
+    sealed = intent.context.get("link_sealed")
+    if not sealed:
+        return None
+    try:
+        if opener is None:
+            raise SealingError("NOTIFY_LINK_OPENING_KEYS is not set")
+        return opener.open(sealed)
+    except SealingError as exc:
+        if intent.effect == "welcome":
+            return None
+        raise PermanentMailError(f"the link cannot be opened: {exc}") from None
+
+
+def render(intent: Intent, *, sender: str, opener: Opener | None = None) -> EmailMessage:
     """The mail for `intent`, in the user's language when known, text and HTML."""
     if not intent.email:
         raise PermanentMailError(f"no e-mail address is known for user {intent.user_id}")
@@ -70,6 +90,8 @@ def render(intent: Intent, *, sender: str) -> EmailMessage:
         "failed_attempts": intent.context.get("failed_attempts"),
         "occurred_at": local_time(intent.context.get("occurred_at"), intent.timezone, lang),
         "locked_until": local_time(intent.context.get("locked_until"), intent.timezone, lang),
+        "expires_at": local_time(intent.context.get("expires_at"), intent.timezone, lang),
+        "link": opened_link(intent, opener),
     }
     try:
         text = templates.get_template(f"{lang}/{intent.effect}.txt.j2")

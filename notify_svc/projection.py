@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from notify_svc.intents import NOTIFY_CHANNEL, message_id
@@ -19,7 +20,10 @@ from servicekit.projection import Projection, Transaction
 from shared_contracts.events import (
     AccountLocked,
     AccountRegistered,
+    EmailVerificationRequested,
     PasswordChanged,
+    PasswordReset,
+    PasswordResetRequested,
     ProfileCreated,
     ProfileUpdated,
 )
@@ -28,6 +32,13 @@ from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 WELCOME = "welcome"
 PASSWORD_CHANGED = "password_changed"  # noqa: S105 - an effect name
 LOCKED = "locked"
+VERIFY_EMAIL = "verify_email"
+PASSWORD_RESET_LINK = "password_reset_link"  # noqa: S105 - an effect name
+PASSWORD_RESET = "password_reset"  # noqa: S105 - an effect name
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
 
 
 class NotificationProjection(Projection):
@@ -37,6 +48,9 @@ class NotificationProjection(Projection):
             AccountRegistered.event_type,
             PasswordChanged.event_type,
             AccountLocked.event_type,
+            EmailVerificationRequested.event_type,
+            PasswordResetRequested.event_type,
+            PasswordReset.event_type,
         ],
         USER_EVENTS: [ProfileCreated.event_type, ProfileUpdated.event_type],
     }
@@ -75,7 +89,30 @@ class NotificationProjection(Projection):
                             event.display_name,
                         )
                     context = {"email": event.email, "display_name": event.display_name}
+                    if event.verification_link_sealed:
+                        # Still sealed: opened only when the mail is rendered.
+                        context["link_sealed"] = event.verification_link_sealed
+                        context["expires_at"] = _iso(event.verification_expires_at)
                     intents.append((env.event_id, WELCOME, event.user_id, env.event_type, context))
+                case EmailVerificationRequested() | PasswordResetRequested():
+                    if event.link_sealed:
+                        effect = (
+                            VERIFY_EMAIL
+                            if isinstance(event, EmailVerificationRequested)
+                            else PASSWORD_RESET_LINK
+                        )
+                        context = {
+                            "link_sealed": event.link_sealed,
+                            "expires_at": event.expires_at.isoformat(),
+                        }
+                        intents.append(
+                            (env.event_id, effect, event.user_id, env.event_type, context)
+                        )
+                case PasswordReset():
+                    context = {"occurred_at": env.occurred_at.isoformat()}
+                    intents.append(
+                        (env.event_id, PASSWORD_RESET, event.user_id, env.event_type, context)
+                    )
                 case PasswordChanged():
                     context = {"occurred_at": env.occurred_at.isoformat()}
                     intents.append(

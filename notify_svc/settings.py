@@ -49,6 +49,12 @@ class NotifySettings(DispatchSettings):
     dispatch_poll_seconds: float = DispatchSettings.dispatch_poll(
         "Longest wait for new intents when no NOTIFY arrives."
     )
+    link_opening_keys: str = Field(
+        default="",
+        description="notify_svc's X25519 private keys (base64url, comma-separated, newest "
+        "first; `python -m servicekit.sealing` makes a pair) that open the verification and "
+        "reset links auth_svc seals. Keep a retired key until its last link expired.",
+    )
     lease_seconds: float = DispatchSettings.claim_lease(
         "How long a claimed mail is reserved; after a crash it is sent again then."
     )
