@@ -2,14 +2,18 @@
 
 No shared secret: only RS256 with a key whose `kid` auth_svc publishes is accepted, which
 rules out `alg: none` and RS256/HS256 confusion. Unknown `kid`s trigger one JWKS refetch,
-rate-limited so that garbage tokens cannot make us hammer auth_svc.
+rate-limited so that garbage tokens cannot make us hammer auth_svc. A token whose session
+(`sid`) has ended is refused once `RevokedSessions` has heard of it (`auth.session.revoked`,
+see servicekit.revocations), with no call to auth_svc.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -108,8 +112,38 @@ def parse_jwks(document: dict[str, Any]) -> dict[str, PublicKey]:
     return keys
 
 
+class RevokedSessions:
+    """Session ids whose access tokens are refused, each kept until the longest access-token
+    lifetime has passed since its revocation (no token of it can be alive after that)."""
+
+    def __init__(self, keep_seconds: float = 900.0, *, max_entries: int = 1_000_000) -> None:
+        self.keep_seconds = keep_seconds
+        self.max_entries = max_entries
+        self._until: OrderedDict[uuid.UUID, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def revoke(self, session_id: uuid.UUID, *, at: float | None = None) -> None:
+        now = time.time()
+        until = (at if at is not None else now) + self.keep_seconds
+        with self._lock:
+            self._until.pop(session_id, None)
+            self._until[session_id] = until
+            while self._until and (
+                len(self._until) > self.max_entries or next(iter(self._until.values())) < now
+            ):
+                self._until.popitem(last=False)
+
+    def __contains__(self, session_id: object) -> bool:
+        until = self._until.get(session_id) if isinstance(session_id, uuid.UUID) else None
+        return until is not None and until >= time.time()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
 class TokenVerifier:
-    """Verifies bearer tokens; remembers recently verified ones until they expire."""
+    """Verifies bearer tokens; remembers recently verified ones until they expire. With
+    `revoked`, a token of an ended session is refused, even one already remembered."""
 
     def __init__(
         self,
@@ -119,6 +153,7 @@ class TokenVerifier:
         audience: str,
         leeway_seconds: int = 5,
         cache_size: int = 10_000,
+        revoked: RevokedSessions | None = None,
     ) -> None:
         self._keys = keys
         self.issuer = issuer
@@ -126,8 +161,15 @@ class TokenVerifier:
         self.leeway = leeway_seconds
         self._cache: OrderedDict[str, AccessTokenClaims] = OrderedDict()
         self._cache_size = cache_size
+        self.revoked = revoked
 
     async def verify(self, token: str) -> AccessTokenClaims:
+        claims = await self._remembered_or_verified(token)
+        if self.revoked is not None and claims.sid is not None and claims.sid in self.revoked:
+            raise InvalidToken("The session of this token has ended.")
+        return claims
+
+    async def _remembered_or_verified(self, token: str) -> AccessTokenClaims:
         cached = self._cache.get(token)
         if cached is not None:
             if cached.exp + self.leeway > time.time():

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from servicekit.problems import Problem, header, problem_responses
 from servicekit.tokens import CurrentUser
 from shared_contracts.events import PROFILE_FIELDS
+from shared_contracts.tokens import AccessTokenClaims
 from user_svc.application import ProfileService, StaleProfileVersion
 from user_svc.cache import CachedProfile, ProfileCache
 from user_svc.domain import (
@@ -60,6 +61,11 @@ class ProfileOut(PublicProfileOut):
     """The caller's own profile. `version` is also sent as the `ETag`."""
 
     email: str | None
+    email_verified: bool | None = Field(
+        default=None,
+        description="Whether auth_svc has confirmed the address, as of the caller's access "
+        "token (`email_verified` claim; a token issued after the confirmation says true)",
+    )
     version: int = Field(ge=1, description="Increases with every change; the ETag's value")
     created_at: datetime
     updated_at: datetime
@@ -141,14 +147,21 @@ def render_profile(view: ProfileView) -> CachedProfile:
     """Both JSON bodies of a profile version, rendered once and cached with it."""
     return CachedProfile(
         view=view,
-        body=ProfileOut.model_validate(view).model_dump_json().encode(),
+        # `email_verified` comes from the caller's token, added per response.
+        body=ProfileOut.model_validate(view).model_dump_json(exclude={"email_verified"}).encode(),
         public_body=PublicProfileOut.model_validate(view).model_dump_json().encode(),
         etag=etag_of(view.version),
     )
 
 
-def _own_profile(entry: CachedProfile) -> Response:
-    return Response(entry.body, media_type=JSON, headers={"ETag": entry.etag})
+def _own_profile(entry: CachedProfile, user: AccessTokenClaims) -> Response:
+    """The cached body, with the caller's `email_verified` (a fact of the token, not of the
+    profile's version, so it is added to the rendered JSON object here)."""
+    body = entry.body
+    if user.email_verified is not None and body.endswith(b"}"):
+        flag = b"true" if user.email_verified else b"false"
+        body = body[:-1] + b',"email_verified":' + flag + b"}"
+    return Response(body, media_type=JSON, headers={"ETag": entry.etag})
 
 
 def parse_if_match(value: str | None) -> frozenset[int] | None:
@@ -188,7 +201,7 @@ async def read_my_profile(user: CurrentUser, profiles: ProfilesDep) -> Response:
         epoch = profiles.cache.epoch
         view = await run_in_threadpool(profiles.service.get_or_create, user.sub, user.email)
         entry = profiles.cache.put(view, epoch)
-    return _own_profile(entry)
+    return _own_profile(entry, user)
 
 
 @router.patch(
@@ -238,7 +251,7 @@ async def update_my_profile(
             title="Unprocessable content",
             extra={"errors": [{"field": invalid.field, "message": invalid.message}]},
         ) from None
-    return _own_profile(profiles.cache.put(view, epoch))
+    return _own_profile(profiles.cache.put(view, epoch), user)
 
 
 @router.get(

@@ -20,8 +20,9 @@ from servicekit.logs import configure_logging
 from servicekit.messages import Outcome
 from servicekit.openapi import api_servers
 from servicekit.relay import Relay, create_relay_table
+from servicekit.revocations import RevocationFollower
 from servicekit.service import Service
-from servicekit.tokens import JwksKeys, KeyLookup, TokenVerifier
+from servicekit.tokens import JwksKeys, KeyLookup, RevokedSessions, TokenVerifier
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
@@ -68,11 +69,13 @@ def create_app(
     jwks: JwksKeys | None = None
     if token_keys is None:
         jwks = token_keys = JwksKeys(settings.jwks_url)
+    revoked = RevokedSessions(settings.revoked_session_keep_seconds)
     verifier = TokenVerifier(
         token_keys,
         issuer=settings.issuer,
         audience=settings.audience,
         cache_size=settings.token_cache_size,
+        revoked=revoked,
     )
 
     @asynccontextmanager
@@ -84,9 +87,16 @@ def create_app(
         app.state.profiles = Profiles(service=profiles, cache=cache)
         app.state.token_verifier = verifier
         app.state.cache_follower = follower
+        revocations: RevocationFollower | None = None
+        if settings.follow_session_revocations:
+            revocations = RevocationFollower(settings.amqp_url, revoked)
+            revocations.start()
+        app.state.revocations = revocations
         try:
             yield
         finally:
+            if revocations is not None:
+                await revocations.stop()
             await run_in_threadpool(follower.stop)
             await run_in_threadpool(profiles.close)
             if jwks is not None:

@@ -47,6 +47,17 @@ class UserSettings(ApiSettings):
     )
     issuer: str = Field(default=DEFAULT_ISSUER, description="Expected `iss` of access tokens.")
     audience: str = Field(default=DEFAULT_AUDIENCE, description="Expected `aud` of access tokens.")
+    follow_session_revocations: bool = Field(
+        default=True,
+        description="Follow `auth.session.revoked` on the broker and refuse the access tokens "
+        "of ended sessions (each API process binds its own exclusive queue).",
+    )
+    revoked_session_keep_seconds: int = Field(
+        default=960,
+        ge=1,
+        description="How long a revoked session id is remembered: at least auth_svc's "
+        "access-token lifetime plus clock skew.",
+    )
     token_cache_size: int = Field(
         default=10_000, ge=0, description="Verified access tokens remembered until they expire."
     )
