@@ -17,6 +17,7 @@ import registry
 from esctl import db, gateway, stack
 from esctl.console import err, fail, out, require_dependencies, service_named
 from servicekit.process import StopOnSignals
+from servicekit.sealing import new_key_pair
 from servicekit.service import Role
 
 
@@ -62,6 +63,9 @@ def up(
     env = dict(os.environ)
     if sys.stderr.isatty():
         env.setdefault("LOG_FORMAT", "console")
+    if not env.get("AUTH_LINK_SEALING_PUBLIC_KEY") and not env.get("NOTIFY_LINK_OPENING_KEYS"):
+        # A key pair for this run, so verification and reset links reach the mails.
+        env["NOTIFY_LINK_OPENING_KEYS"], env["AUTH_LINK_SEALING_PUBLIC_KEY"] = new_key_pair()
     tracing = _start_tracing(env) if trace else None
     children: list[tuple[stack.Process, subprocess.Popen[bytes]]] = []
     busy = [p for p in procs if stack.reachable(p.host, p.port, timeout=0.3)]
