@@ -16,6 +16,7 @@ from gateway.kong import (
     published_keys_reader,
     with_credentials,
 )
+from gateway.kong_schema import validate_file
 from gateway.runner import haproxy_missing
 from gateway.settings import GatewaySettings
 
@@ -66,6 +67,25 @@ def render(
             f"wrote {out} with {len(keys)} credential(s): {', '.join(sorted(keys))}",
             file=sys.stderr,
         )
+
+
+@app.command("validate")
+def validate(
+    config: Annotated[
+        Path | None, typer.Option(help="Kong declarative file (default: GATEWAY_CONFIG).")
+    ] = None,
+    db: Annotated[
+        bool, typer.Option("--db", help="Kong runs with a database (default: DB-less).")
+    ] = False,
+) -> None:
+    """Check kong.yml against Kong 3.9's schema (gateway/kong39.py): one line per error."""
+    path = config or GatewaySettings().config
+    problems = validate_file(path, dbless=not db)
+    for problem in problems:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if problems:
+        raise typer.Exit(1)
+    print(f"{path}: valid for Kong 3.9", file=sys.stderr)
 
 
 @app.command("run")
