@@ -15,6 +15,8 @@ reproduce; anything else is an error, so the two never drift apart silently.
 - `kong`: kong.yml read and written, its jwt credentials from auth_svc's published keys, and
   the same credentials as Kong Ingress Controller objects;
 - `model`: kong.yml as routes, services and upstreams, each route with its effective plugins;
+- `kong_schema`: kong.yml checked as Kong 3.9 checks it (`validate`), with the tables of
+  `kong39` (Kong's own schema files) written in the vocabulary of `schema_rules`;
 - `plugins`: each Kong plugin translated into HAProxy rules that answer as Kong would;
 - `haproxy`: the HAProxy configuration file (listeners, route matching, backends);
 - `runner`: the local gateway as a process (`python -m gateway`, `esctl gateway run`).
