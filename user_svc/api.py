@@ -233,8 +233,8 @@ async def update_my_profile(
     changes = patch.model_dump(exclude_unset=True)
     epoch = profiles.cache.epoch
     try:
-        view = await run_in_threadpool(
-            profiles.service.update, user.sub, changes, expected, email=user.email
+        view = await profiles.service.update_from_loop(
+            user.sub, changes, expected, email=user.email
         )
     except StaleProfileVersion as stale:
         raise Problem(

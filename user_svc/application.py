@@ -20,7 +20,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import Tracking
 
 from servicekit import context
-from servicekit.aggregates import Combiner, retry_conflicts
+from servicekit.aggregates import Combiner, Gathering, retry_conflicts
 from servicekit.eventstore import EventSourcedApplication
 from servicekit.messages import Outcome
 from shared_contracts.envelope import Envelope
@@ -56,6 +56,7 @@ class ProfileService(EventSourcedApplication):
         self._edits: Combiner[uuid.UUID, _Edit, ProfileView] = Combiner(
             self._edit_turn, app=self.name
         )
+        self._gathered = Gathering(self._edits)
 
     def get_or_create(self, user_id: uuid.UUID, email: str | None) -> ProfileView:
         """The user's profile, created (empty but for the e-mail) on first use."""
@@ -80,6 +81,20 @@ class ProfileService(EventSourcedApplication):
         not an error: the changes are applied on top of it.
         """
         return self._edits.submit(user_id, _Edit(changes, _versions(expected_version), email))
+
+    async def update_from_loop(
+        self,
+        user_id: uuid.UUID,
+        changes: Mapping[str, str | None],
+        expected_version: int | Collection[int] | None = None,
+        *,
+        email: str | None = None,
+    ) -> ProfileView:
+        """`update` for a caller on the event loop (an HTTP handler): the edits of concurrent
+        requests on one profile are carried to a worker thread together, one call per turn,
+        instead of one waiting thread per request."""
+        edit = _Edit(changes, _versions(expected_version), email)
+        return await self._gathered.submit(user_id, edit)
 
     def _edit_turn(
         self, user_id: uuid.UUID, edits: Sequence[_Edit]

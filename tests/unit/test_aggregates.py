@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from eventsourcing.persistence import IntegrityError
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from servicekit.aggregates import Backoff, Combiner, Contended, retry_conflicts
+from servicekit.aggregates import Backoff, Combiner, Contended, Gathering, retry_conflicts
 from servicekit.problems import install_problem_handlers
 
 
@@ -144,3 +145,28 @@ def test_contended_is_a_problem_json_503_with_retry_after() -> None:
     assert response.headers["retry-after"] == "1"
     assert response.json()["status"] == 503
     assert "retry" in response.json()["detail"]
+
+
+async def test_requests_on_the_loop_are_carried_to_the_turn_together() -> None:
+    recorder = Recorder(pause=0.01)
+    combiner: Combiner[str, int, int] = Combiner(recorder.run, app="t")
+    gathering = Gathering(combiner)
+    results = await asyncio.gather(*(gathering.submit("hot", n) for n in range(100)))
+    assert results == [n * 10 for n in range(100)]
+    assert not recorder.overlapped
+    assert len(recorder.turns) <= 5, "one worker call carried everything queued meanwhile"
+    with pytest.raises(ValueError, match="-3"):
+        await gathering.submit("hot", -3)
+    assert await gathering.submit("other", 4) == 40
+
+
+async def test_loop_and_thread_callers_share_the_turns_of_one_key() -> None:
+    recorder = Recorder(pause=0.005)
+    combiner: Combiner[str, int, int] = Combiner(recorder.run, app="t")
+    gathering = Gathering(combiner)
+    with ThreadPoolExecutor(4) as pool:
+        from_threads = [pool.submit(combiner.submit, "k", n) for n in range(40)]
+        from_loop = await asyncio.gather(*(gathering.submit("k", n) for n in range(40, 80)))
+        assert [f.result() for f in from_threads] == [n * 10 for n in range(40)]
+    assert from_loop == [n * 10 for n in range(40, 80)]
+    assert not recorder.overlapped
