@@ -104,6 +104,12 @@ class AuthSettings(ApiSettings):
         ge=1,
         description="`POST /auth/password/forgot` requests per client IP per 15 minutes.",
     )
+    reset_links_per_second: float = Field(
+        default=20.0,
+        gt=0,
+        description="Pace of the background worker that issues reset links (per process); "
+        "requests beyond its backlog of 1000 are dropped.",
+    )
     token_attempts_per_ip: int = Field(
         default=20,
         ge=1,

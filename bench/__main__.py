@@ -20,6 +20,7 @@ BENCHMARKS = [
     "bench.peers",  # ../shared/bench/peers/compare.py against esctl up: hello, CRUD peer, eskit
     "bench.users_me",
     "bench.login",
+    "bench.forgot",  # known vs unknown addresses: throughput ratio within 0.9-1.1
     "bench.patch_profile",
     "bench.relay_backlog",
     "bench.gateway",
