@@ -3,9 +3,13 @@
 #   esctl db init | esctl keys rotate | esctl gateway render --out /kong/kong.yml
 
 ARG PYTHON_VERSION=3.11
+# The official Python image by default. tests/image builds on a stand-in made from Debian's
+# packages (tools/image/base-image.sh) where Docker Hub is out of reach:
+#   docker build --build-arg BASE_IMAGE="$(tools/image/base-image.sh)" .
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 ARG UV_VERSION=0.13.9
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 ARG UV_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -33,7 +37,7 @@ COPY esctl ./esctl
 COPY compose/kong.yml ./compose/kong.yml
 RUN uv sync --frozen --no-dev --no-editable
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="eskit" \
       org.opencontainers.image.description="Event-sourced microservices: every eskit process"
 ENV PATH=/opt/venv/bin:$PATH \
@@ -44,10 +48,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     NOTIFY_MAILDIR=/var/lib/eskit/maildir
 # The paths a process writes, owned by eskit: a fresh volume mounted there starts as a copy of
 # them (owner included), so `kong-config` can write /kong/kong.yml and notify_svc its maildir
-# on a read-only root.
+# on a read-only root. The maildir comes with its tmp/ new/ cur/: Python's mailbox.Maildir
+# creates them only along with a maildir that does not exist yet.
 RUN groupadd --system --gid 10001 eskit \
     && useradd --system --uid 10001 --gid eskit --no-create-home --shell /usr/sbin/nologin eskit \
-    && install -d -o 10001 -g 10001 -m 0755 /kong /var/lib/eskit /var/lib/eskit/maildir
+    && install -d -o 10001 -g 10001 -m 0755 /kong /var/lib/eskit /var/lib/eskit/maildir /var/lib/eskit/maildir/tmp /var/lib/eskit/maildir/new /var/lib/eskit/maildir/cur
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/compose/kong.yml /app/compose/kong.yml
