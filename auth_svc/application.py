@@ -418,6 +418,17 @@ class AuthService(EventSourcedApplication):
 
     # --- sessions -------------------------------------------------------------------------
 
+    def session_is_live(self, user_id: uuid.UUID, session_id: uuid.UUID) -> bool:
+        """Whether `session_id` is one of the account's live sessions, as stored: the cached
+        account, fast-forwarded by one read of the events appended since (another replica's
+        revocation included), so an ended session is refused on the next request."""
+        try:
+            account = self.get_account(user_id)
+        except AggregateNotFoundError:
+            return False
+        family = account.refresh_families.get(str(session_id))
+        return family is not None and bool(family["expires_at"] > self._clock())
+
     def sessions(self, user_id: uuid.UUID) -> list[Session]:
         try:
             account = self.get_account(user_id)
