@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: up gateway-tools asyncapi-cli broker-plugins test lint typecheck unit integration bench db-init clean audit
+.PHONY: up gateway-tools image-tools asyncapi-cli broker-plugins test lint typecheck unit integration bench db-init clean audit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -25,6 +25,15 @@ gateway-tools:
 	command -v haproxy >/dev/null && command -v deck >/dev/null && command -v kubectl >/dev/null \
 	  && command -v promtool >/dev/null \
 	  || (apt-get update -qq && apt-get install -y -qq haproxy deck kubectl prometheus)
+
+## Debian's Docker engine and debootstrap, for tests/image (it builds the image and runs every
+## process from it; it skips, saying why, where dockerd cannot start). Root only: elsewhere the
+## test says what is missing.
+image-tools:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && exit 0; \
+	[ "$$(id -u)" = 0 ] || exit 0; \
+	(apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io debootstrap) \
+	  || echo "image-tools: docker.io or debootstrap could not be installed; tests/image will skip"
 
 ## The official AsyncAPI CLI, pinned in tools/asyncapi/ (validates the contracts' AsyncAPI
 ## document); Node.js and npm from Debian where missing. Install scripts off: the CLI needs
@@ -58,7 +67,7 @@ db-init: $(STAMP) broker-plugins
 	$(BIN)/esctl db init
 
 ## Lint, type-check, check service boundaries, then run every test.
-test: $(STAMP) gateway-tools asyncapi-cli broker-plugins lint typecheck
+test: $(STAMP) gateway-tools image-tools asyncapi-cli broker-plugins lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

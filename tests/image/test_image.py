@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +90,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     try:
         with engine(log):
             seconds: dict[str, float] = {}
+            if shutil.which("debootstrap") is None and not _base_cached():
+                raise NoEngine(
+                    "no debootstrap to build the base image (apt-get install debootstrap)"
+                )
             started = time.monotonic()
             base = _run([str(BASE_RECIPE)], timeout=1200).stdout.strip().splitlines()[-1]
             seconds["base"] = time.monotonic() - started
@@ -104,6 +109,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             docker("image", "prune", "-f", "--filter", f"label={LABEL}", check=False)
     except NoEngine as why:
         pytest.skip(f"no Docker engine can run here: {why}")
+
+
+def _base_cached() -> bool:
+    """Whether this machine has the base image of the current recipe."""
+    tag = _run([str(BASE_RECIPE), "--tag"], timeout=30).stdout.strip()
+    return docker("image", "inspect", tag, check=False).returncode == 0
 
 
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -164,6 +175,8 @@ def stack(
         "AMQP_URL": make_vhost(),
         **{s.variable("database_url"): make_database(f"img_{s.name}") for s in registry.SERVICES},
         **{p.port_variable: str(ports[p.name]) for p in processes},
+        # Small pools: the machine's PostgreSQL (max_connections 100) is shared with other runs.
+        **{s.variable("db_pool_size"): "2" for s in registry.SERVICES},
         "USER_JWKS_URL": f"http://127.0.0.1:{ports['auth_svc']}/auth/.well-known/jwks.json",
         "LOG_FORMAT": "json",
         "NOTIFY_MAILDIR": MAILDIR,  # no NOTIFY_SMTP_URL: mail goes to the maildir volume

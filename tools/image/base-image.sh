@@ -4,6 +4,7 @@
 # mirror apt uses here, with python3.11, pip and CA certificates, imported with `docker import`.
 #
 #   tools/image/base-image.sh          # prints the tag, building the image only if it is missing
+#   tools/image/base-image.sh --tag    # prints the tag only
 #
 # The tag is eskit-base:bookworm-<hash of this file>: the image is built once per machine and
 # reused until this recipe changes. Then `docker build --build-arg BASE_IMAGE=<tag> .`.
@@ -18,6 +19,10 @@ local_cas=(/usr/local/share/ca-certificates/*.crt)
 recipe_hash="$(cat "$here/base-image.sh" "${local_cas[@]}" | sha256sum | cut -c1-12)"
 tag="eskit-base:bookworm-${recipe_hash}"
 
+if [[ "${1:-}" == "--tag" ]]; then  # only the tag, built or not
+  echo "$tag"
+  exit 0
+fi
 built() { docker image inspect "$tag" >/dev/null 2>&1; }
 if built; then
   echo "$tag"
@@ -54,7 +59,7 @@ if [[ -d /dev/shm && "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 2000000 ]
   scratch=/dev/shm
 fi
 rootfs="$(mktemp -d "$scratch/eskit-base.XXXXXX")"
-trap 'umount "$rootfs/proc" "$rootfs/sys" 2>/dev/null; rm -rf --one-file-system "$rootfs"' EXIT
+trap 'umount "$rootfs/proc" "$rootfs/sys" 2>/dev/null || true; rm -rf --one-file-system "$rootfs"' EXIT
 echo "building $tag: debootstrap bookworm from $mirror in $rootfs" >&2
 debootstrap --variant=minbase --include="$packages" --foreign bookworm "$rootfs" "$mirror" >&2
 mkdir -p "$rootfs/etc/dpkg/dpkg.cfg.d" "$rootfs/usr/local/share/ca-certificates"
