@@ -252,7 +252,7 @@ def wanted(
         envelope = Envelope.model_validate_json(message.body)
     except ValidationError:
         return None
-    if not projection.handles(envelope):
+    if not handles(projection, envelope):
         return None
     if phase == 0:
         return envelope
@@ -263,6 +263,19 @@ def wanted(
     if phase == 1:
         return envelope if in_run else None
     return envelope if not in_run and envelope.position > refill.to else None
+
+
+_HANDLED: dict[tuple[str, str, str], bool] = {}
+
+
+def handles(projection: Projection, envelope: Envelope) -> bool:
+    """`projection.handles(envelope)`, remembered per producer and type: it matches topic
+    patterns with a regex built per call, about 60 µs a message profiled in a replay."""
+    key = (projection.name, envelope.producer, envelope.event_type)
+    handled = _HANDLED.get(key)
+    if handled is None:
+        handled = _HANDLED[key] = projection.handles(envelope)
+    return handled
 
 
 def producers_of(projection: Projection) -> list[str]:

@@ -21,7 +21,12 @@ from shared_contracts.envelope import Envelope
 from shared_contracts.names import PRODUCER_EXCHANGES
 from testbed.history import History, generate, publish
 from testbed.ports import free_port
-from testbed.projections import assert_reports_match, consuming, publish_and_catch_up
+from testbed.projections import (
+    assert_reports_match,
+    consuming,
+    publish_and_catch_up,
+    wait_caught_up,
+)
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -144,6 +149,7 @@ async def test_a_replay_over_the_native_protocol_rebuilds_the_live_reports(
         assert result.swapped and not result.interrupted
         assert result.progress.protocol == NativeHistory.protocol
         assert result.progress.applied >= 4_000
+        await wait_caught_up(settings, history)  # the live consumer applies the rest
     await assert_reports_match(settings, history)
 
 
