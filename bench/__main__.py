@@ -26,6 +26,7 @@ BENCHMARKS = [
     "bench.gateway",
     "bench.projection",
     "bench.replay_live",  # REPLAY_LIVE_TIMEOUT_SECONDS (default 300) bounds each live replay
+    "bench.replay_stream",  # STREAM_EVENTS (200000): native-protocol replay vs raw AMQP read
     "bench.webhooks",
     "bench.observability",
     "bench.soak",  # SOAK_SECONDS (default 600): mixed load, a consumer killed, broker restarted
