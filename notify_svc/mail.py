@@ -169,7 +169,10 @@ class MaildirTransport:
         await asyncio.to_thread(self._write, message)
 
     def _write(self, message: EmailMessage) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # mailbox.Maildir makes tmp/, new/ and cur/ only when it makes the maildir itself: an
+        # empty folder mounted there (a fresh volume, a Kubernetes emptyDir) needs them made.
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
         box = mailbox.Maildir(self.path, create=True)
         box.add(message)
 
