@@ -177,8 +177,12 @@ def test_rotation_keeps_the_old_key_published_and_its_tokens_valid(
     verifier = verifier_from_jwks(client, settings)
     for token in (old_token, new_token):
         assert asyncio.run(verifier.verify(token)).email == EMAIL
-    assert change_password_with(client, old_token).status_code == 204
+    for token in (old_token, new_token):  # both keys verify at auth_svc's own routes
+        listed = client.get("/auth/sessions", headers={"Authorization": f"Bearer {token}"})
+        assert listed.status_code == 200
+    # A password change ends every session: the other key's token is refused after it.
     assert change_password_with(client, new_token).status_code == 204
+    assert change_password_with(client, old_token).status_code == 401
     assert set(key_store(client).public_keys()) == {old_kid, new_kid}
 
     listed = {k.kid: k for k in list_keys(settings)}
