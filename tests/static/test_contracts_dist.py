@@ -136,7 +136,10 @@ def test_the_wheel_installs_and_reads_messages_without_the_backend(
 
 
 def test_the_changelog_describes_this_version_and_every_contract_it_carries() -> None:
-    changelog = " ".join((DIST / "CHANGELOG.md").read_text().split())
-    assert f"## {PROJECT['version']}" in changelog
+    text = (DIST / "CHANGELOG.md").read_text()
+    newest = re.search(r"^## (\S+)", text, re.MULTILINE)
+    assert newest is not None
+    assert newest.group(1) == PROJECT["version"], "the newest changelog entry is the version"
+    changelog = " ".join(text.split())
     for event_type, version in CONTRACTS:
         assert f"`{event_type}` v{version}" in changelog, f"{event_type} v{version} missing"
