@@ -238,7 +238,8 @@ async def open_native(
 ) -> NativeHistory:
     """The native reader on the first node of `amqp_url` that answers on `port`.
 
-    Raises the last node's error when none does (the plugin is off, or the port closed).
+    Raises the last node's error when none does (the plugin is off, the port closed, or it
+    is another broker's: one without the stream AMQP has just declared).
     """
     error: BaseException | None = None
     for url in amqp_urls(amqp_url):
@@ -246,6 +247,13 @@ async def open_native(
         consumer = node.consumer()
         try:
             await asyncio.wait_for(consumer.start(), CONNECT_TIMEOUT_SECONDS)
+            # The stream was just declared over AMQP: a port that answers without it belongs
+            # to another broker (a private test broker's host also runs one on 5552).
+            if not await asyncio.wait_for(
+                consumer.stream_exists(HISTORY_STREAM), CONNECT_TIMEOUT_SECONDS
+            ):
+                msg = f"{node} answers but has no {HISTORY_STREAM}: another broker?"
+                raise LookupError(msg)
         except Exception as exc:  # noqa: BLE001 - try the next node, raise the last error
             error = exc
             with contextlib.suppress(Exception):

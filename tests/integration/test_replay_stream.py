@@ -123,6 +123,17 @@ async def test_a_native_reader_tries_each_node_of_a_cluster_list(
         await open_native(f"{dead},{settings.amqp_url}", free_port())
 
 
+async def test_a_stream_port_without_the_stream_is_another_brokers_and_not_used(
+    make_vhost: Callable[[], str],
+) -> None:
+    """A private broker (no stream plugin) on a host whose own broker serves 5552: the port
+    answers, for a vhost with no events.history. Reading there would fail or read another
+    history; the reader refuses it, so replay falls back to AMQP."""
+    empty = make_vhost()  # nothing declared: no events.history in it
+    with pytest.raises(LookupError, match=r"no events\.history"):
+        await open_native(empty)
+
+
 async def rebuilt(settings: ReportingSettings, **options: Any) -> ReplayResult:
     replay = Replay(
         ReportingProjection(),
