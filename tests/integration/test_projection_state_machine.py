@@ -62,11 +62,12 @@ from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Projection, ProjectionStore, Transaction
 from servicekit.replay import Progress, Replay, ReplayError
+from servicekit.stream import HistoryMessage
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import PROFILE_FIELDS
 from shared_contracts.names import PRODUCER_EXCHANGES
 from testbed.history import generate
-from tests.support.fake_broker import FakeIncomingMessage, FakeQueue, Stored, StreamMessage
+from tests.support.fake_broker import FakeIncomingMessage, FakeQueue, Stored
 
 UNUSED_AMQP = "amqp://guest:guest@127.0.0.1:9/never-connected"
 DELIVERY_LIMIT = 2
@@ -367,7 +368,7 @@ class ProjectionMachine(RuleBasedStateMachine):
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.events: list[Event] = []
         self.next = 0  # the next event of the history to publish
-        self.stream: list[tuple[int, StreamMessage]] = []  # (event index, message)
+        self.stream: list[tuple[int, HistoryMessage]] = []  # (event index, message)
         self.sides: dict[str, Side] = {}
         self.by_message_id: dict[str, int] = {}
 
@@ -459,12 +460,7 @@ class ProjectionMachine(RuleBasedStateMachine):
         self.stream.append(
             (
                 event.index,
-                StreamMessage(
-                    event.body,
-                    {**headers, "x-stream-offset": offset},
-                    env.producer,
-                    str(env.event_id),
-                ),
+                HistoryMessage(offset, headers, event.body, env.producer),
             )
         )
         for side in self.sides.values():

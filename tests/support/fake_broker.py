@@ -2,7 +2,7 @@
 
 `Consumer._process(channel, batch)` takes incoming messages (body, headers, delivery tag,
 `redelivered`, `ack`) and a channel whose `<service>.dlx` it publishes poison to;
-`Replay._apply(batch, ...)` takes stream messages carrying `x-stream-offset`. This module
+`Replay._apply(batch, ...)` takes `servicekit.stream.HistoryMessage`s. This module
 gives both, over a model of one quorum queue:
 
 - `ready`: messages waiting, in order; messages returned by a lost connection go first, in
@@ -194,16 +194,3 @@ class FakeQueue:
         again = Stored(letter.body, letter.message_id, letter.routing_key, "", headers)
         self.ready.append(again)
         return again
-
-
-@dataclass
-class StreamMessage:
-    """A message of `events.history` as a replay consumes it."""
-
-    body: bytes
-    headers: dict[str, Any]
-    app_id: str
-    message_id: str
-
-    async def ack(self, multiple: bool = False) -> None:
-        return None
