@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: up gateway-tools image-tools asyncapi-cli broker-plugins test lint typecheck unit integration bench db-init clean audit
+.PHONY: up gateway-tools image-tools asyncapi-cli broker-plugins test test-image lint typecheck unit integration bench db-init clean audit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -67,8 +67,17 @@ db-init: $(STAMP) broker-plugins
 	$(BIN)/esctl db init
 
 ## Lint, type-check, check service boundaries, then run every test.
-test: $(STAMP) gateway-tools image-tools asyncapi-cli broker-plugins lint typecheck
-	$(BIN)/pytest -q
+test: $(STAMP) gateway-tools asyncapi-cli broker-plugins lint typecheck
+	@# The chaos cases run on private servers of their own, beside the rest of the suite.
+	@rm -f .chaos.log; \
+	($(BIN)/pytest -q -p no:cacheprovider tests/chaos > .chaos.log 2>&1; echo $$? > .chaos.rc) & \
+	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/chaos; rest=$$?; wait; \
+	echo "--- tests/chaos"; cat .chaos.log; chaos=$$(cat .chaos.rc); rm -f .chaos.log .chaos.rc; \
+	[ $$rest -eq 0 ] && [ $$chaos -eq 0 ]
+
+## The image, for real: a stand-in base from Debian, the build, every process run from it.
+test-image: $(STAMP) image-tools
+	IMAGE_TEST=1 $(BIN)/pytest -q -p no:cacheprovider -m image tests/image -s
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
