@@ -166,8 +166,9 @@ DELIVERY_LIMIT = 5  # the consumers' default *_CONSUMER_DELIVERY_LIMIT
 PROJECTIONS = ("reporting_svc", "notify_svc", "integration_svc")
 # A replay, `esctl` start to swap, of the whole history the module's cases wrote (up to
 # about 20,000 messages in the stream, duplicates injected included), under load, on a
-# machine that runs the stack, both servers and the clients on two cores.
-REPLAY_BOUND = 60.0
+# machine that runs the stack, both servers and the clients on two cores, while `make test`
+# runs the rest of the suite beside the chaos cases (the slowest took 62 s there).
+REPLAY_BOUND = 120.0
 POISON_TABLES = {  # database -> the table a poisoned user's profile events cannot be written to
     "reporting": "profiles",
     "notify": "recipients",
