@@ -141,8 +141,23 @@ class SessionRevoked(ContractEvent):
     user_id: uuid.UUID
     session_id: uuid.UUID
     reason: str = Field(
-        description="logout, ended, logout_all, reuse, password_changed or password_reset"
+        description=(
+            "logout, ended, logout_all, reuse, password_changed, password_reset or "
+            "account_deleted"
+        )
     )
+
+
+class AccountDeleted(ContractEvent):
+    event_type = "auth.account.deleted"
+    producer = "auth_svc"
+    summary = (
+        "An account was deleted at its owner's request (added in 1.2). It carries no personal "
+        "data: every subscriber erases the person `user_id` from its own store on receipt, and "
+        "no replay may bring their data back."
+    )
+
+    user_id: uuid.UUID
 
 
 # --- user_svc -------------------------------------------------------------------------------
@@ -194,6 +209,7 @@ CONTRACTS: dict[tuple[str, int], type[ContractEvent]] = {
         PasswordResetRequested,
         PasswordReset,
         SessionRevoked,
+        AccountDeleted,
         ProfileCreated,
         ProfileUpdated,
     )
