@@ -95,7 +95,7 @@ audit: $(STAMP)
 	$(BIN)/python -m tests.security.audit_dependencies
 
 ## Benchmarks (not part of `make test`): each prints JSON with its baseline from the same run.
-bench: $(STAMP)
+bench: $(STAMP) broker-plugins
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench
 

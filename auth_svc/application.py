@@ -43,6 +43,7 @@ from auth_svc.domain import (
 )
 from auth_svc.limits import SlidingWindow
 from auth_svc.passwords import PasswordCheck, Passwords
+from auth_svc.personal import PERSONAL_DATA
 from auth_svc.screening import PasswordScreen
 from auth_svc.settings import AuthSettings
 from servicekit.aggregates import Combiner, retry_conflicts
@@ -167,6 +168,7 @@ class AuthService(EventSourcedApplication):
 
     name = "auth"
     snapshotting_intervals = {Account: SNAPSHOT_EVERY}
+    personal_data = PERSONAL_DATA  # sealed per person: erase_person shreds them
 
     def __init__(
         self,

@@ -252,18 +252,27 @@ class KeyStore:
         keep = self._settings.access_token_ttl_seconds + self._settings.key_grace_seconds
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(_SELECT_PUBLISHED, (keep,)).fetchall()
+        # A key's material never changes under its kid: parse only keys not yet known
+        # (loading an RSA private key checks it, tens of milliseconds of CPU, which a reload
+        # every few seconds would otherwise spend on the request that triggers it).
+        known = {k.kid: k for k in self._keys}
         keys = []
         for r in rows:
             jwk = r["public_jwk"]
+            seen = known.get(r["kid"])
             private = None
             if r["private_key_pem"] is not None:
-                private = serialization.load_pem_private_key(
-                    r["private_key_pem"].encode(), password=None
+                private = (
+                    seen.private_key
+                    if seen is not None and seen.private_key is not None
+                    else serialization.load_pem_private_key(
+                        r["private_key_pem"].encode(), password=None
+                    )
                 )
             keys.append(
                 _Key(
                     kid=r["kid"],
-                    public_key=RSAAlgorithm.from_jwk(jwk),
+                    public_key=seen.public_key if seen else RSAAlgorithm.from_jwk(jwk),
                     public_key_pem=r["public_key_pem"],
                     jwk=jwk,
                     activates_at=r["activates_at"],

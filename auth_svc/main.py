@@ -47,7 +47,11 @@ def build_service(settings: AuthSettings, keys: KeyStore | None = None) -> AuthS
         max_overflow=settings.db_pool_size,
         # Every login appends to its account: keep recent accounts in memory and read only
         # the events appended since (fast-forward) instead of replaying from a snapshot.
-        extra={"AGGREGATE_CACHE_MAXSIZE": "10000", "AGGREGATE_CACHE_FASTFORWARD": "y"},
+        extra={
+            "AGGREGATE_CACHE_MAXSIZE": "10000",
+            "AGGREGATE_CACHE_FASTFORWARD": "y",
+            **settings.personal_data_env(),
+        },
     )
     return AuthService(env=env, settings=settings, signer=keys)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from servicekit.settings import ApiSettings, http_port, relay_health_port
+from servicekit.settings import PersonalDataStoreSettings, http_port, relay_health_port
 from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 THIRTY_DAYS = 30 * 24 * 3600
 DAY = 24 * 3600
 
 
-class AuthSettings(ApiSettings):
+class AuthSettings(PersonalDataStoreSettings):
     """Every field is read from `AUTH_<FIELD>` (e.g. `AUTH_LOCKOUT_THRESHOLD`)."""
 
     model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore", populate_by_name=True)

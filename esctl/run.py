@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -19,6 +20,7 @@ from esctl.console import err, fail, out, require_dependencies, service_named
 from servicekit.process import StopOnSignals
 from servicekit.sealing import new_key_pair
 from servicekit.service import Role
+from servicekit.shredding import new_service_key
 
 
 def serve(
@@ -66,6 +68,8 @@ def up(
     if not env.get("AUTH_LINK_SEALING_PUBLIC_KEY") and not env.get("NOTIFY_LINK_OPENING_KEYS"):
         # A key pair for this run, so verification and reset links reach the mails.
         env["NOTIFY_LINK_OPENING_KEYS"], env["AUTH_LINK_SEALING_PUBLIC_KEY"] = new_key_pair()
+    for variable, key in dev_personal_data_keys().items():
+        env.setdefault(variable, key)  # unless set: the stores' data stays readable across runs
     tracing = _start_tracing(env) if trace else None
     children: list[tuple[stack.Process, subprocess.Popen[bytes]]] = []
     busy = [p for p in procs if stack.reachable(p.host, p.port, timeout=0.3)]
@@ -92,6 +96,29 @@ def up(
         if tracing is not None:
             for part in tracing:
                 part.stop()
+
+
+DEV_KEYS_FILE = Path(".eskit") / "personal-data-keys.env"
+PERSONAL_DATA_KEY_VARIABLES = ("AUTH_PERSONAL_DATA_KEY", "USER_PERSONAL_DATA_KEY")
+
+
+def dev_personal_data_keys(path: Path = DEV_KEYS_FILE) -> dict[str, str]:
+    """The service keys `esctl up` gives auth_svc and user_svc where none is set: made on
+    the first run and kept (mode 0600) in `path`, since a new key on every run would leave
+    the personal fields stored by the last run unreadable."""
+    keys: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name.strip() in PERSONAL_DATA_KEY_VARIABLES and value.strip():
+                keys[name.strip()] = value.strip()
+    missing = [v for v in PERSONAL_DATA_KEY_VARIABLES if v not in keys]
+    if missing:
+        keys.update({variable: new_service_key() for variable in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.write_text("".join(f"{name}={value}\n" for name, value in sorted(keys.items())))
+    return keys
 
 
 def _start_tracing(env: dict[str, str]) -> tuple[Any, Any]:

@@ -6,8 +6,12 @@ environment from a database URL rather than letting it read os.environ.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import uuid
+from datetime import datetime
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import psycopg
 from eventsourcing.application import Application, ProcessingEvent
@@ -15,16 +19,19 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     InfrastructureFactory,
     IntegrityError,
+    Mapper,
     ProcessRecorder,
     Recording,
     Tracking,
 )
-from eventsourcing.utils import Environment
+from eventsourcing.utils import Environment, strtobool
 from prometheus_client import Counter
 from psycopg import sql
 
-from servicekit import context, telemetry
+from servicekit import context, shredding, telemetry
+from servicekit.shredding import KeyStore, PersonalData, PersonalDataMapper
 
+log = logging.getLogger("servicekit.eventstore")
 APPENDED = Counter(
     "eventstore_events_appended_total",
     "Events appended to a service's event store, by application and event type",
@@ -158,6 +165,20 @@ def eventsourcing_env(
     return env
 
 
+# The library environment's keys for crypto-shredding (servicekit.shredding), filled from a
+# service's settings by `personal_data_env`.
+PERSONAL_DATA_KEY = "PERSONAL_DATA_KEY"
+ENCRYPT_PERSONAL_DATA = "ENCRYPT_PERSONAL_DATA"
+
+
+def personal_data_env(key: str | None, *, encrypt: bool = True) -> dict[str, str]:
+    """The library environment's entries for a service key (base64url) and the on/off switch."""
+    env = {ENCRYPT_PERSONAL_DATA: "y" if encrypt else "n"}
+    if key:
+        env[PERSONAL_DATA_KEY] = key
+    return env
+
+
 def _admin(database_url: str) -> tuple[psycopg.Connection[Any], str]:
     """A connection to the server's `postgres` database, and the URL's database name."""
     kw = connection_kwargs(database_url)
@@ -197,6 +218,10 @@ class EventSourcedApplication(Application[Any]):
     """
 
     env: ClassVar[dict[str, str]] = {}
+    # Which stored events carry personal fields (servicekit.shredding); None: nothing is
+    # encrypted. The key comes from the environment (`personal_data_env`).
+    personal_data: ClassVar[PersonalData | None] = None
+    personal_keys: KeyStore | None = None
 
     def construct_factory(self, env: Environment) -> InfrastructureFactory:
         """The library's factory, its pool given our keepalives, its ordering settings checked.
@@ -218,6 +243,100 @@ class EventSourcedApplication(Application[Any]):
 
     def construct_recorder(self) -> ProcessRecorder:
         return self.factory.process_recorder()
+
+    def construct_mapper(self) -> Mapper[Any]:
+        """The library's mapper; with `personal_data` declared, one that seals those fields."""
+        mapper = super().construct_mapper()
+        personal = type(self).personal_data
+        if personal is None:
+            return mapper
+        datastore = getattr(self.factory, "datastore", None)
+        if datastore is not None and strtobool(self.env.get("CREATE_TABLE", "y")):
+            with psycopg.connect(**self._connect_kwargs(), autocommit=True) as conn:
+                shredding.create_table(conn)
+        key = self.env.get(PERSONAL_DATA_KEY)
+        encrypt = strtobool(self.env.get(ENCRYPT_PERSONAL_DATA, "y"))
+        if key:
+            service_key = shredding.service_key_from(key)
+            self.personal_keys = (
+                shredding.PersonalKeys(
+                    self._connect_kwargs(), service_key, name=f"{self.name}-personal-keys"
+                )
+                if datastore is not None
+                else shredding.MemoryPersonalKeys()
+            )
+        elif encrypt:
+            log.warning(
+                "%s: no personal data key is set: personal fields are stored unencrypted "
+                "and cannot be erased by destroying a key",
+                self.name,
+            )
+        return PersonalDataMapper(
+            mapper.transcoder,
+            compressor=mapper.compressor,
+            cipher=mapper.cipher,
+            personal=personal,
+            keys=self.personal_keys,
+            encrypt=encrypt,
+        )
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """Connection parameters of the library's own database, with our keepalives."""
+        env = self.env
+        url = "postgresql://{user}:{password}@{host}:{port}/{dbname}".format(
+            user=quote(env.get("POSTGRES_USER", "postgres"), safe=""),
+            password=quote(env.get("POSTGRES_PASSWORD", ""), safe=""),
+            host=env.get("POSTGRES_HOST", "127.0.0.1"),
+            port=env.get("POSTGRES_PORT", "5432"),
+            dbname=quote(env.get("POSTGRES_DBNAME", "postgres"), safe=""),
+        )
+        return connection_kwargs(url)
+
+    def close(self) -> None:
+        super().close()
+        if self.personal_keys is not None:
+            self.personal_keys.close()
+
+    # --- erasure (crypto-shredding) -------------------------------------------------------
+
+    def erase_person(self, subject: uuid.UUID) -> bool:
+        """Destroy the person's key and drop their aggregates from this process's caches.
+
+        Idempotent: True when this call destroyed the key. Their stored events stay; their
+        personal fields read as erased from now on (other processes: within
+        `shredding.KEY_CACHE_SECONDS`).
+        """
+        if self.personal_keys is None:
+            msg = f"{self.name}: no personal data key is configured: nothing can be erased"
+            raise RuntimeError(msg)
+        destroyed = self.personal_keys.erase(subject)
+        self.evict_person(subject)
+        return destroyed
+
+    def person_erased_at(self, subject: uuid.UUID) -> datetime | None:
+        """When the person's key was destroyed; None while it is not."""
+        if self.personal_keys is None:
+            return None
+        return self.personal_keys.erased_at(subject)
+
+    def evict_person(self, subject: uuid.UUID) -> None:
+        """Forget the person in memory: their key, and their aggregates in the repository's
+        cache (the subject's own and those keyed to it, e.g. an e-mail registration)."""
+        if self.personal_keys is not None:
+            self.personal_keys.forget(subject)
+        related: set[uuid.UUID] = set()
+        if isinstance(self.mapper, PersonalDataMapper):
+            related = self.mapper.related.of(subject)
+        for aggregate_id in {subject, *related}:
+            self.evict(aggregate_id)
+
+    def evict(self, aggregate_id: uuid.UUID) -> None:
+        """Drop an aggregate from the repository's cache (the next get reads the store)."""
+        cache = self.repository.cache
+        if cache is None:
+            return
+        with contextlib.suppress(KeyError):
+            cache.get(aggregate_id, evict=True)
 
     def _record(self, processing_event: ProcessingEvent[Any]) -> list[Recording[Any]]:
         """Append within a span whose traceparent every appended event keeps.

@@ -39,7 +39,7 @@ from servicekit.messages import (
     envelope_for,
     message_for,
 )
-from servicekit.settings import ServiceSettings
+from servicekit.settings import PersonalDataStoreSettings, ServiceSettings
 from servicekit.supervise import sleep_unless_stopped, supervise
 from shared_contracts.events import ContractEvent
 
@@ -131,8 +131,12 @@ class Relay:
         Two connections: the library's pool reads the notification log; the relay's own
         session holds the leader's lock and LISTENs.
         """
+        # A store with personal data: the relay reads them (to drop or null erased fields).
+        extra = (
+            settings.personal_data_env() if isinstance(settings, PersonalDataStoreSettings) else {}
+        )
         return cls(
-            store(env=eventsourcing_env(settings.database_url, pool_size=2)),
+            store(env=eventsourcing_env(settings.database_url, pool_size=2, extra=extra)),
             producer=producer,
             exchange=exchange,
             to_contract=to_contract,

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servicekit.amqp import DEFAULT_HEARTBEAT_SECONDS, amqp_urls, with_heartbeat
+from servicekit.eventstore import personal_data_env
 
 # Read by every settings class (subclasses inherit it with the rest of `model_config`).
 ENV_FILE = ".env"
@@ -90,6 +91,26 @@ class ApiSettings(ServiceSettings):
     """Fields of a service with a REST API; it declares its `port` with `http_port`."""
 
     host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
+
+
+class PersonalDataStoreSettings(ApiSettings):
+    """Fields of a service whose event store holds personal data (servicekit.shredding)."""
+
+    personal_data_key: str | None = Field(
+        default=None,
+        description="Service key (32 bytes, base64url; `python -m servicekit.shredding` makes "
+        "one) that wraps each person's key in the service's `personal_keys` table. Unset: "
+        "personal fields are stored unencrypted (a warning at start) and cannot be shredded.",
+    )
+    encrypt_personal_data: bool = Field(
+        default=True,
+        description="Encrypt the personal fields of new events with the person's key (off: "
+        "stored plain, as the benchmark compares; encrypted ones still read).",
+    )
+
+    def personal_data_env(self) -> dict[str, str]:
+        """The event store's environment entries for crypto-shredding."""
+        return personal_data_env(self.personal_data_key, encrypt=self.encrypt_personal_data)
 
 
 class ConsumerSettings(ServiceSettings):

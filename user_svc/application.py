@@ -26,6 +26,7 @@ from servicekit.messages import Outcome
 from shared_contracts.envelope import Envelope
 from shared_contracts.events import AccountRegistered
 from user_svc.domain import InvalidProfileField, Profile
+from user_svc.personal import PERSONAL_DATA
 from user_svc.views import ProfileView
 
 log = logging.getLogger("user_svc.application")
@@ -50,6 +51,7 @@ class _Edit:
 
 class ProfileService(EventSourcedApplication):
     name = "users"
+    personal_data = PERSONAL_DATA  # sealed per person: erase_person shreds them
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         super().__init__(env=env)

@@ -55,7 +55,11 @@ def profile_service(settings: UserSettings) -> ProfileService:
             lock_timeout=settings.db_lock_timeout_seconds,
             # Writes load the aggregate first: keep recent ones in memory and only read the
             # events appended since (fast-forward), instead of replaying each whole stream.
-            extra={"AGGREGATE_CACHE_MAXSIZE": "10000", "AGGREGATE_CACHE_FASTFORWARD": "y"},
+            extra={
+                "AGGREGATE_CACHE_MAXSIZE": "10000",
+                "AGGREGATE_CACHE_FASTFORWARD": "y",
+                **settings.personal_data_env(),
+            },
         )
     )
 

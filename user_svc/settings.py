@@ -7,7 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from servicekit.settings import (
     DELIVERY_LIMIT,
-    ApiSettings,
+    PersonalDataStoreSettings,
     consumer_health_port,
     http_port,
     relay_health_port,
@@ -15,7 +15,7 @@ from servicekit.settings import (
 from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 
-class UserSettings(ApiSettings):
+class UserSettings(PersonalDataStoreSettings):
     """Every field is read from `USER_<FIELD>` (e.g. `USER_DATABASE_URL`)."""
 
     model_config = SettingsConfigDict(env_prefix="USER_", extra="ignore", populate_by_name=True)
