@@ -28,11 +28,13 @@ from pydantic import (
 
 from auth_svc.application import AuthService, Client, TokenPair
 from auth_svc.domain import (
+    AccountDeleted,
     AccountIsLocked,
     AuthError,
     EmailAlreadyRegistered,
     EmailAlreadyVerified,
     EmailNotVerified,
+    ErasureUnavailable,
     InvalidCredentials,
     InvalidLinkToken,
     InvalidRefreshToken,
@@ -91,6 +93,10 @@ class RefreshRequest(StrictModel):
 class ChangePasswordRequest(StrictModel):
     current_password: GivenPassword
     new_password: NewPassword
+
+
+class DeleteAccountRequest(StrictModel):
+    password: GivenPassword = Field(description="The account's current password")
 
 
 class VerifyEmailRequest(StrictModel):
@@ -183,16 +189,19 @@ _DESCRIPTIONS = {
     403: "The account's e-mail address is not verified (type ends in email-not-verified)",
     404: "Not found",
     409: "Conflict",
+    410: "The account is already deleted and erased",
     413: "Request body over 64 KiB",
     422: "Invalid request (or a password too common)",
     423: "Account locked; see Retry-After",
     429: "Too many requests of this kind; see Retry-After",
-    503: "A dependency (links, breach check) is unavailable",
+    503: "A dependency (links, breach check) is unavailable, or (deletion) no personal data "
+    "key is configured",
 }
 
 API_DESCRIPTION = (
     "Accounts and tokens: registration, login (an access token and a refresh token), "
-    "refresh, logout, password change, e-mail verification, password reset, sessions, and the "
+    "refresh, logout, password change, e-mail verification, password reset, sessions, account "
+    "deletion (with erasure of the person's data), and the "
     "public keys (JWKS, discovery) that verify access tokens (RS256, `kid` in the header)."
 )
 
@@ -226,6 +235,22 @@ def _live_user(user: CurrentUser, auth: AuthServiceDep) -> AccessTokenClaims:
 
 
 LiveUser = Annotated[AccessTokenClaims, Depends(_live_user)]
+
+
+def _account_owner(user: CurrentUser, auth: AuthServiceDep) -> AccessTokenClaims:
+    """As `_live_user`, except that the token of a deleted account gets through: deleting
+    ended every session, and a deletion repeated after a crash must reach the account to
+    finish the erasure (or learn it is done: 410)."""
+    if (
+        user.sid is not None
+        and not auth.session_is_live(user.sub, user.sid)
+        and not auth.is_deleted(user.sub)
+    ):
+        raise InvalidToken("The session of this token has ended.")
+    return user
+
+
+AccountOwner = Annotated[AccessTokenClaims, Depends(_account_owner)]
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -503,6 +528,32 @@ def logout_all(user: LiveUser, auth: AuthServiceDep) -> None:
     auth.end_every_session(user.sub)
 
 
+ACCOUNT_DELETED = Accepted(
+    detail="The account is deleted: every session has ended and the person's data is being "
+    "erased in every service."
+)
+
+
+@router.delete(
+    "/account",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    operation_id="deleteAccount",
+    summary="Delete the caller's account and erase their data",
+    responses=problems(401, 410, 503),
+)
+def delete_account(
+    body: DeleteAccountRequest, user: AccountOwner, auth: AuthServiceDep
+) -> Accepted:
+    """Delete the caller's account (the current password is required): it can no longer log
+    in, every session ends, auth_svc shreds the person's data in its store and publishes
+    `auth.account.deleted`, on which every other service erases them (hence 202). The address
+    may register again, as a new account. A wrong password (401) erases nothing; once the
+    erasure is done, a repeated request gets 410."""
+    auth.delete_account(user.sub, body.password)
+    return ACCOUNT_DELETED
+
+
 @router.get(
     "/.well-known/openid-configuration",
     response_model=OpenIdConfiguration,
@@ -538,6 +589,8 @@ _STATUS: dict[type[AuthError], int] = {
     EmailNotVerified: 403,
     EmailAlreadyVerified: 409,
     SessionNotFound: 404,
+    AccountDeleted: 410,
+    ErasureUnavailable: 503,
     PasswordTooCommon: 422,
     TooManyRequests: 429,
     ScreeningUnavailable: 503,
@@ -547,6 +600,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not found",
     409: "Conflict",
+    410: "Gone",
     422: "Unprocessable content",
     423: "Locked",
     429: "Too many requests",

@@ -1,5 +1,5 @@
 """The auth application: registration, login, refresh tokens, password changes, e-mail
-verification, password reset and sessions.
+verification, password reset, sessions and account deletion.
 
 Synchronous (the eventsourcing library is): call it from plain `def` routes. Every command
 loads an Account, runs a domain method and saves. Commands on one account take turns in this
@@ -13,6 +13,7 @@ the turn, so a turn never waits for argon2.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -30,14 +31,17 @@ from eventsourcing.persistence import IntegrityError
 
 from auth_svc.domain import (
     Account,
+    AccountDeleted,
     AuthError,
     EmailAlreadyRegistered,
     EmailNotVerified,
     EmailRegistration,
+    ErasureUnavailable,
     InvalidCredentials,
     InvalidLinkToken,
     InvalidRefreshToken,
     WrongPassword,
+    legacy_registration_id,
     normalise_email,
     registration_id,
 )
@@ -67,6 +71,8 @@ class TokenSigner(Protocol):
 class _Command:
     run: Callable[[Account], Any]
     missing: type[AuthError]  # raised when the account does not exist
+    # Other aggregates the command changed, saved with the account in one transaction.
+    also_saved: Callable[[Account], Sequence[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -211,9 +217,14 @@ class AuthService(EventSourcedApplication):
     # --- commands ---------------------------------------------------------------------------
 
     def register(self, email: str, password: str, display_name: str | None = None) -> uuid.UUID:
-        """The new account's id (the user id). EmailAlreadyRegistered when taken."""
-        if self.account_id_for(email) is not None:
-            raise EmailAlreadyRegistered
+        """The new account's id (the user id). EmailAlreadyRegistered when taken. An address
+        whose account was deleted registers again, as a new account."""
+        existing = self._registration(email, fresh=True)
+        holder_deleted = False
+        if existing is not None and existing.holder() is not None:
+            holder_deleted = self.is_deleted(existing.account_id)
+            if not holder_deleted:
+                raise EmailAlreadyRegistered
         self.screen.check(password)
         now = self._clock()
         account_id = uuid.uuid4()
@@ -228,21 +239,38 @@ class AuthService(EventSourcedApplication):
             verification_expires_at=now + timedelta(seconds=self.settings.verification_ttl_seconds),
             verification_link_sealed=self._sealed_link(self.settings.verify_email_url, token),
         )
-        registration = EmailRegistration.claim(account, now=now)
+        keyed = registration_id(account.email, self.settings.address_id_secret)
+        if existing is not None and existing.id == keyed:
+            # Released (or its account deleted): claimed again at its next version, so two
+            # registrations racing for it conflict on save like two first claims.
+            existing.reclaim(account, holder_deleted=holder_deleted, now=now)
+            registration = existing
+        else:  # a first claim, or a legacy registration given up: the keyed id from now on
+            registration = EmailRegistration.claim(account, registration_id=keyed, now=now)
         try:
             self.save(account, registration)
         except IntegrityError:
             # Our own save may have landed: when the connection breaks after COMMIT was sent,
             # the library retries the insert and meets our rows. Otherwise someone registered
             # the same address between our check and our save.
-            if self.account_id_for(email) == account.id:
+            if self.account_id_for(email, fresh=True) == account.id:
                 return account.id
             raise EmailAlreadyRegistered from None
         return account.id
 
     def login(self, email: str, password: str, client: Client | None = None) -> TokenPair:
-        client = client or Client()
         account_id = self.account_id_for(email)
+        try:
+            return self._log_in(account_id, password, client or Client())
+        except AccountDeleted:
+            # The address's registration, as cached here, may be behind another replica's
+            # (released, or claimed again by a new account): read it from the store.
+            current = self.account_id_for(email, fresh=True)
+            if current in (None, account_id):
+                raise InvalidCredentials from None
+            return self._log_in(current, password, client or Client())
+
+    def _log_in(self, account_id: uuid.UUID | None, password: str, client: Client) -> TokenPair:
         if account_id is None:
             self.passwords.verify_nothing(password)
             raise InvalidCredentials
@@ -328,6 +356,51 @@ class AuthService(EventSourcedApplication):
             account.change_password(new_hash, now=self._clock())
 
         self._update(user_id, change, missing=InvalidCredentials)
+
+    # --- deletion -------------------------------------------------------------------------
+
+    def delete_account(self, user_id: uuid.UUID, password: str) -> None:
+        """Delete the account (the password is required) and erase the person.
+
+        Two steps, each repeatable: the account's turn records every session's revocation,
+        `Deleted` and the address's release in one transaction; then the person's key is
+        destroyed (`erase_person`). A request repeated after a crash between them finds the
+        account deleted and finishes the erasure; once both are done it is AccountDeleted
+        (410). A wrong password changes nothing (WrongPassword); nor does anything happen
+        without a personal data key (ErasureUnavailable: nothing could be erased).
+        """
+        if self.personal_keys is None:
+            raise ErasureUnavailable
+        check = self._memoised_check(password)
+        self._verify_ahead(user_id, check)
+
+        def delete(account: Account) -> bool:
+            if not check(account.password_hash).matches:
+                raise WrongPassword
+            if account.deleted:
+                return False
+            account.delete(now=self._clock())
+            return True
+
+        registrations: set[uuid.UUID] = set()
+
+        def release(account: Account) -> list[EmailRegistration]:
+            if not account.email:  # erased already: its address was released before
+                return []
+            registration = self._registration(account.email, fresh=True)
+            if registration is None:
+                return []
+            registrations.add(registration.id)
+            registration.release(account.id, now=self._clock())
+            return [registration]
+
+        deleted_now = self._update(user_id, delete, missing=InvalidCredentials, also_saved=release)
+        if not deleted_now and self.person_erased_at(user_id) is not None:
+            raise AccountDeleted
+        self.erase_person(user_id)
+        # The registration's cached copy holds the address as it was read before the key went.
+        for registration_key in registrations:
+            self._evict(registration_key)
 
     # --- e-mail verification -------------------------------------------------------------
 
@@ -461,17 +534,38 @@ class AuthService(EventSourcedApplication):
 
     # --- queries ----------------------------------------------------------------------------
 
-    def account_id_for(self, email: str) -> uuid.UUID | None:
-        """The account registered with `email`. A claimed address never changes hands, so a
-        registration already in memory answers without reading the store."""
-        key = registration_id(normalise_email(email))
-        registration: EmailRegistration | None = self._in_memory(key)
-        if registration is None:
-            try:
-                registration = self.repository.get(key)
-            except AggregateNotFoundError:
-                return None
-        return registration.account_id
+    def account_id_for(self, email: str, *, fresh: bool = False) -> uuid.UUID | None:
+        """The account registered with `email`, None if none holds it.
+
+        A registration already in memory answers without reading the store (`fresh` reads
+        it). It changes hands only when its account is deleted: a released one in memory is
+        read again (it may have been claimed since), and a login that finds the account
+        deleted asks again with `fresh`."""
+        registration = self._registration(email, fresh=fresh)
+        return None if registration is None else registration.holder()
+
+    def _registration(self, email: str, *, fresh: bool) -> EmailRegistration | None:
+        """The address's registration: at its keyed id, else at the legacy (unkeyed) id of a
+        registration stored before ids were keyed."""
+        normalised = normalise_email(email)
+        for key in (
+            registration_id(normalised, self.settings.address_id_secret),
+            legacy_registration_id(normalised),
+        ):
+            registration: EmailRegistration | None = None if fresh else self._in_memory(key)
+            if registration is None or registration.released:  # released: maybe reclaimed
+                try:
+                    registration = self.repository.get(key)
+                except AggregateNotFoundError:
+                    continue
+            return registration
+        return None
+
+    def is_deleted(self, account_id: uuid.UUID) -> bool:
+        try:
+            return self.get_account(account_id).deleted
+        except AggregateNotFoundError:
+            return False
 
     def get_account(self, user_id: uuid.UUID) -> Account:
         account: Account = self.repository.get(user_id)
@@ -485,13 +579,15 @@ class AuthService(EventSourcedApplication):
         command: Callable[[Account], T],
         *,
         missing: type[AuthError],
+        also_saved: Callable[[Account], Sequence[Any]] | None = None,
     ) -> T:
         """Run `command` on the current Account in the account's turn, and save.
 
         A refused command may still have recorded facts (a failed login, a lock, a revoked
-        family): those are saved before the refusal is raised.
+        family): those are saved before the refusal is raised. `also_saved`, run after the
+        command succeeded, gives other aggregates it changed: saved in the same transaction.
         """
-        result: T = self._commands.submit(account_id, _Command(command, missing))
+        result: T = self._commands.submit(account_id, _Command(command, missing, also_saved))
         return result
 
     def _account_turn(self, account_id: uuid.UUID, commands: Sequence[_Command]) -> list[Any]:
@@ -503,13 +599,17 @@ class AuthService(EventSourcedApplication):
             except AggregateNotFoundError:
                 return [c.missing() for c in commands]
             results: list[Any] = []
+            others: list[Any] = []
             for command in commands:
                 try:
-                    results.append(command.run(account))
+                    result = command.run(account)
+                    if command.also_saved is not None:
+                        others.extend(command.also_saved(account))
+                    results.append(result)
                 except AuthError as refused:
                     results.append(refused)
-            if account.pending_events:
-                self.save(account)
+            if account.pending_events or any(o.pending_events for o in others):
+                self.save(account, *others)
             return results
 
         return retry_conflicts(attempt, app=self.name, what="This account")
@@ -541,6 +641,12 @@ class AuthService(EventSourcedApplication):
             return cache.get(aggregate_id)
         except KeyError:
             return None
+
+    def _evict(self, aggregate_id: uuid.UUID) -> None:
+        cache = self.repository.cache
+        if cache is not None:
+            with contextlib.suppress(KeyError):
+                cache.get(aggregate_id, evict=True)
 
     def _memoised_check(self, password: str) -> Callable[[str], PasswordCheck]:
         """Verify once per stored hash, however often a command is retried."""

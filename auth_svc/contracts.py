@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from auth_svc.domain import Account
+from servicekit.shredding import UNPUBLISHED_ERASED
 from shared_contracts.events import (
+    AccountDeleted,
     AccountLocked,
     AccountRegistered,
     ContractEvent,
@@ -27,8 +29,12 @@ from shared_contracts.events import (
 
 def to_contract(event: Any) -> ContractEvent | None:
     """The public event for a stored one, or None for private events (rehash, refresh-token
-    rotation, e-mail registrations)."""
+    rotation, e-mail registrations), or for an erased event whose contract requires a
+    personal field (the address): like a private one, the relay records its position and
+    moves on. Erased optional fields (the display name) go out as null."""
     if isinstance(event, Account.Registered):
+        if event.email is None:  # erased (servicekit.shredding)
+            return _erased(AccountRegistered)
         return AccountRegistered(
             user_id=event.originator_id,
             email=event.email,
@@ -41,6 +47,8 @@ def to_contract(event: Any) -> ContractEvent | None:
             user_id=event.originator_id, expires_at=event.expires_at, link_sealed=event.link_sealed
         )
     if isinstance(event, Account.EmailVerified):
+        if event.email is None:
+            return _erased(EmailVerified)
         return EmailVerified(user_id=event.originator_id, email=event.email)
     if isinstance(event, Account.PasswordResetRequested):
         return PasswordResetRequested(
@@ -66,4 +74,10 @@ def to_contract(event: Any) -> ContractEvent | None:
         )
     if isinstance(event, Account.PasswordChanged):
         return PasswordChanged(user_id=event.originator_id)
+    if isinstance(event, Account.Deleted):
+        return AccountDeleted(user_id=event.originator_id)
     return None
+
+
+def _erased(contract: type[ContractEvent]) -> None:
+    UNPUBLISHED_ERASED.labels(contract.event_type).inc()

@@ -7,6 +7,7 @@ hashes (the account's argon2 hash, sha256 hashes of refresh tokens).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import uuid
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 from servicekit.eventstore import TracedAggregate
 
-# Fixed: an address always maps to the same registration id, in every process.
+# Registrations stored before ids were keyed: uuid5 of the address in this namespace.
 EMAIL_NAMESPACE = uuid.UUID("0b7d0f38-54a4-4f6b-9a3c-8d1e2f3a4b5c")
 
 # Bounds on what one account remembers, so that its state (and snapshots) stay small.
@@ -24,7 +25,13 @@ MAX_SPENT_PER_FAMILY = 100  # older spent tokens are forgotten (then just "unkno
 
 # Why a session (refresh-token family) ended; `auth.session.revoked` carries it.
 RevocationReason = Literal[
-    "reuse", "logout", "ended", "logout_all", "password_changed", "password_reset"
+    "reuse",
+    "logout",
+    "ended",
+    "logout_all",
+    "password_changed",
+    "password_reset",
+    "account_deleted",
 ]
 USER_AGENT_MAX = 256
 
@@ -33,7 +40,20 @@ def normalise_email(email: str) -> str:
     return email.strip().lower()
 
 
-def registration_id(email: str) -> uuid.UUID:
+def registration_id(email: str, key: bytes) -> uuid.UUID:
+    """The id of the address's EmailRegistration: an HMAC-SHA256 of the normalised address
+    under the service's secret, so nobody without the secret can tell from an id (in the
+    store, a log, a dump) which address it stands for. A UUID of version 8 (RFC 9562)."""
+    digest = hmac.new(key, normalise_email(email).encode(), hashlib.sha256).digest()
+    n = int.from_bytes(digest[:16], "big")
+    n = (n & ~(0xF << 76)) | (0x8 << 76)  # version 8
+    n = (n & ~(0x3 << 62)) | (0x2 << 62)  # the RFC 9562 variant
+    return uuid.UUID(int=n)
+
+
+def legacy_registration_id(email: str) -> uuid.UUID:
+    """The id registrations had before ids were keyed (a plain uuid5 of the address): still
+    looked up, so the accounts registered then keep logging in."""
     return uuid.uuid5(EMAIL_NAMESPACE, normalise_email(email))
 
 
@@ -105,6 +125,24 @@ class SessionNotFound(AuthError):
         super().__init__("The caller has no session with this id.")
 
 
+class ErasureUnavailable(AuthError):
+    """No personal data key is configured: a deletion could not erase anything."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Accounts cannot be deleted here: no personal data key is configured "
+            "(AUTH_PERSONAL_DATA_KEY), so the stored personal data could not be erased."
+        )
+
+
+class AccountDeleted(AuthError):
+    """The account was deleted: it refuses every command. Where an unknown account would be
+    refused (login, refresh, a link), the application answers as for one."""
+
+    def __init__(self) -> None:
+        super().__init__("This account has been deleted.")
+
+
 def _check_link_token(expected: dict[str, Any] | None, presented_hash: str, now: datetime) -> None:
     if expected is None or not hmac.compare_digest(presented_hash, expected["hash"]):
         raise InvalidLinkToken
@@ -125,15 +163,22 @@ class Account(TracedAggregate):
 
     Verification and reset tokens are kept as sha256 hashes with their expiry (one of each
     at a time: a new request replaces the old one); their links travel only sealed.
+
+    A deleted account (`Deleted`) refuses every command; its personal fields are erased
+    afterwards by destroying the person's key (servicekit.shredding), not by an event.
     """
 
-    class_version = 2  # v2: e-mail verification, password reset and session details
+    class_version = 3  # v2: e-mail verification, password reset and sessions; v3: deletion
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
         state["email_verified"] = False
         state["verification"] = None
         state["reset"] = None
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        state["deleted"] = False
 
     class Registered(TracedAggregate.Created):
         """v2 records the first verification token's hash and its sealed link."""
@@ -298,6 +343,18 @@ class Account(TracedAggregate):
             aggregate.failed_logins = 0
             aggregate.locked_until = None
 
+    class Deleted(TracedAggregate.Event):
+        """Deleted at its owner's request. It carries no personal data; every session was
+        revoked just before it (`RefreshFamilyRevoked`, reason `account_deleted`)."""
+
+        def apply(self, aggregate: Account) -> None:
+            aggregate.deleted = True
+            aggregate.refresh_families.clear()
+            aggregate.verification = None
+            aggregate.reset = None
+            aggregate.failed_logins = 0
+            aggregate.locked_until = None
+
     def __init__(self) -> None:
         self.email = ""
         self.password_hash = ""
@@ -310,6 +367,7 @@ class Account(TracedAggregate):
         self.email_verified = False
         self.verification: dict[str, Any] | None = None  # {"hash", "expires_at"}
         self.reset: dict[str, Any] | None = None  # {"hash", "expires_at"}
+        self.deleted = False
 
     @classmethod
     def register(
@@ -345,10 +403,23 @@ class Account(TracedAggregate):
     def has_refresh_family(self, family_id: uuid.UUID) -> bool:
         return str(family_id) in self.refresh_families
 
+    def _refuse_if_deleted(self, refusal: type[AuthError] = AccountDeleted) -> None:
+        if self.deleted:
+            raise refusal
+
+    # --- deletion ---------------------------------------------------------------------------
+
+    def delete(self, *, now: datetime) -> None:
+        """The caller has checked the password. Every session ends, then the account."""
+        self._refuse_if_deleted()
+        self.end_every_session(reason="account_deleted", now=now)
+        self.trigger_event(self.Deleted, timestamp=now)
+
     # --- login ------------------------------------------------------------------------------
 
     def ensure_can_log_in(self, now: datetime) -> None:
         """While locked, a login is refused before the password is even looked at."""
+        self._refuse_if_deleted()
         if self.locked_until is not None and now < self.locked_until:
             raise AccountIsLocked(self.locked_until, now)
 
@@ -387,10 +458,12 @@ class Account(TracedAggregate):
         )
 
     def rehash_password(self, password_hash: str, *, now: datetime) -> None:
+        self._refuse_if_deleted()
         self.trigger_event(self.PasswordRehashed, timestamp=now, password_hash=password_hash)
 
     def change_password(self, password_hash: str, *, now: datetime) -> None:
         """The caller has checked the current password. Every refresh token is revoked."""
+        self._refuse_if_deleted()
         self.end_every_session(reason="password_changed", now=now)
         self.trigger_event(self.PasswordChanged, timestamp=now, password_hash=password_hash)
 
@@ -399,6 +472,7 @@ class Account(TracedAggregate):
     def request_verification(
         self, *, token_hash: str, expires_at: datetime, link_sealed: str | None, now: datetime
     ) -> None:
+        self._refuse_if_deleted()
         if self.email_verified:
             raise EmailAlreadyVerified
         self.trigger_event(
@@ -410,12 +484,14 @@ class Account(TracedAggregate):
         )
 
     def verify_email(self, presented_hash: str, *, now: datetime) -> None:
+        self._refuse_if_deleted(InvalidLinkToken)
         _check_link_token(self.verification, presented_hash, now)
         self.trigger_event(self.EmailVerified, timestamp=now, email=self.email)
 
     def request_password_reset(
         self, *, token_hash: str, expires_at: datetime, link_sealed: str | None, now: datetime
     ) -> None:
+        self._refuse_if_deleted()
         self.trigger_event(
             self.PasswordResetRequested,
             timestamp=now,
@@ -425,10 +501,12 @@ class Account(TracedAggregate):
         )
 
     def ensure_reset_token(self, presented_hash: str, *, now: datetime) -> None:
+        self._refuse_if_deleted(InvalidLinkToken)
         _check_link_token(self.reset, presented_hash, now)
 
     def reset_password(self, presented_hash: str, password_hash: str, *, now: datetime) -> None:
         """Spend the reset token: new password, every session revoked, any lock lifted."""
+        self._refuse_if_deleted(InvalidLinkToken)
         _check_link_token(self.reset, presented_hash, now)
         self.end_every_session(reason="password_reset", now=now)
         self.trigger_event(self.PasswordReset, timestamp=now, password_hash=password_hash)
@@ -441,6 +519,7 @@ class Account(TracedAggregate):
         return sorted(live, key=lambda item: item[1].get("created_at") or now, reverse=True)
 
     def end_session(self, family_id: uuid.UUID, *, now: datetime) -> None:
+        self._refuse_if_deleted()
         family = self.refresh_families.get(str(family_id))
         if family is None or family["expires_at"] <= now:
             raise SessionNotFound
@@ -449,6 +528,7 @@ class Account(TracedAggregate):
         )
 
     def end_every_session(self, *, reason: RevocationReason, now: datetime) -> None:
+        self._refuse_if_deleted()
         for family_id in list(self.refresh_families):
             self.trigger_event(
                 self.RefreshFamilyRevoked,
@@ -492,6 +572,7 @@ class Account(TracedAggregate):
     def _current_family(
         self, family_id: uuid.UUID, presented_hash: str, now: datetime
     ) -> dict[str, Any]:
+        self._refuse_if_deleted(InvalidRefreshToken)
         family = self.refresh_families.get(str(family_id))
         if family is None:
             raise InvalidRefreshToken
@@ -513,8 +594,15 @@ class Account(TracedAggregate):
 
 
 class EmailRegistration(TracedAggregate):
-    """Claims an e-mail address for one account: its id is derived from the address, so a
-    second registration of the address conflicts on save (optimistic concurrency)."""
+    """Claims an e-mail address for one account: its id is derived from the address (keyed:
+    `registration_id`), so a second registration of the address conflicts on save
+    (optimistic concurrency).
+
+    Deleting the account releases the address (`Released`); a later registration claims it
+    again for a new account (`Reclaimed`), which conflicts on save just the same when two
+    registrations race. Only `Claimed` carries the address (a personal field); the others
+    carry account ids only.
+    """
 
     class Claimed(TracedAggregate.Created):
         email: str
@@ -524,17 +612,51 @@ class EmailRegistration(TracedAggregate):
             aggregate.email = self.email
             aggregate.account_id = self.account_id
 
+    class Released(TracedAggregate.Event):
+        account_id: uuid.UUID  # the deleted account that held it
+
+        def apply(self, aggregate: EmailRegistration) -> None:
+            aggregate.released = True
+
+    class Reclaimed(TracedAggregate.Event):
+        account_id: uuid.UUID  # the new account
+
+        def apply(self, aggregate: EmailRegistration) -> None:
+            aggregate.account_id = self.account_id
+            aggregate.released = False
+
     def __init__(self) -> None:
         self.email = ""
         self.account_id = uuid.UUID(int=0)
+        self.released = False
 
     @classmethod
-    def claim(cls, account: Account, *, now: datetime) -> EmailRegistration:
+    def claim(
+        cls, account: Account, *, registration_id: uuid.UUID, now: datetime
+    ) -> EmailRegistration:
+        """`registration_id` is `registration_id(account.email, key)`."""
         registration: EmailRegistration = cls._create(
             cls.Claimed,
-            id=registration_id(account.email),
+            id=registration_id,
             timestamp=now,
             email=account.email,
             account_id=account.id,
         )
         return registration
+
+    def holder(self) -> uuid.UUID | None:
+        """The account the address belongs to, or None once released."""
+        return None if self.released else self.account_id
+
+    def release(self, account_id: uuid.UUID, *, now: datetime) -> None:
+        """Give the address up for the deleted account `account_id`; nothing if it is not
+        (or no longer) the holder, so a repeated deletion changes nothing."""
+        if self.holder() == account_id:
+            self.trigger_event(self.Released, timestamp=now, account_id=account_id)
+
+    def reclaim(self, account: Account, *, holder_deleted: bool, now: datetime) -> None:
+        """Claim a released address (or one whose holder was deleted before releasing it)
+        for the new `account`."""
+        if not self.released and not holder_deleted:
+            raise EmailAlreadyRegistered
+        self.trigger_event(self.Reclaimed, timestamp=now, account_id=account.id)

@@ -66,6 +66,11 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
                 "AUTH_LINK_SEALING_PUBLIC_KEY is not set: verification and reset links "
                 "cannot be mailed"
             )
+        if not settings.address_id_key:
+            log.warning(
+                "AUTH_ADDRESS_ID_KEY is not set: ids derived from e-mail addresses are keyed "
+                "with a public development key"
+            )
         keys = KeyStore(settings)
         await asyncio.to_thread(keys.open)
         service = await asyncio.to_thread(build_service, settings, keys)

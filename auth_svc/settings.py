@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import base64
+import binascii
+import hashlib
+
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from servicekit.settings import PersonalDataStoreSettings, http_port, relay_health_port
@@ -10,6 +14,10 @@ from shared_contracts.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 THIRTY_DAYS = 30 * 24 * 3600
 DAY = 24 * 3600
+ADDRESS_ID_KEY_BYTES = 32
+# Keys the address ids where AUTH_ADDRESS_ID_KEY is unset (a development checkout): public,
+# so such ids are no better than plain hashes of the address; a warning says so at start.
+DEVELOPMENT_ADDRESS_ID_KEY = hashlib.sha256(b"eskit development address id key").digest()
 
 
 class AuthSettings(PersonalDataStoreSettings):
@@ -61,6 +69,30 @@ class AuthSettings(PersonalDataStoreSettings):
         description="Extra time a retired key stays in the JWKS after its last token "
         "expired (clock skew, caches).",
     )
+
+    address_id_key: str | None = Field(
+        default=None,
+        description="Secret (32 bytes, base64url) that keys the ids derived from e-mail "
+        "addresses (HMAC-SHA256), so an id does not reveal its address. Keep it for the life "
+        "of the store: a registration keyed with another secret is not found. Unset: a public "
+        "development key (a warning at start).",
+    )
+
+    @field_validator("address_id_key")
+    @classmethod
+    def _a_32_byte_key(cls, value: str | None) -> str | None:
+        if not value:  # an empty variable is an unset one
+            return None
+        if len(_urlsafe_b64decode(value)) != ADDRESS_ID_KEY_BYTES:
+            msg = f"AUTH_ADDRESS_ID_KEY must be {ADDRESS_ID_KEY_BYTES} bytes in base64url"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def address_id_secret(self) -> bytes:
+        if self.address_id_key is None:
+            return DEVELOPMENT_ADDRESS_ID_KEY
+        return _urlsafe_b64decode(self.address_id_key)
 
     # --- e-mail verification, password reset, sessions -------------------------------------
     require_verified_email: bool = Field(
@@ -137,3 +169,11 @@ class AuthSettings(PersonalDataStoreSettings):
         description="When HIBP cannot be reached in time: accept the password (true) or "
         "refuse it with a 503 problem (false).",
     )
+
+
+def _urlsafe_b64decode(value: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        msg = "not base64url"
+        raise ValueError(msg) from None

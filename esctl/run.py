@@ -99,7 +99,13 @@ def up(
 
 
 DEV_KEYS_FILE = Path(".eskit") / "personal-data-keys.env"
-PERSONAL_DATA_KEY_VARIABLES = ("AUTH_PERSONAL_DATA_KEY", "USER_PERSONAL_DATA_KEY")
+# Also auth_svc's address id key (the same 32 random bytes): a new one on every run would
+# leave the registrations of the last run unfound.
+PERSONAL_DATA_KEY_VARIABLES = (
+    "AUTH_PERSONAL_DATA_KEY",
+    "USER_PERSONAL_DATA_KEY",
+    "AUTH_ADDRESS_ID_KEY",
+)
 
 
 def dev_personal_data_keys(path: Path = DEV_KEYS_FILE) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -12,11 +13,19 @@ from auth_svc.contracts import to_contract
 from auth_svc.domain import (
     MAX_REFRESH_FAMILIES,
     Account,
+    AccountDeleted,
     AccountIsLocked,
+    AuthError,
+    EmailAlreadyRegistered,
     EmailRegistration,
+    InvalidLinkToken,
     InvalidRefreshToken,
     RefreshTokenReused,
+    legacy_registration_id,
     registration_id,
+)
+from shared_contracts.events import (
+    AccountDeleted as AccountDeletedContract,
 )
 from shared_contracts.events import (
     AccountLocked,
@@ -31,6 +40,7 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 THRESHOLD = 3
 LOCK_SECONDS = 900
+ADDRESS_KEY = b"k" * 32
 
 
 def new_account(now: datetime = T0) -> Account:
@@ -83,8 +93,10 @@ def test_registration_normalises_the_email_and_records_one_event() -> None:
 
 def test_the_email_registration_id_is_the_same_for_any_spelling_of_the_address() -> None:
     account = new_account()
-    registration = EmailRegistration.claim(account, now=T0)
-    assert registration.id == registration_id("ADA@example.com ")
+    registration = EmailRegistration.claim(
+        account, registration_id=registration_id(account.email, ADDRESS_KEY), now=T0
+    )
+    assert registration.id == registration_id("ADA@example.com ", ADDRESS_KEY)
     assert registration.account_id == account.id
 
 
@@ -296,7 +308,160 @@ def test_private_events_have_no_contract() -> None:
         new_expires_at=T0 + timedelta(days=1),
         now=T0,
     )
-    registration = EmailRegistration.claim(account, now=T0)
+    registration = EmailRegistration.claim(
+        account, registration_id=registration_id(account.email, ADDRESS_KEY), now=T0
+    )
+    registration.release(account.id, now=T0)
     private = [*account.collect_events()[2:], *registration.collect_events()]
     assert private
     assert all(to_contract(e) is None for e in private)
+
+
+# --- keyed address ids --------------------------------------------------------------------
+
+
+def test_the_registration_id_is_keyed_not_a_plain_hash_of_the_address() -> None:
+    keyed = registration_id("ada@example.com", ADDRESS_KEY)
+    assert keyed != legacy_registration_id("ada@example.com")
+    assert keyed != uuid.uuid5(uuid.NAMESPACE_DNS, "ada@example.com")
+    assert keyed != registration_id("ada@example.com", b"another secret of 32 bytes......")
+    assert keyed.version == 8
+    assert keyed.variant == uuid.RFC_4122
+
+
+def test_the_legacy_registration_id_is_the_uuid5_registrations_were_stored_under() -> None:
+    namespace = uuid.UUID("0b7d0f38-54a4-4f6b-9a3c-8d1e2f3a4b5c")
+    assert legacy_registration_id(" ADA@example.com") == uuid.uuid5(namespace, "ada@example.com")
+
+
+# --- deletion -----------------------------------------------------------------------------
+
+
+def test_deleting_ends_every_session_then_records_deleted_without_personal_data() -> None:
+    account = new_account()
+    first, second = log_in(account), log_in(account)
+    account.collect_events()
+    account.delete(now=T0 + DAY)
+    events = account.collect_events()
+    assert [type(e).__name__ for e in events] == [
+        "RefreshFamilyRevoked",
+        "RefreshFamilyRevoked",
+        "Deleted",
+    ]
+    assert {e.family_id for e in events[:2]} == {first, second}  # type: ignore[attr-defined]
+    assert {e.reason for e in events[:2]} == {"account_deleted"}  # type: ignore[attr-defined]
+    assert account.deleted
+    assert account.refresh_families == {}
+    deleted = events[-1]
+    assert set(deleted.__dict__) == {
+        "originator_id",
+        "originator_version",
+        "timestamp",
+        "metadata",
+    }
+    contracts = [to_contract(e) for e in events]
+    assert contracts[-1] == AccountDeletedContract(user_id=account.id)
+    assert [c.reason for c in contracts[:2]] == ["account_deleted"] * 2  # type: ignore[union-attr]
+
+
+def test_a_deleted_account_refuses_every_command() -> None:
+    account = new_account()
+    family = log_in(account)
+    account.delete(now=T0)
+    account.collect_events()
+    refusals: list[tuple[Any, type[AuthError]]] = [
+        (lambda: account.delete(now=T0), AccountDeleted),
+        (lambda: account.ensure_can_log_in(T0), AccountDeleted),
+        (lambda: log_in(account), AccountDeleted),
+        (lambda: fail(account, T0), AccountDeleted),
+        (lambda: account.rehash_password("$argon2id$x", now=T0), AccountDeleted),
+        (lambda: account.change_password("$argon2id$x", now=T0), AccountDeleted),
+        (lambda: rotate(account, family, "h-next"), InvalidRefreshToken),
+        (
+            lambda: account.log_out(family_id=family, presented_hash=f"h-{family}", now=T0),
+            InvalidRefreshToken,
+        ),
+        (lambda: account.end_session(family, now=T0), AccountDeleted),
+        (lambda: account.end_every_session(reason="logout_all", now=T0), AccountDeleted),
+        (
+            lambda: account.request_verification(
+                token_hash="t", expires_at=T0 + DAY, link_sealed=None, now=T0
+            ),
+            AccountDeleted,
+        ),
+        (lambda: account.verify_email("t", now=T0), InvalidLinkToken),
+        (
+            lambda: account.request_password_reset(
+                token_hash="t", expires_at=T0 + DAY, link_sealed=None, now=T0
+            ),
+            AccountDeleted,
+        ),
+        (lambda: account.ensure_reset_token("t", now=T0), InvalidLinkToken),
+        (lambda: account.reset_password("t", "$argon2id$x", now=T0), InvalidLinkToken),
+    ]
+    for command, refusal in refusals:
+        with pytest.raises(refusal):
+            command()
+    assert account.collect_events() == []
+
+
+def test_an_account_snapshotted_before_deletion_existed_loads_as_not_deleted() -> None:
+    state: dict[str, Any] = {}
+    Account.upcast_v2_v3(state)
+    assert state == {"deleted": False}
+
+
+# --- the address: released and claimed again -------------------------------------------------
+
+
+def claimed(account: Account) -> EmailRegistration:
+    return EmailRegistration.claim(
+        account, registration_id=registration_id(account.email, ADDRESS_KEY), now=T0
+    )
+
+
+def test_a_released_address_is_claimed_again_by_a_new_account_at_the_next_version() -> None:
+    old = new_account()
+    registration = claimed(old)
+    registration.release(old.id, now=T0)
+    assert registration.holder() is None
+    new = new_account()
+    registration.reclaim(new, holder_deleted=False, now=T0 + DAY)
+    assert registration.holder() == new.id
+    assert new.id != old.id
+    assert [type(e).__name__ for e in registration.collect_events()] == [
+        "Claimed",
+        "Released",
+        "Reclaimed",
+    ]
+    assert registration.version == 3
+
+
+def test_a_held_address_is_not_claimed_again_unless_its_holder_was_deleted() -> None:
+    holder = new_account()
+    registration = claimed(holder)
+    registration.collect_events()
+    with pytest.raises(EmailAlreadyRegistered):
+        registration.reclaim(new_account(), holder_deleted=False, now=T0)
+    newcomer = new_account()
+    registration.reclaim(newcomer, holder_deleted=True, now=T0)
+    assert registration.holder() == newcomer.id
+
+
+def test_releasing_twice_or_for_another_account_changes_nothing() -> None:
+    holder = new_account()
+    registration = claimed(holder)
+    registration.release(uuid.uuid4(), now=T0)
+    registration.release(holder.id, now=T0)
+    registration.release(holder.id, now=T0)
+    assert [type(e).__name__ for e in registration.collect_events()] == ["Claimed", "Released"]
+
+
+def test_the_address_events_after_the_claim_carry_account_ids_only() -> None:
+    old, new = new_account(), new_account()
+    registration = claimed(old)
+    registration.release(old.id, now=T0)
+    registration.reclaim(new, holder_deleted=False, now=T0)
+    released, reclaimed = registration.collect_events()[1:]
+    for event in (released, reclaimed):
+        assert "ada@example.com" not in repr(event.__dict__)
