@@ -38,6 +38,20 @@ DATABASES = {s.variable("database_url"): database_name(s) for s in registry.SERV
 class EsctlUp:
     env: dict[str, str]
     log: Path  # the processes' log lines (their stderr)
+    pid: int = 0  # `esctl up` itself: its children are the stack's processes
+
+    def child(self, name: str) -> int:
+        """The pid of the stack's process `name` (`notify_svc.consumer`, `auth_svc`...)."""
+        service, _, role = name.partition(".")
+        verb = {"": "serve", "relay": "relay", "consumer": "consume"}[role]
+        found = subprocess.run(
+            ["pgrep", "-P", str(self.pid), "-f", f"esctl.main {verb} {service}$"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        assert len(found) == 1, f"{name}: {found}"
+        return int(found[0])
 
     def url(self, port_variable: str) -> str:
         return f"http://127.0.0.1:{self.env[port_variable]}"
@@ -107,6 +121,6 @@ def esctl_up(
                 assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
                 time.sleep(0.2)
-            yield EsctlUp(env, log_path)
+            yield EsctlUp(env, log_path, proc.pid)
         finally:
             stop_process(proc, timeout=30, sig=signal.SIGINT)  # as Ctrl-C would

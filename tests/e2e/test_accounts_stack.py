@@ -12,14 +12,11 @@ keep every message published; `events.history` is read from its first offset.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import json
 import re
 import statistics
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +25,16 @@ from typing import Any
 import aio_pika
 import httpx
 import jwt
-import psycopg
 import pytest
-from psycopg import sql
 
 import registry
 from esctl.trace import SpanReceiver
-from servicekit.eventstore import connection_kwargs
-from servicekit.stream import AmqpHistory
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 from testbed.cli import esctl
 from testbed.effects import WebhookSink
 from testbed.up import EsctlUp, esctl_up
 from tests.support.amqp import subscribed
+from tests.support.scan import Mail, Message, database_texts, history, maildir_mails
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "a brand new passphrase"
@@ -51,16 +45,9 @@ SCAN_QUEUES = {AUTH_EVENTS: "scan.auth.events", USER_EVENTS: "scan.user.events"}
 TRIALS = 20
 
 
-@dataclass
-class Mail:
-    to: str
-    subject: str
-    text: str  # every text part, decoded
-
-    @property
-    def links(self) -> list[tuple[str, str]]:
-        """(link, token) of each link in the mail (its text and HTML parts carry the same)."""
-        return sorted({(m.group(1), m.group(2)) for m in LINK.finditer(self.text)})
+def links(mail: Mail) -> list[tuple[str, str]]:
+    """(link, token) of each link in the mail (its text and HTML parts carry the same)."""
+    return sorted({(m.group(1), m.group(2)) for m in LINK.finditer(mail.text)})
 
 
 @dataclass
@@ -81,21 +68,7 @@ class AccountsStack:
         return self.up.users
 
     def mails(self, to: str) -> list[Mail]:
-        found = []
-        for sub in ("new", "cur"):
-            folder = self.work / "maildir" / sub
-            for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-                message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-                recipients = str(message.get("To", "")).lower()
-                if to.lower() not in recipients:
-                    continue
-                text = "\n".join(
-                    part.get_content()
-                    for part in message.walk()
-                    if part.get_content_maintype() == "text"
-                )
-                found.append(Mail(recipients, str(message.get("Subject", "")), text))
-        return found
+        return [m for m in maildir_mails(self.work / "maildir") if to.lower() in m.to]
 
     def wait_for_mail(self, to: str, subject: str, timeout: float = 60) -> Mail:
         deadline = time.monotonic() + timeout
@@ -109,8 +82,9 @@ class AccountsStack:
 
     def link_of(self, mail: Mail) -> str:
         """The token of the mail's one link, kept for the scan (the link and the token)."""
-        assert len(mail.links) == 1, mail.text
-        link, token = mail.links[0]
+        found = links(mail)
+        assert len(found) == 1, mail.text
+        link, token = found[0]
         assert len(token) >= 43  # 256 random bits at least
         self.secrets.update({link, token})
         return token
@@ -284,7 +258,7 @@ def test_forgot_mails_a_link_whose_reset_ends_every_session(stack: AccountsStack
         )
         assert replay.status_code == 400
     notice = stack.wait_for_mail(address, "password was reset")
-    assert notice.links == []  # the notice carries no link
+    assert links(notice) == []  # the notice carries no link
 
 
 # --- sessions --------------------------------------------------------------------------
@@ -367,52 +341,6 @@ async def test_an_ended_session_is_refused_by_user_svc_within_a_second(
 # --- the secret scan -------------------------------------------------------------------
 
 
-def _texts_of_value(value: Any) -> Iterable[str]:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        yield raw.decode("latin-1")
-        try:
-            yield zlib.decompress(raw).decode("latin-1")
-        except zlib.error:
-            pass
-    elif value is not None:
-        yield value if isinstance(value, str) else json.dumps(value, default=str)
-
-
-def database_texts(url: str) -> tuple[int, list[tuple[str, str]]]:
-    """(tables read, [(schema.table, text of a value)]) of every table of the database."""
-    found: list[tuple[str, str]] = []
-    with psycopg.connect(**connection_kwargs(url, connect_timeout=10)) as conn:
-        tables = conn.execute(
-            "SELECT table_schema, table_name FROM information_schema.tables "
-            "WHERE table_type = 'BASE TABLE' "
-            "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
-        ).fetchall()
-        for schema, table in tables:
-            rows = conn.execute(
-                sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, table))
-            ).fetchall()
-            for row in rows:
-                for value in row:
-                    found.extend((f"{schema}.{table}", t) for t in _texts_of_value(value))
-    return len(tables), found
-
-
-@dataclass(frozen=True)
-class Message:
-    body: bytes
-    headers: dict[str, Any]
-
-    @property
-    def envelope(self) -> dict[str, Any]:
-        envelope: dict[str, Any] = json.loads(self.body)
-        return envelope
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("latin-1") + json.dumps(self.headers, default=str)
-
-
 async def drained(amqp_url: str) -> dict[str, list[Message]]:
     """Every message kept by the scan queues, and every message of events.history."""
     out: dict[str, list[Message]] = {name: [] for name in [*SCAN_QUEUES, "events.history"]}
@@ -423,9 +351,7 @@ async def drained(amqp_url: str) -> dict[str, list[Message]]:
             queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
             while (message := await queue.get(no_ack=True, fail=False)) is not None:
                 out[exchange].append(Message(message.body, dict(message.headers or {})))
-        async with AmqpHistory(connection).subscribe("first", prefetch=500) as history:
-            while batch := await history.take(500, wait=3, linger=0.2):
-                out["events.history"].extend(Message(m.body, dict(m.headers)) for m in batch)
+        out["events.history"] = await history(connection)
     return out
 
 
