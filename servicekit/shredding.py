@@ -488,17 +488,18 @@ class PersonalDataMapper(Mapper[uuid.UUID]):
         self, declaration: PersonalFields, topic: str, state: dict[str, Any], originator: Any
     ) -> dict[str, Any]:
         assert self.keys is not None
-        subject = _subject(state, declaration)
-        cipher = self.keys.cipher_for(subject, create=True)
-        self.related.note(subject, originator)
         target, prefix = state, ""
         if declaration.snapshot:
             target, prefix = dict(state["state"]), "state."
             state["state"] = target
-        for name in declaration.fields:
-            value = target.get(name)
-            if value is None or name not in target:
-                continue
+        present = [name for name in declaration.fields if target.get(name) is not None]
+        if not present:
+            return state  # nothing personal in this one: no key is made for it
+        subject = _subject(state, declaration)
+        cipher = self.keys.cipher_for(subject, create=True)
+        self.related.note(subject, originator)
+        for name in present:
+            value = target[name]
             if cipher is None:  # an erased person: their new data is not kept either
                 target[name] = declaration.erased(name)
                 DROPPED_WRITES.labels(topic).inc()

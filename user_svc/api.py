@@ -27,6 +27,7 @@ from user_svc.domain import (
     BIO_MAX,
     DISPLAY_NAME_MAX,
     InvalidProfileField,
+    ProfileErased,
     valid_value,
 )
 from user_svc.views import ProfileView
@@ -114,6 +115,11 @@ _ETAG_HEADER = header(
 
 
 _TOKEN_PROBLEMS = {"p401": "Missing, expired or invalid bearer token"}
+_ERASED = "The profile was erased: its account has been deleted"
+
+
+def _gone(erased: ProfileErased) -> Problem:
+    return Problem(str(erased), status=410, title="Gone")
 
 
 # --- dependencies -----------------------------------------------------------------------------
@@ -193,7 +199,7 @@ router = APIRouter(prefix="/users", tags=["users"])
     summary="The caller's profile",
     description="Created on the first call if the registration has not arrived yet. "
     "The `ETag` header carries the version, for `PATCH` with `If-Match`.",
-    responses=_with_etag(_problems(**_TOKEN_PROBLEMS)),
+    responses=_with_etag(_problems(p410=_ERASED, **_TOKEN_PROBLEMS)),
     openapi_extra=BEARER_SECURITY,
 )
 async def read_my_profile(request: Request) -> Response:
@@ -203,7 +209,10 @@ async def read_my_profile(request: Request) -> Response:
     entry = profiles.cache.get(user.sub)
     if entry is None:
         epoch = profiles.cache.epoch
-        view = await run_in_threadpool(profiles.service.get_or_create, user.sub, user.email)
+        try:
+            view = await run_in_threadpool(profiles.service.get_or_create, user.sub, user.email)
+        except ProfileErased as erased:
+            raise _gone(erased) from None
         entry = profiles.cache.put(view, epoch)
     return _own_profile(entry, user)
 
@@ -218,6 +227,7 @@ async def read_my_profile(request: Request) -> Response:
     responses=_with_etag(
         _problems(
             p400="Malformed JSON",
+            p410=_ERASED,
             p412="The profile has changed since the `If-Match` version; the current ETag is sent",
             p413="Body larger than 64 KiB",
             p422="Invalid or unknown field",
@@ -248,6 +258,8 @@ async def update_my_profile(
             title="Precondition failed",
             headers={"ETag": etag_of(stale.current.version)},
         ) from None
+    except ProfileErased as erased:
+        raise _gone(erased) from None
     except InvalidProfileField as invalid:
         raise Problem(
             f"{invalid.field}: {invalid.message}",

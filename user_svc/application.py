@@ -24,14 +24,21 @@ from servicekit.aggregates import Combiner, Gathering, retry_conflicts
 from servicekit.eventstore import EventSourcedApplication
 from servicekit.messages import Outcome
 from shared_contracts.envelope import Envelope
-from shared_contracts.events import AccountRegistered
-from user_svc.domain import InvalidProfileField, Profile
+from shared_contracts.events import AccountDeleted, AccountRegistered
+from user_svc.domain import InvalidProfileField, Profile, ProfileErased
 from user_svc.personal import PERSONAL_DATA
 from user_svc.views import ProfileView
 
 log = logging.getLogger("user_svc.application")
 
 PROFILE = "this profile"
+
+# Who was erased here (on `auth.account.deleted`), for `esctl erasure status`: the same shape
+# as the projections' `public.erasures` (servicekit.erasure), `swept_at` left to its sweeper.
+ERASURES_DDL = (
+    "CREATE TABLE IF NOT EXISTS public.erasures (user_id uuid PRIMARY KEY, "
+    "erased_at timestamptz NOT NULL DEFAULT now(), swept_at timestamptz)"
+)
 
 
 class StaleProfileVersion(Exception):
@@ -61,9 +68,12 @@ class ProfileService(EventSourcedApplication):
         self._gathered = Gathering(self._edits)
 
     def get_or_create(self, user_id: uuid.UUID, email: str | None) -> ProfileView:
-        """The user's profile, created (empty but for the e-mail) on first use."""
+        """The user's profile, created (empty but for the e-mail) on first use.
+        ProfileErased once its account was deleted."""
         profile = self._load(user_id)
         if profile is not None:
+            if profile.erased:
+                raise ProfileErased
             return ProfileView.of(profile)
         return self.update(user_id, {}, email=email)
 
@@ -115,7 +125,7 @@ class ProfileService(EventSourcedApplication):
                     continue
                 try:
                     profile.update(edit.changes)
-                except InvalidProfileField as invalid:
+                except (InvalidProfileField, ProfileErased) as invalid:
                     results.append(invalid)
                     continue
                 results.append(ProfileView.of(profile))
@@ -126,8 +136,9 @@ class ProfileService(EventSourcedApplication):
         return retry_conflicts(attempt, app=self.name, what=PROFILE)
 
     def public_profile(self, user_id: uuid.UUID) -> ProfileView | None:
+        """None when there is no profile, or when it was erased."""
         profile = self._load(user_id)
-        return ProfileView.of(profile) if profile is not None else None
+        return ProfileView.of(profile) if profile is not None and not profile.erased else None
 
     def on_account_registered(self, envelope: Envelope) -> Outcome:
         """Create (or complete) the profile of a newly registered account.
@@ -154,6 +165,8 @@ class ProfileService(EventSourcedApplication):
         profile = self._load(registered.user_id)
         if late and profile is not None:
             return "duplicate"  # a redelivery: the user may have edited it since
+        if profile is not None and profile.erased:
+            return "duplicate"  # the account was deleted since: nothing comes back
         if profile is None:
             profile = Profile.create(
                 registered.user_id,
@@ -168,6 +181,67 @@ class ProfileService(EventSourcedApplication):
         else:
             self.save_tracked(profile, tracking=Tracking(producer, position))
         return "applied"
+
+    def on_account_deleted(self, envelope: Envelope) -> Outcome:
+        """Erase the profile of a deleted account, idempotently under redelivery.
+
+        A stored `Profile.Erased` (no personal data; with the producer's position, in one
+        transaction), then the user's key is destroyed (the fields stored before read as
+        erased), then the erasure is recorded in `erasures`. Each step is idempotent, and the
+        later ones run again on a redelivery, so a crash between them completes next time.
+        A user without a profile gets an erased one, so a late registration brings nothing.
+        """
+        deleted = AccountDeleted.model_validate(envelope.data)
+        user_id = deleted.user_id
+        with context.bound(
+            correlation_id=envelope.correlation_id, causation_id=str(envelope.event_id)
+        ):
+            outcome = retry_conflicts(
+                lambda: self._apply_deletion(user_id, envelope.position),
+                app=self.name,
+                what=PROFILE,
+            )
+            if self.personal_keys is not None:
+                self.erase_person(user_id)
+            else:
+                log.warning("no personal data key: the profile's past events stay readable")
+                self.evict_person(user_id)
+            self._record_erasure(user_id)
+        return outcome
+
+    def erased_users(self, user_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `user_ids` are recorded in `erasures`."""
+        datastore = getattr(self.recorder, "datastore", None)
+        if datastore is None or not user_ids:
+            return set()
+        with datastore.transaction(commit=False) as cursor:
+            cursor.execute(
+                "SELECT user_id FROM public.erasures WHERE user_id = ANY(%s::uuid[])",
+                (list(user_ids),),
+            )
+            return {row["user_id"] for row in cursor.fetchall()}
+
+    def _apply_deletion(self, user_id: uuid.UUID, position: int) -> Outcome:
+        producer = AccountDeleted.producer
+        late = self.tracked_position(producer) >= position
+        profile = self._load(user_id) or Profile.create(user_id, email=None)
+        if not profile.erase():
+            return "duplicate"
+        if late:
+            self.save(profile)
+        else:
+            self.save_tracked(profile, tracking=Tracking(producer, position))
+        return "applied"
+
+    def _record_erasure(self, user_id: uuid.UUID) -> None:
+        datastore = getattr(self.recorder, "datastore", None)
+        if datastore is None:  # the library's in-memory store (unit tests)
+            return
+        with datastore.transaction(commit=True) as cursor:
+            cursor.execute(
+                "INSERT INTO public.erasures (user_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (user_id,),
+            )
 
     def _load(self, user_id: uuid.UUID) -> Profile | None:
         try:

@@ -94,8 +94,9 @@ class ProfileCache:
         return entry
 
     def apply(self, event: Any) -> None:
-        """Follow one stored event of any replica."""
-        if not isinstance(event, Profile.Created | Profile.Updated):
+        """Follow one stored event of any replica. An erased profile is dropped: the next
+        request loads it (and answers 410)."""
+        if not isinstance(event, Profile.Created | Profile.Updated | Profile.Erased):
             return
         user_id: uuid.UUID = event.originator_id
         version: int = event.originator_version
@@ -206,7 +207,10 @@ class CacheFollower:
             self.following.set()
             CACHE_FOLLOWING.set(1)
             for notification in subscription:
-                self.cache.apply(self.app.mapper.to_domain_event(notification))
+                event = self.app.mapper.to_domain_event(notification)
+                self.cache.apply(event)
+                if isinstance(event, Profile.Erased):  # erased by another process
+                    self.app.evict_person(event.originator_id)
                 self.position = notification.id
         if not self._stopped.is_set():
             msg = "the event store subscription ended"

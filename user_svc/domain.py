@@ -47,6 +47,13 @@ class InvalidProfileField(ValueError):
         self.message = message
 
 
+class ProfileErased(Exception):
+    """The profile's user deleted their account (`auth.account.deleted`): gone for good."""
+
+    def __init__(self) -> None:
+        super().__init__("This profile was erased: its account has been deleted.")
+
+
 def valid_display_name(value: str) -> str:
     name = value.strip()
     if not 1 <= len(name) <= DISPLAY_NAME_MAX:
@@ -171,12 +178,22 @@ class Profile(TracedAggregate):
             for name, value in self.changes.items():
                 setattr(aggregate, name, value)
 
+    class Erased(TracedAggregate.Event):
+        """Its user's account was deleted. Carries no personal data: the fields stored
+        before it are shredded by destroying the user's key (servicekit.shredding)."""
+
+        def apply(self, aggregate: Profile) -> None:
+            for name in STATE_FIELDS:
+                setattr(aggregate, name, None)
+            aggregate.erased = True
+
     email: str | None
     display_name: str | None
     bio: str | None
     locale: str | None
     timezone: str | None
     avatar_url: str | None
+    erased: bool = False  # set by Erased; profiles stored before it never were
 
     @classmethod
     def create(
@@ -206,14 +223,19 @@ class Profile(TracedAggregate):
 
         Returns the names of the fields that changed (none: no event).
         """
+        if self.erased:
+            raise ProfileErased
         normalised = {name: valid_value(name, value) for name, value in changes.items()}
         return self._change(normalised, source="user")
 
     def fill_in_from_registration(self, email: str | None, display_name: str | None) -> list[str]:
         """Complete a profile created before its registration event arrived.
 
-        Only fields still unset are filled: a name the user chose meanwhile wins.
+        Only fields still unset are filled: a name the user chose meanwhile wins. An erased
+        profile is never filled in again (a registration redelivered after the deletion).
         """
+        if self.erased:
+            return []
         changes: dict[str, str | None] = {}
         if self.email is None and email:
             changes["email"] = email
@@ -228,3 +250,10 @@ class Profile(TracedAggregate):
             state = self.state() | changed
             self.trigger_event(self.Updated, changes=changed, state=state, source=source)
         return sorted(changed)
+
+    def erase(self) -> bool:
+        """Erase the profile (its account was deleted); False when it already was."""
+        if self.erased:
+            return False
+        self.trigger_event(self.Erased)
+        return True

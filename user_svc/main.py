@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psycopg
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from servicekit import web
 from servicekit.consumer import Consumer, one_at_a_time
-from servicekit.eventstore import ensure_database, eventsourcing_env
+from servicekit.eventstore import connection_kwargs, ensure_database, eventsourcing_env
 from servicekit.logs import configure_logging
 from servicekit.messages import Outcome
 from servicekit.openapi import api_servers
@@ -24,10 +25,10 @@ from servicekit.revocations import RevocationFollower
 from servicekit.service import Service
 from servicekit.tokens import JwksKeys, KeyLookup, RevokedSessions, TokenVerifier
 from shared_contracts.envelope import Envelope
-from shared_contracts.events import AccountRegistered
+from shared_contracts.events import AccountDeleted, AccountRegistered
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS
 from user_svc.api import API_DESCRIPTION, Profiles, render_profile, router
-from user_svc.application import ProfileService
+from user_svc.application import ERASURES_DDL, ProfileService
 from user_svc.cache import CacheFollower, ProfileCache
 from user_svc.contracts import to_contract
 from user_svc.settings import UserSettings
@@ -42,8 +43,10 @@ def init_db(settings: UserSettings | None = None) -> None:
     settings = settings or UserSettings()
     ensure_database(settings.database_url)
     env = eventsourcing_env(settings.database_url, create_table=True, pool_size=1)
-    ProfileService(env=env).close()
+    ProfileService(env=env).close()  # with `personal_keys` (servicekit.shredding)
     create_relay_table(settings.database_url)
+    with psycopg.connect(**connection_kwargs(settings.database_url), autocommit=True) as conn:
+        conn.execute(ERASURES_DDL)
 
 
 def profile_service(settings: UserSettings) -> ProfileService:
@@ -131,16 +134,19 @@ def relay(settings: UserSettings) -> Relay:
 def profiles_from_registrations(
     settings: UserSettings, profiles: ProfileService | None = None
 ) -> Consumer:
-    """The consumer that creates a profile for every `auth.account.registered`."""
+    """The consumer that creates a profile for every `auth.account.registered` and erases
+    it on `auth.account.deleted`."""
     service = profiles or profile_service(settings)
 
     async def handle(envelope: Envelope) -> Outcome:
+        if envelope.event_type == AccountDeleted.event_type:
+            return await run_in_threadpool(service.on_account_deleted, envelope)
         return await run_in_threadpool(service.on_account_registered, envelope)
 
     return Consumer(
         service="user_svc",
         amqp_url=settings.amqp_url,
-        bindings={AUTH_EVENTS: [AccountRegistered.event_type]},
+        bindings={AUTH_EVENTS: [AccountRegistered.event_type, AccountDeleted.event_type]},
         handler=one_at_a_time(handle),
         prefetch=settings.consumer_prefetch,
         delivery_limit=settings.consumer_delivery_limit,
