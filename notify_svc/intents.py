@@ -113,11 +113,17 @@ async def claim(
     return intents
 
 
+# A mail in flight when its person was erased: the erasure cancelled it and cleared the row,
+# and what the send reports (the address, an error quoting it) is not written back: every
+# update below ends with "AND NOT EXISTS (... public.erasures ...)".
+
+
 async def mark_sent(conn: psycopg.AsyncConnection[Any], intent: Intent, recipient: str) -> None:
     await conn.execute(
         "UPDATE public.mail_intents SET status = 'sent', sent_at = now(), recipient = %s, "
-        "last_error = NULL WHERE event_id = %s AND effect = %s",
-        (recipient, intent.event_id, intent.effect),
+        "last_error = NULL WHERE event_id = %s AND effect = %s "
+        "AND NOT EXISTS (SELECT 1 FROM public.erasures e WHERE e.user_id = %s)",
+        (recipient, intent.event_id, intent.effect, intent.user_id),
     )
 
 
@@ -132,14 +138,16 @@ async def mark_failed_attempt(
     if retry_in is None:
         await conn.execute(
             "UPDATE public.mail_intents SET status = 'failed', last_error = %s "
-            "WHERE event_id = %s AND effect = %s",
-            (error[:1000], intent.event_id, intent.effect),
+            "WHERE event_id = %s AND effect = %s "
+            "AND NOT EXISTS (SELECT 1 FROM public.erasures e WHERE e.user_id = %s)",
+            (error[:1000], intent.event_id, intent.effect, intent.user_id),
         )
         return
     await conn.execute(
         "UPDATE public.mail_intents SET last_error = %s, "
-        "next_attempt_at = now() + make_interval(secs => %s) WHERE event_id = %s AND effect = %s",
-        (error[:1000], retry_in, intent.event_id, intent.effect),
+        "next_attempt_at = now() + make_interval(secs => %s) WHERE event_id = %s AND effect = %s "
+        "AND NOT EXISTS (SELECT 1 FROM public.erasures e WHERE e.user_id = %s)",
+        (error[:1000], retry_in, intent.event_id, intent.effect, intent.user_id),
     )
 
 

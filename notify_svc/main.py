@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from notify_svc.dispatcher import MailDispatcher
+from notify_svc.erasure import MaildirEraser
 from notify_svc.intents import DDL
 from notify_svc.mail import mail_domain
 from notify_svc.projection import NotificationProjection
@@ -30,7 +31,15 @@ class NotifyWorker(ProjectionWorker):
     dispatcher: MailDispatcher
 
     def __init__(self, settings: NotifySettings, dispatcher: MailDispatcher | None = None) -> None:
-        super().__init__(projection(settings), settings, dispatcher or MailDispatcher(settings))
+        super().__init__(
+            projection(settings),
+            settings,
+            dispatcher or MailDispatcher(settings),
+            # A mail claimed before an erasure is sent, or given up, within the SMTP bound.
+            erasure_hook=MaildirEraser(
+                settings.maildir, in_flight_seconds=settings.smtp_timeout_seconds + 1
+            ),
+        )
 
 
 SERVICE = Service(

@@ -4,6 +4,13 @@ State lives in the generation (`recipients`), so `esctl replay notify_svc` rebui
 Intents live in `public.mail_intents`, outside every generation, keyed by (event_id, effect)
 and inserted with ON CONFLICT DO NOTHING in the same transaction as the position: a
 redelivered event is a duplicate before it reaches `apply`, and a replay records none.
+
+`auth.account.deleted` erases the person (servicekit.erasure): their `recipients` row goes,
+their pending intents are cancelled and every intent of theirs keeps only its ids, status and
+times (context, recipient and error text are cleared), and `public.erasures` records it, all
+in the transaction of the position. Nothing personal about an erased person is written again,
+by a redelivery, a `dlq retry` or a replay. The maildir copies are removed by the sweeper
+(`notify_svc.erasure`).
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ from datetime import datetime
 from typing import Any
 
 from notify_svc.intents import NOTIFY_CHANNEL, message_id
+from servicekit.erasure import deleted_in, erased_among, record_erasures, subject_of
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Projection, Transaction
 from shared_contracts.events import (
+    AccountDeleted,
     AccountLocked,
     AccountRegistered,
     EmailVerificationRequested,
@@ -51,6 +60,7 @@ class NotificationProjection(Projection):
             EmailVerificationRequested.event_type,
             PasswordResetRequested.event_type,
             PasswordReset.event_type,
+            AccountDeleted.event_type,
         ],
         USER_EVENTS: [ProfileCreated.event_type, ProfileUpdated.event_type],
     }
@@ -77,8 +87,12 @@ class NotificationProjection(Projection):
         accounts: dict[uuid.UUID, tuple[int, str, str | None]] = {}
         profiles: dict[uuid.UUID, tuple[int, str | None, str | None, str | None, str | None]] = {}
         intents: list[tuple[uuid.UUID, str, uuid.UUID, str, dict[str, Any]]] = []
+        deleted = deleted_in(events)
+        erased = deleted | await erased_among(tx, (subject_of(e) for e in events))
         for item in events:
             event, env = item.event, item.envelope
+            if subject_of(item) in erased:
+                continue  # nothing personal about an erased person is written again
             context: dict[str, Any]
             match event:
                 case AccountRegistered():
@@ -151,6 +165,8 @@ class NotificationProjection(Projection):
             "WHERE coalesce(t.profile_version, 0) < excluded.profile_version",
             [(user, *fields) for user, fields in profiles.items()],
         )
+        if deleted:
+            await self.erase(tx, deleted)
         if tx.replaying or not intents:
             return  # a rebuild restores state; it never sends anything
         await tx.cursor.execute(
@@ -167,3 +183,18 @@ class NotificationProjection(Projection):
             ),
         )
         await tx.cursor.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+
+    async def erase(self, tx: Transaction, users: set[uuid.UUID]) -> None:
+        """Erase `users` here, in the batch's transaction (idempotent: a replay does it again)."""
+        ordered = sorted(users)
+        await tx.execute("DELETE FROM {recipients} WHERE user_id = ANY(%s::uuid[])", (ordered,))
+        await tx.cursor.execute(
+            "UPDATE public.mail_intents SET context = '{}'::jsonb, recipient = NULL, "
+            "last_error = CASE WHEN status = 'pending' THEN 'cancelled: account deleted' "
+            "WHEN last_error LIKE 'cancelled: %%' THEN last_error "
+            "WHEN status = 'failed' THEN 'account deleted' END, "
+            "status = CASE WHEN status = 'pending' THEN 'failed' ELSE status END "
+            "WHERE user_id = ANY(%s::uuid[])",
+            (ordered,),
+        )
+        await record_erasures(tx, users)

@@ -23,6 +23,7 @@ import uvloop
 
 from servicekit import amqp, stream, telemetry
 from servicekit.consumer import Consumer, ProjectionHandler
+from servicekit.erasure import ErasureSweeper, SweepHook, nothing_else
 from servicekit.logs import configure_logging
 from servicekit.messages import TRANSIENT_ERRORS
 from servicekit.projection import Projection, ProjectionStore
@@ -190,9 +191,17 @@ class ProjectionWorker:
         projection: Projection,
         settings: ConsumerSettings,
         dispatcher: Dispatcher | None = None,
+        erasure_hook: SweepHook = nothing_else,
     ) -> None:
         self.settings = settings
         self.store = ProjectionStore(projection, settings.database_url)
+        # Completes each erasure beyond the database: the service's hook, then the DLQ.
+        self.sweeper = ErasureSweeper(
+            projection.name,
+            database_url=settings.database_url,
+            amqp_url=settings.amqp_url,
+            hook=erasure_hook,
+        )
         self.consumer = Consumer(
             service=projection.name,
             amqp_url=settings.amqp_url,
@@ -205,7 +214,7 @@ class ProjectionWorker:
         self.dispatcher = dispatcher
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [self.consume(stop)]
+        tasks = [self.consume(stop), self.sweeper.run(stop)]
         if self.dispatcher is not None:
             tasks.append(self.dispatcher.run(stop))
         await asyncio.gather(*tasks)

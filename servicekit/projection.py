@@ -25,9 +25,11 @@ exclusive lock. Readers therefore always see one complete generation, and the sw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +56,14 @@ CONTROL_DDL = (
     "generation integer NOT NULL, swapped_at timestamptz NOT NULL DEFAULT now(), "
     "queue_since bigint)",
     f"ALTER TABLE public.{CONTROL_TABLE} ADD COLUMN IF NOT EXISTS queue_since bigint",
+)
+# Who has been erased here (servicekit.erasure): in `public`, outside every generation, so a
+# replay (which swaps generations) never forgets an erasure.
+ERASURES_DDL = (
+    "CREATE TABLE IF NOT EXISTS public.erasures (user_id uuid PRIMARY KEY, "
+    "erased_at timestamptz NOT NULL DEFAULT now(), swept_at timestamptz)",
+    "CREATE INDEX IF NOT EXISTS erasures_unswept ON public.erasures (erased_at) "
+    "WHERE swept_at IS NULL",
 )
 OWN_TABLES: dict[str, str] = {
     "_positions": "producer text PRIMARY KEY, position bigint NOT NULL, event_id uuid NOT NULL, "
@@ -206,7 +216,7 @@ class ProjectionStore:
         """Create the control table and a first live generation if there is none."""
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.key,))
-            for statement in CONTROL_DDL:
+            for statement in (*CONTROL_DDL, *ERASURES_DDL):
                 await conn.execute(statement)
             row = await (await conn.execute(LIVE_GENERATION, (self.projection.name,))).fetchone()
             if row is not None:
@@ -354,6 +364,11 @@ class ProjectionStore:
             envelope.event_type,
             reason[:500],
         )
+        if envelope.position > (int(row[0]) if row else 0) and await _erased(tx, envelope):
+            # About a person erased here: decided, never parked nor dead-lettered (that would
+            # keep their data, and a rebuild could not swap over an event it parked).
+            await self._advance(tx, [envelope])
+            return False
         if envelope.position > (int(row[0]) if row else 0):
             await self._advance(tx, [envelope])
             await tx.execute(
@@ -472,6 +487,17 @@ class ProjectionStore:
             await tx.execute("SELECT count(*) FROM {_parked}")
             row = await tx.cursor.fetchone()
             return int(row[0]) if row else 0
+
+
+async def _erased(tx: Transaction, envelope: Envelope) -> bool:
+    """Whether the event is about a person erased in this database (servicekit.erasure)."""
+    subjects = [envelope.aggregate_id]
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        subjects.append(uuid.UUID(str(envelope.data.get("user_id"))))
+    await tx.cursor.execute(
+        "SELECT 1 FROM public.erasures WHERE user_id = ANY(%s::uuid[])", (subjects,)
+    )
+    return await tx.cursor.fetchone() is not None
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""Erasure in the projections (issue 13): `auth.account.deleted` erases the person from
+notify_svc, reporting_svc and integration_svc, their parked events and dead-letter queues,
+while the consumer was stopped too; nothing personal comes back by a later event or a replay.
+Real PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import psycopg
+import pytest
+from psycopg import sql
+
+from notify_svc.main import NotifyWorker
+from notify_svc.main import init_db as init_notify
+from notify_svc.main import projection as notify_projection
+from notify_svc.settings import NotifySettings
+from servicekit.eventstore import connection_kwargs
+from shared_contracts.names import dead_letter_queue
+from testbed.events import envelope, eventually, running
+from testbed.history import publish
+from testbed.projections import rebuild
+
+Message = tuple[str, str, bytes]
+ADA_TRACES = ("ada@example.com", "Lovelace", "Countess")
+
+
+def traces(database_url: str, needles: tuple[str, ...] = ADA_TRACES) -> list[str]:
+    """Every row of every table of the database (any schema) that holds one of `needles`."""
+    found = []
+    with psycopg.connect(**connection_kwargs(database_url)) as conn:
+        tables = conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') "
+            "AND table_type = 'BASE TABLE'"
+        ).fetchall()
+        for schema, name in tables:
+            query = sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(schema, name))
+            for (row,) in conn.execute(query).fetchall():
+                if any(n in row for n in needles):
+                    found.append(f"{schema}.{name}: {row[:200]}")
+    return found
+
+
+def erasure_row(database_url: str, user: uuid.UUID) -> tuple[Any, ...] | None:
+    with psycopg.connect(**connection_kwargs(database_url)) as conn:
+        return conn.execute(
+            "SELECT erased_at, swept_at FROM public.erasures WHERE user_id = %s", (user,)
+        ).fetchone()
+
+
+def swept(database_url: str, user: uuid.UUID) -> bool:
+    row = erasure_row(database_url, user)
+    return row is not None and row[1] is not None
+
+
+def parked_users(database_url: str, projection: str) -> list[str]:
+    with psycopg.connect(**connection_kwargs(database_url)) as conn:
+        live = conn.execute(
+            "SELECT live FROM projection_generations WHERE projection = %s", (projection,)
+        ).fetchone()
+        assert live is not None
+        rows = conn.execute(
+            sql.SQL("SELECT envelope #>> '{{data,user_id}}' FROM {}").format(
+                sql.Identifier(live[0], "_parked")
+            )
+        ).fetchall()
+    return sorted(str(r[0]) for r in rows)
+
+
+async def dead_letter_users(amqp_url: str, service: str) -> list[str]:
+    """The users of the messages in `<service>.dlq` (left in the queue)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(dead_letter_queue(service), passive=True)
+        users = []
+        while (message := await queue.get(no_ack=False, fail=False, timeout=5)) is not None:
+            users.append(json.loads(message.body)["data"]["user_id"])
+        await channel.close()
+    return sorted(users)
+
+
+def poison(user: uuid.UUID, *, version: int, position: int) -> Message:
+    """An `auth.account.locked` failing its schema: parked, then dead-lettered."""
+    return envelope("auth.account.locked", user, version=version, position=position)
+
+
+def registered(user: uuid.UUID, email: str, name: str, position: int) -> Message:
+    return envelope(
+        "auth.account.registered",
+        user,
+        version=1,
+        position=position,
+        data={"email": email, "display_name": name},
+    )
+
+
+def deleted(user: uuid.UUID, *, version: int, position: int) -> Message:
+    return envelope("auth.account.deleted", user, version=version, position=position)
+
+
+@pytest.fixture
+def notify_settings(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str], tmp_path: Path
+) -> NotifySettings:
+    settings = NotifySettings(
+        database_url=make_database("notify_erasure"),
+        amqp_url=make_vhost(),
+        maildir=str(tmp_path / "maildir"),  # no SMTP: the maildir fallback
+        consumer_prefetch=50,
+        consumer_delivery_limit=2,
+        dispatch_poll_seconds=0.2,
+        smtp_timeout_seconds=1,  # also how long an erasure waits for a mail in flight
+    )
+    init_notify(settings)
+    return settings
+
+
+def maildir_files(settings: NotifySettings) -> list[str]:
+    root = Path(settings.maildir)
+    return sorted(
+        p.read_text(errors="replace")
+        for sub in ("new", "cur", "tmp")
+        if (root / sub).is_dir()
+        for p in (root / sub).iterdir()
+    )
+
+
+async def test_notify_erases_a_person_deleted_while_its_consumer_was_stopped(
+    notify_settings: NotifySettings, make_vhost: Callable[[], str]
+) -> None:
+    settings = notify_settings
+    ada, bob = uuid.uuid4(), uuid.uuid4()
+    before = [
+        registered(ada, "ada@example.com", "Ada Lovelace", 1),
+        registered(bob, "bob@example.com", "Bob", 2),
+        envelope(
+            "user.profile.created",
+            ada,
+            version=1,
+            position=1,
+            data={"display_name": "Countess of Lovelace", "locale": "fr-FR"},
+        ),
+        poison(ada, version=2, position=3),
+        poison(bob, version=2, position=4),
+    ]
+    async with running(NotifyWorker(settings)):
+        await publish(settings.amqp_url, before)
+        await eventually(lambda: len(maildir_files(settings)) == 2, what="two welcome mails")
+        await eventually(
+            lambda: len(parked_users(settings.database_url, "notify_svc")) == 2, what="parking"
+        )
+    assert traces(settings.database_url)  # the control: Ada is there to be erased
+    assert any("ada@example.com" in m for m in maildir_files(settings))
+
+    # Deleted while the consumer is stopped: the event waits in the queue.
+    gone = deleted(ada, version=3, position=5)
+    await publish(settings.amqp_url, [gone])
+    worker = NotifyWorker(settings)
+    async with running(worker):
+        await eventually(lambda: swept(settings.database_url, ada), what="Ada's erasure swept")
+        # Later events about Ada write nothing personal, and mail nothing.
+        await publish(
+            settings.amqp_url,
+            [
+                envelope(
+                    "user.profile.updated",
+                    ada,
+                    version=2,
+                    position=2,
+                    data={"display_name": "Ada Lovelace", "locale": "en-GB"},
+                ),
+                envelope("auth.account.password_changed", ada, version=4, position=6),
+            ],
+        )
+        await eventually(lambda: worker.consumer.status.handled >= 3, what="the later events")
+        await asyncio.sleep(0.6)  # three dispatcher polls
+
+    assert traces(settings.database_url) == []
+    mails = maildir_files(settings)
+    assert len(mails) == 1 and "bob@example.com" in mails[0]
+    assert parked_users(settings.database_url, "notify_svc") == [str(bob)]
+    assert await dead_letter_users(settings.amqp_url, "notify_svc") == [str(bob)]
+    with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
+        kept = conn.execute(
+            "SELECT effect, status, context, recipient FROM mail_intents WHERE user_id = %s",
+            (ada,),
+        ).fetchall()
+    assert kept == [("welcome", "sent", {}, None)]  # ids, status and times stay
+
+    # A replay of the whole stream (registration first, deletion after) brings nothing back.
+    assert (await rebuild(notify_projection(settings), settings, idle_seconds=0.3)).swapped
+    assert traces(settings.database_url) == []
+
+    # Nor does a replay of a stream that no longer holds the deletion (retention dropped it):
+    # the erasures table outlives every generation.
+    other = settings.model_copy(update={"amqp_url": make_vhost()})
+    later = [
+        envelope("user.profile.updated", ada, version=2, position=2, data={"display_name": "Ada"}),
+        envelope("auth.account.password_changed", ada, version=4, position=6),
+    ]
+    await publish(other.amqp_url, [*before, *later])
+    assert (await rebuild(notify_projection(other), other, idle_seconds=0.3)).swapped
+    assert traces(settings.database_url) == []
+    assert traces(settings.database_url, ("bob@example.com",))  # Bob was rebuilt
