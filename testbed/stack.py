@@ -169,16 +169,9 @@ class Stack:
             endpoints.add(conn, endpoint)
 
     def _settings_env(self, service: Any, database: str) -> dict[str, Any]:
-        """The fields of `service`'s settings that the stack's environment sets (its own
-        prefix), with the database reached directly."""
-        prefix = str(service.settings.model_config.get("env_prefix", ""))
-        fields = {
-            key[len(prefix) :].lower(): value
-            for key, value in self.env.items()
-            if key.startswith(prefix)
-            and key[len(prefix) :].lower() in service.settings.model_fields
-        }
-        return {**fields, "database_url": database}
+        """The fields of `service`'s settings that the stack's environment sets, with the
+        database reached directly."""
+        return {**settings_fields(service, self.env), "database_url": database}
 
     def start(self, timeout: float = 90) -> None:
         self.init_databases()
@@ -347,6 +340,21 @@ def _rss_mib(pids: list[int], *, proportional: bool = False) -> float:
                 if line.startswith(key):
                     total += int(line.split()[1])
     return round(total / 1024, 1)
+
+
+def settings_fields(service: Any, env: dict[str, str]) -> dict[str, Any]:
+    """The fields of `service`'s settings that `env` sets (under the service's own prefix)."""
+    prefix = str(service.settings.model_config.get("env_prefix", ""))
+    return {
+        key[len(prefix) :].lower(): value
+        for key, value in env.items()
+        if key.startswith(prefix) and key[len(prefix) :].lower() in service.settings.model_fields
+    }
+
+
+def settings_from_env(service: Any, env: dict[str, str]) -> Any:
+    """`service`'s settings as its processes read them from `env` (a stack's environment)."""
+    return service.settings(**settings_fields(service, env))
 
 
 def database_name(service: Any) -> str:
