@@ -9,6 +9,15 @@
 
 Days are UTC days of the event's `occurred_at`. A batch is folded in memory first and written
 with one statement per table.
+
+Only anonymous counts outlive a person: on `auth.account.deleted` their `profiles` row goes
+(the profile no longer exists) and their rows of `locks` and `activity` are re-keyed to an
+anonymous id, so every day's counts stay as they were; `public.erasures` records it in the
+same transaction (servicekit.erasure). Events about an erased person (a replay, a redelivery)
+still count in the day totals, under an anonymous id, and never in `profiles`. The anonymous
+id is `uuid5(salt, user_id)` with a random salt per process that is never stored, so nothing
+can link it back; the cost: a replay in another process keys an erased person's rows
+differently, so `esctl replay --dry-run` lists those rows as differences.
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import date
 
+from servicekit.erasure import deleted_in, erased_among, record_erasures, subject_of
 from servicekit.messages import IncomingEvent
 from servicekit.projection import Projection, Transaction
 from shared_contracts.events import (
     PROFILE_FIELDS,
+    AccountDeleted,
     AccountLocked,
     AccountRegistered,
     LoginFailed,
@@ -45,6 +56,7 @@ class ReportingProjection(Projection):
             LoginFailed.event_type,
             AccountLocked.event_type,
             PasswordChanged.event_type,
+            AccountDeleted.event_type,
         ],
         USER_EVENTS: [ProfileCreated.event_type, ProfileUpdated.event_type],
     }
@@ -70,28 +82,41 @@ class ReportingProjection(Projection):
         "profiles": "user_id",
     }
 
+    def __init__(self) -> None:
+        self.salt = uuid.uuid4()  # never stored: see the module's docstring
+
+    def anonymous(self, user: uuid.UUID | None) -> uuid.UUID | None:
+        return None if user is None else uuid.uuid5(self.salt, str(user))
+
     async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:
         signups: Counter[date] = Counter()
         logins: dict[date, list[int]] = {}
         locks: Counter[tuple[date, uuid.UUID]] = Counter()
         active: set[tuple[date, uuid.UUID]] = set()
         profiles: dict[uuid.UUID, tuple[date, int, ProfileFields]] = {}
+        deleted = deleted_in(events)
+        erased = deleted | await erased_among(tx, (subject_of(e) for e in events))
         for item in events:
             day = item.envelope.occurred_at.date()
             event = item.event
+            user = subject_of(item)
+            who = self.anonymous(user) if user in erased else user
             match event:
                 case AccountRegistered():
                     signups[day] += 1
-                    active.add((day, event.user_id))
+                    active.add((day, who or event.user_id))
                 case LoginSucceeded():
                     logins.setdefault(day, [0, 0])[0] += 1
-                    active.add((day, event.user_id))
+                    active.add((day, who or event.user_id))
                 case LoginFailed():
                     logins.setdefault(day, [0, 0])[1] += 1
                 case AccountLocked():
-                    locks[(day, event.user_id)] += 1
+                    locks[(day, who or event.user_id)] += 1
                 case PasswordChanged():
-                    active.add((day, event.user_id))
+                    active.add((day, who or event.user_id))
+                case ProfileCreated() | ProfileUpdated() if user in erased:
+                    if isinstance(event, ProfileUpdated):
+                        active.add((day, who or event.user_id))
                 case ProfileCreated() | ProfileUpdated():
                     # Each event carries the whole profile: the newest version wins, here and
                     # in the table (a retried old event may arrive after newer ones).
@@ -138,3 +163,27 @@ class ReportingProjection(Projection):
                 for user, (created, version, event) in profiles.items()
             ),
         )
+        if deleted:
+            await self.erase(tx, deleted)
+
+    async def erase(self, tx: Transaction, users: set[uuid.UUID]) -> None:
+        """Leave only anonymous counts of `users`, in the batch's transaction (idempotent)."""
+        pairs = sorted((user, self.anonymous(user)) for user in users)
+        keys = ([p[0] for p in pairs], [p[1] for p in pairs])
+        await tx.execute("DELETE FROM {profiles} WHERE user_id = ANY(%s::uuid[])", (keys[0],))
+        await tx.execute(
+            "INSERT INTO {activity} (day, user_id) SELECT a.day, k.anon FROM {activity} a "
+            "JOIN unnest(%s::uuid[], %s::uuid[]) AS k(user_id, anon) USING (user_id) "
+            "ON CONFLICT DO NOTHING",
+            keys,
+        )
+        await tx.execute("DELETE FROM {activity} WHERE user_id = ANY(%s::uuid[])", (keys[0],))
+        await tx.execute(
+            "INSERT INTO {locks} AS t (day, user_id, locks) SELECT l.day, k.anon, l.locks "
+            "FROM {locks} l JOIN unnest(%s::uuid[], %s::uuid[]) AS k(user_id, anon) "
+            "USING (user_id) ON CONFLICT (day, user_id) DO UPDATE SET locks = t.locks + "
+            "excluded.locks",
+            keys,
+        )
+        await tx.execute("DELETE FROM {locks} WHERE user_id = ANY(%s::uuid[])", (keys[0],))
+        await record_erasures(tx, users)

@@ -21,7 +21,12 @@ from notify_svc.main import NotifyWorker
 from notify_svc.main import init_db as init_notify
 from notify_svc.main import projection as notify_projection
 from notify_svc.settings import NotifySettings
+from reporting_svc.main import init_db as init_reporting
+from reporting_svc.projection import ReportingProjection
+from reporting_svc.reports import read_report
+from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
+from servicekit.process import ProjectionWorker
 from shared_contracts.names import dead_letter_queue
 from testbed.events import envelope, eventually, running
 from testbed.history import publish
@@ -210,3 +215,71 @@ async def test_notify_erases_a_person_deleted_while_its_consumer_was_stopped(
     assert (await rebuild(notify_projection(other), other, idle_seconds=0.3)).swapped
     assert traces(settings.database_url) == []
     assert traces(settings.database_url, ("bob@example.com",))  # Bob was rebuilt
+
+
+@pytest.fixture
+def reporting_settings(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str]
+) -> ReportingSettings:
+    settings = ReportingSettings(
+        database_url=make_database("reporting_erasure"), amqp_url=make_vhost()
+    )
+    init_reporting(settings)
+    return settings
+
+
+def reports(settings: ReportingSettings) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        name: read_report(settings.database_url, name).rows
+        for name in ("signups", "logins", "locked", "active-users", "profile-completeness")
+    }
+
+
+def without_erasures(found: list[str]) -> list[str]:
+    return [row for row in found if not row.startswith("public.erasures")]
+
+
+async def test_reporting_keeps_only_anonymous_counts_of_an_erased_person(
+    reporting_settings: ReportingSettings,
+) -> None:
+    settings = reporting_settings
+    ada, bob = uuid.uuid4(), uuid.uuid4()
+    locked = {"locked_until": "2030-01-01T00:00:00Z", "failed_attempts": 5}
+    history = [
+        registered(ada, "ada@example.com", "Ada Lovelace", 1),
+        registered(bob, "bob@example.com", "Bob", 2),
+        envelope("auth.account.login_succeeded", ada, version=2, position=3),
+        envelope("auth.account.locked", ada, version=3, position=4, data=locked),
+        envelope("auth.account.locked", bob, version=2, position=5, data=locked),
+        envelope("user.profile.created", ada, version=1, position=1, data={"bio": "Countess"}),
+        envelope("user.profile.created", bob, version=1, position=2, data={}),
+    ]
+    async with running(ProjectionWorker(ReportingProjection(), settings)):
+        await publish(settings.amqp_url, history)
+        await eventually(
+            lambda: reports(settings)["profile-completeness"] != [], what="the history"
+        )
+        await eventually(lambda: reports(settings)["locked"] != [], what="the lockouts")
+    counted = reports(settings)
+    assert traces(settings.database_url, (str(ada),))  # the control
+
+    await publish(settings.amqp_url, [deleted(ada, version=4, position=6)])  # consumer down
+    async with running(ProjectionWorker(ReportingProjection(), settings)):
+        await eventually(lambda: swept(settings.database_url, ada), what="Ada's erasure")
+        # A later event about Ada counts, anonymously.
+        await publish(
+            settings.amqp_url,
+            [envelope("auth.account.login_succeeded", ada, version=5, position=7)],
+        )
+        await eventually(lambda: reports(settings)["logins"][0][1] == 2, what="the later login")
+
+    after = reports(settings)
+    assert without_erasures(traces(settings.database_url, (str(ada),))) == []
+    for name in ("signups", "locked", "active-users"):
+        assert after[name] == counted[name], name  # the same counts, anonymous
+    # Ada's profile no longer exists: completeness counts Bob's alone.
+    assert {row[2] for row in after["profile-completeness"]} == {1}
+
+    assert (await rebuild(ReportingProjection(), settings, idle_seconds=0.3)).swapped
+    assert without_erasures(traces(settings.database_url, (str(ada),))) == []
+    assert reports(settings) == after
