@@ -22,6 +22,7 @@ BENCHMARKS = [
     "bench.login",
     "bench.forgot",  # known vs unknown addresses: throughput ratio within 0.9-1.1
     "bench.patch_profile",
+    "bench.erasure",  # register and PATCH with personal fields encrypted vs plain: >= 0.9
     "bench.relay_backlog",
     "bench.gateway",
     "bench.projection",
