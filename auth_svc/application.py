@@ -465,6 +465,8 @@ class AuthService(EventSourcedApplication):
                 )
 
             self._update(account_id, request, missing=InvalidCredentials)
+        except AccountDeleted:
+            pass  # its address was being released: no link, as for an unknown address
         except Exception:
             log.exception("a password reset link could not be issued")
         finally:

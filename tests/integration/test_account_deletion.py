@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +204,26 @@ def test_invalid_deletion_bodies_are_422_and_erase_nothing(client: TestClient, b
     )
     assert_problem(malformed, 400)
     assert stored_position(client) == before
+
+
+def test_a_deleted_address_gets_no_reset_link(client: TestClient) -> None:
+    register(client)
+    other_id = uuid.UUID(register(client, "bob@example.com")["user_id"])
+    assert delete_account(client, login(client)["access_token"]).status_code == 202
+    before = stored_position(client)
+    for email in (EMAIL, "bob@example.com"):  # one worker, in this order
+        forgot = client.post("/auth/password/forgot", json={"email": email})
+        assert forgot.status_code == 202
+    for _ in range(200):
+        requested = [
+            e
+            for e in stored_events(client, before)
+            if isinstance(e, Account.PasswordResetRequested)
+        ]
+        if requested:
+            break
+        time.sleep(0.05)
+    assert [e.originator_id for e in requested] == [other_id]
 
 
 def test_deleting_twice_is_410_never_500(client: TestClient) -> None:
