@@ -191,7 +191,10 @@ def redeliver(
         raise fail("give either a delivery id or --since")
     start = _since(since) if since is not None else None
     with _database(_settings()) as conn:
-        ids = deliveries.redeliver(conn, delivery=delivery, since=start, endpoint=endpoint)
+        try:
+            ids = deliveries.redeliver(conn, delivery=delivery, since=start, endpoint=endpoint)
+        except deliveries.PurgedDelivery as exc:
+            raise fail(str(exc)) from None
     if delivery is not None and not ids:
         raise fail(f"no delivery {delivery} to send again (unknown, or still pending)")
     out.print(f"{len(ids)} deliveries queued again")

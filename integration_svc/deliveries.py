@@ -35,7 +35,26 @@ DDL = (
     "redeliveries integer NOT NULL DEFAULT 0, UNIQUE (event_id, endpoint_id))",
     "CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON public.webhook_deliveries "
     "(endpoint_id, next_attempt_at) WHERE status = 'pending'",
+    # Erasure (integration_svc.erasure): whose event a message is, when its body was purged,
+    # and, on the deliveries of `auth.account.deleted`, the person whose queued deliveries
+    # to the same endpoint go first.
+    "ALTER TABLE public.webhook_messages ADD COLUMN IF NOT EXISTS user_id uuid",
+    "ALTER TABLE public.webhook_messages ADD COLUMN IF NOT EXISTS purged_at timestamptz",
+    "CREATE INDEX IF NOT EXISTS webhook_messages_user ON public.webhook_messages (user_id)",
+    "ALTER TABLE public.webhook_deliveries ADD COLUMN IF NOT EXISTS after_user uuid",
 )
+
+PURGED_BODY = ""  # a purged message's body: its delivery is done and cannot be sent again
+
+
+class PurgedDelivery(Exception):
+    """The delivery's body was purged when its person was erased: it cannot be sent again."""
+
+    def __init__(self, delivery: int) -> None:
+        super().__init__(
+            f"delivery {delivery} cannot be sent again: its body was purged when the person "
+            "it was about was erased (auth.account.deleted)"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,10 @@ async def claim(
             "due AS (SELECT d.id FROM room CROSS JOIN LATERAL ("
             "  SELECT id FROM public.webhook_deliveries w WHERE w.endpoint_id = room.endpoint_id "
             "  AND w.status = 'pending' AND w.next_attempt_at <= now() "
+            "  AND (w.after_user IS NULL OR NOT EXISTS (SELECT 1 FROM public.webhook_deliveries "
+            "  p JOIN public.webhook_messages pm USING (event_id) WHERE p.endpoint_id = "
+            "  w.endpoint_id AND p.status = 'pending' AND pm.user_id = w.after_user "
+            "  AND p.id <> w.id)) "
             "  ORDER BY w.next_attempt_at LIMIT room.n FOR UPDATE SKIP LOCKED) d) "
             "UPDATE public.webhook_deliveries w SET attempts = w.attempts + 1, "
             "last_attempt_at = now(), next_attempt_at = now() + make_interval(secs => %s) "
@@ -155,12 +178,26 @@ def redeliver(
     since: datetime | None = None,
     endpoint: str | None = None,
 ) -> list[int]:
-    """Send deliveries again on purpose (same webhook-id), with a fresh retry window."""
+    """Send deliveries again on purpose (same webhook-id), with a fresh retry window.
+
+    A delivery whose body was purged by an erasure is never sent again (PurgedDelivery when
+    asked for by id; left out of a --since selection).
+    """
+    if delivery is not None:
+        purged = conn.execute(
+            "SELECT 1 FROM public.webhook_deliveries d JOIN public.webhook_messages m "
+            "USING (event_id) WHERE d.id = %s AND m.purged_at IS NOT NULL",
+            (delivery,),
+        ).fetchone()
+        if purged:
+            raise PurgedDelivery(delivery)
     rows = conn.execute(
         "UPDATE public.webhook_deliveries SET status = 'pending', attempts = 0, "
         "window_start = now(), next_attempt_at = now(), redeliveries = redeliveries + 1, "
         "last_error = NULL, last_status = NULL, delivered_at = NULL "
         "WHERE status <> 'pending' AND (%s::bigint IS NULL OR id = %s) "
+        "AND NOT EXISTS (SELECT 1 FROM public.webhook_messages m "
+        "WHERE m.event_id = webhook_deliveries.event_id AND m.purged_at IS NOT NULL) "
         "AND (%s::timestamptz IS NULL OR created_at >= %s) "
         "AND (%s::text IS NULL OR endpoint_id = %s) RETURNING id",
         (delivery, delivery, since, since, endpoint, endpoint),

@@ -12,6 +12,7 @@ from integration_svc import deliveries, endpoints
 from integration_svc.dispatcher import WebhookDispatcher
 from integration_svc.egress import EgressPolicy
 from integration_svc.endpoints import Endpoint, EndpointError
+from integration_svc.erasure import purge_bodies
 from integration_svc.projection import WebhookProjection
 from integration_svc.settings import IntegrationSettings
 from servicekit.eventstore import connection_kwargs
@@ -59,7 +60,9 @@ class IntegrationWorker(ProjectionWorker):
     def __init__(
         self, settings: IntegrationSettings, from_file: list[Endpoint] | None = None
     ) -> None:
-        super().__init__(projection(settings), settings, WebhookDispatcher(settings))
+        super().__init__(
+            projection(settings), settings, WebhookDispatcher(settings), erasure_hook=purge_bodies
+        )
         self.from_file = from_file
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from integration_svc import endpoints
+from integration_svc.endpoints import Endpoint
+from integration_svc.main import IntegrationWorker
+from integration_svc.main import init_db as init_integration
+from integration_svc.settings import IntegrationSettings
+from integration_svc.signing import new_secret
 from notify_svc.main import NotifyWorker
 from notify_svc.main import init_db as init_notify
 from notify_svc.main import projection as notify_projection
@@ -28,9 +35,11 @@ from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.process import ProjectionWorker
 from shared_contracts.names import dead_letter_queue
+from testbed.cli import esctl
 from testbed.events import envelope, eventually, running
 from testbed.history import publish
 from testbed.projections import rebuild
+from testbed.receiver import Receiver
 
 Message = tuple[str, str, bytes]
 ADA_TRACES = ("ada@example.com", "Lovelace", "Countess")
@@ -158,9 +167,13 @@ async def test_notify_erases_a_person_deleted_while_its_consumer_was_stopped(
     ]
     async with running(NotifyWorker(settings)):
         await publish(settings.amqp_url, before)
-        await eventually(lambda: len(maildir_files(settings)) == 2, what="two welcome mails")
         await eventually(
-            lambda: len(parked_users(settings.database_url, "notify_svc")) == 2, what="parking"
+            lambda: len(maildir_files(settings)) == 2, what="two welcome mails", timeout=45
+        )
+        await eventually(
+            lambda: len(parked_users(settings.database_url, "notify_svc")) == 2,
+            what="parking",
+            timeout=45,
         )
     assert traces(settings.database_url)  # the control: Ada is there to be erased
     assert any("ada@example.com" in m for m in maildir_files(settings))
@@ -170,7 +183,9 @@ async def test_notify_erases_a_person_deleted_while_its_consumer_was_stopped(
     await publish(settings.amqp_url, [gone])
     worker = NotifyWorker(settings)
     async with running(worker):
-        await eventually(lambda: swept(settings.database_url, ada), what="Ada's erasure swept")
+        await eventually(
+            lambda: swept(settings.database_url, ada), what="Ada's erasure swept", timeout=45
+        )
         # Later events about Ada write nothing personal, and mail nothing.
         await publish(
             settings.amqp_url,
@@ -283,3 +298,99 @@ async def test_reporting_keeps_only_anonymous_counts_of_an_erased_person(
     assert (await rebuild(ReportingProjection(), settings, idle_seconds=0.3)).swapped
     assert without_erasures(traces(settings.database_url, (str(ada),))) == []
     assert reports(settings) == after
+
+
+@pytest.fixture
+def integration_settings(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str]
+) -> IntegrationSettings:
+    settings = IntegrationSettings(
+        database_url=make_database("integration_erasure"),
+        amqp_url=make_vhost(),
+        allow_loopback=True,
+        consumer_prefetch=50,
+        retry_initial_seconds=0.2,
+        retry_max_interval_seconds=0.4,
+        retry_window_seconds=30.0,
+        request_timeout_seconds=2.0,
+        breaker_failures=50,
+        dispatch_poll_seconds=0.2,
+    )
+    init_integration(settings)
+    return settings
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    server = Receiver()
+    port = await server.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        await server.stop()
+
+
+def webhook_rows(settings: IntegrationSettings, user: uuid.UUID) -> list[tuple[Any, ...]]:
+    with psycopg.connect(**connection_kwargs(settings.database_url)) as conn:
+        return conn.execute(
+            "SELECT d.id, m.event_type, d.status, m.body = '', m.purged_at IS NOT NULL "
+            "FROM webhook_deliveries d JOIN webhook_messages m USING (event_id) "
+            "WHERE m.user_id = %s ORDER BY d.id",
+            (user,),
+        ).fetchall()
+
+
+async def test_integration_delivers_the_deletion_after_the_persons_queued_deliveries_then_purges(
+    integration_settings: IntegrationSettings, receiver: tuple[Receiver, str]
+) -> None:
+    settings = integration_settings
+    server, base = receiver
+    with psycopg.connect(**connection_kwargs(settings.database_url), autocommit=True) as conn:
+        endpoints.add(conn, Endpoint("crm", f"{base}/crm", ("#",), new_secret()))
+    ada, bob = uuid.uuid4(), uuid.uuid4()
+    async with running(IntegrationWorker(settings)):
+        await publish(
+            settings.amqp_url,
+            [
+                registered(ada, "ada@example.com", "Ada Lovelace", 1),
+                registered(bob, "bob@example.com", "Bob", 2),
+                envelope(
+                    "user.profile.created", ada, version=1, position=1, data={"bio": "Countess"}
+                ),
+            ],
+        )
+        await eventually(lambda: len(server.to("/crm")) == 3, what="three webhooks")
+    assert traces(settings.database_url)  # the control
+
+    # While the consumer is stopped: one more event about Ada, then her deletion. The
+    # endpoint fails the next attempts, so the password change is still queued (retrying)
+    # when the deletion is recorded: the deletion waits for it.
+    server.fail("/crm", 3)
+    changed = envelope("auth.account.password_changed", ada, version=2, position=3)
+    await publish(settings.amqp_url, [changed, deleted(ada, version=3, position=4)])
+    async with running(IntegrationWorker(settings)):
+        await eventually(
+            lambda: swept(settings.database_url, ada), what="Ada's erasure", timeout=30
+        )
+    answered = [
+        json.loads(r.body)["type"] for r in server.to("/crm") if r.status and r.status < 300
+    ]
+    assert answered[-2:] == ["auth.account.password_changed", "auth.account.deleted"]
+
+    assert traces(settings.database_url) == []
+    rows = webhook_rows(settings, ada)
+    assert [(t, s) for _, t, s, _, _ in rows] == [
+        ("auth.account.registered", "delivered"),
+        ("user.profile.created", "delivered"),
+        ("auth.account.password_changed", "delivered"),
+        ("auth.account.deleted", "delivered"),
+    ]
+    assert [(empty, purged) for *_, empty, purged in rows] == [(True, True)] * 3 + [(False, False)]
+
+    # A purged delivery cannot be sent again: a one-line error, no traceback.
+    env = {**os.environ, "INTEGRATION_DATABASE_URL": settings.database_url}
+    result = esctl("webhooks", "redeliver", str(rows[0][0]), env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "purged" in result.stderr and "Traceback" not in result.stderr
+    # Bob's deliveries are untouched and can be.
+    assert esctl("webhooks", "redeliver", "--since", "1h", env=env).returncode == 0
