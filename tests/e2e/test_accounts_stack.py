@@ -3,10 +3,11 @@ reset through the real mail (notify_svc's maildir), sessions ended and refused b
 within a second, and the secret scan: no verification or reset token, and no link, outside
 auth_svc and notify_svc.
 
-One stack for every check. It exports its spans to a receiver of the test's, logs every line
-(DEBUG, the access log included), and integration_svc delivers every event type (`#`) to a
-loopback receiver. Two queues of the test's own, bound to both exchanges before any traffic,
-keep every message published; `events.history` is read from its first offset.
+One stack for every check, the gateway included. It exports its spans to a receiver of the
+test's, logs every line (DEBUG, the access log included), and integration_svc delivers
+every event type (`#`) to a loopback receiver. Two queues of the test's own, bound to both
+exchanges before any traffic, keep every message published; `events.history` is read from
+its first offset.
 """
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ def stack(
                 make_database,
                 make_vhost,
                 work,
-                up_args=("--no-gateway",),
                 ready_timeout=150,
                 LOG_LEVEL="DEBUG",  # every line there is, the access log included
                 OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
@@ -336,6 +336,47 @@ async def test_an_ended_session_is_refused_by_user_svc_within_a_second(
     )
     # Generous: the target is 1 s (p99); a loaded two-core host must not fail it spuriously.
     assert delays[-1] < 5, delays
+
+
+def test_through_the_gateway_sessions_show_the_client_and_forgot_is_limited_per_ip(
+    stack: AccountsStack,
+) -> None:
+    """The gateway (HAProxy rendered from compose/kong.yml, as Kong would route) passes the
+    client's address on: a session lists the address the client connected from, not the
+    gateway's; and `forgot` is limited per client address at the edge (10 a minute), before
+    auth_svc's own limits."""
+    address = new_address("edge")
+    source = "127.0.0.23"
+    with stack.up.client(source) as edge:
+        r = edge.post("/auth/register", json={"email": address, "password": PASSWORD})
+        assert r.status_code == 201, r.text
+        r = edge.post(
+            "/auth/login",
+            json={"email": address, "password": PASSWORD},
+            headers={"user-agent": "edge-browser/1.0"},
+        )
+        assert r.status_code == 200, r.text
+        tokens = r.json()
+        listed = edge.get("/auth/sessions", headers=bearer(tokens))
+        assert listed.status_code == 200, listed.text
+        (session,) = listed.json()["sessions"]
+        assert session["client_ip"] == source, session
+        assert session["user_agent"] == "edge-browser/1.0"
+        assert session["current"] is True
+
+    with stack.up.client("127.0.0.24") as edge:
+        answers = [
+            edge.post("/auth/password/forgot", json={"email": new_address("nobody")})
+            for _ in range(12)
+        ]
+    statuses = [r.status_code for r in answers]
+    assert statuses[:10] == [202] * 10, statuses
+    assert statuses[10:] == [429, 429], statuses
+    assert answers[-1].headers.get("retry-after"), dict(answers[-1].headers)
+    # Another client address is not affected.
+    with stack.up.client("127.0.0.25") as edge:
+        r = edge.post("/auth/password/forgot", json={"email": new_address("nobody")})
+        assert r.status_code == 202, r.text
 
 
 # --- the secret scan -------------------------------------------------------------------
