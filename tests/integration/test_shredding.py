@@ -4,6 +4,7 @@ what was erased, and user_svc erases a profile on `auth.account.deleted`."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -299,3 +300,29 @@ def test_the_profile_relay_sends_erased_fields_as_null(
     for contract in mine:
         assert isinstance(contract, ProfileCreated | ProfileUpdated)
         assert (contract.email, contract.display_name, contract.timezone) == (None, None, None)
+
+
+def test_the_api_answers_410_for_a_profile_erased_by_the_consumer(
+    profiles: ProfileService, user_settings: UserSettings
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.integration.test_user_api import auth, token_keys
+    from tests.support.api import assert_problem
+    from user_svc.main import create_app
+
+    user_id = uuid.uuid4()
+    app = create_app(user_settings, token_keys=token_keys)
+    with TestClient(app) as client:
+        assert app.state.cache_follower.following.wait(10)
+        headers = auth(user_id)
+        client.patch("/users/me", json={"bio": "to be erased"}, headers=headers)
+        assert client.get("/users/me", headers=headers).json()["bio"] == "to be erased"
+        profiles.on_account_deleted(deleted(user_id))  # the consumer: another process
+        deadline = time.monotonic() + 10
+        while client.get("/users/me", headers=headers).status_code == 200:
+            assert time.monotonic() < deadline, "the API still serves the erased profile"
+            time.sleep(0.05)
+        assert_problem(client.get("/users/me", headers=headers), 410)
+        assert_problem(client.patch("/users/me", json={"bio": "back"}, headers=headers), 410)
+        assert_problem(client.get(f"/users/{user_id}", headers=auth(uuid.uuid4())), 404)

@@ -263,3 +263,32 @@ def test_a_service_key_must_be_32_bytes_of_base64url() -> None:
         service_key_from("c2hvcnQ")
     with pytest.raises(PersonalDataError):
         Profiles(env=popo(PERSONAL_DATA_KEY="not base64!"))
+
+
+def test_an_erased_profile_refuses_edits_and_registration_fill_ins() -> None:
+    from user_svc.domain import ProfileErased
+
+    profile = Profile.create(uuid.uuid4(), email=None)
+    assert profile.erase() is True
+    assert profile.erase() is False  # once
+    with pytest.raises(ProfileErased):
+        profile.update({"bio": "back"})
+    assert profile.fill_in_from_registration("a@example.com", "Ada") == []
+    assert [type(e) for e in profile.collect_events()] == [Profile.Created, Profile.Erased]
+
+
+def test_the_profile_cache_drops_a_profile_when_it_is_erased() -> None:
+    from user_svc.api import render_profile
+    from user_svc.cache import ProfileCache
+    from user_svc.views import ProfileView
+
+    cache = ProfileCache(render_profile, max_entries=10)
+    cache.reset(enabled=True)
+    profile = Profile.create(uuid.uuid4(), email=EMAIL, display_name="Ada")
+    profile.collect_events()
+    cache.put(ProfileView.of(profile), cache.epoch)
+    assert cache.get(profile.id) is not None
+    profile.erase()
+    (erased,) = profile.collect_events()
+    cache.apply(erased)
+    assert cache.get(profile.id) is None
