@@ -30,6 +30,17 @@ class PolicySettings(BaseSettings):
         description="The broker's backstop: deliveries of one message before RabbitMQ itself "
         "dead-letters it (connection losses count too, so keep it high).",
     )
+    history_max_age: str = Field(
+        default=amqp.HISTORY_MAX_AGE,
+        pattern=amqp.MAX_AGE_SYNTAX.pattern,
+        description="events.history's retention by age (RabbitMQ's max-age: 7D, 12h, 30m): "
+        "the bound for personal data on the stream after an erasure.",
+    )
+    history_segment_bytes: int = Field(
+        default=amqp.HISTORY_SEGMENT_BYTES,
+        ge=1,
+        description="events.history's segment size: retention drops whole segments only.",
+    )
     rabbitmq_management_url: str | None = Field(
         default=None,
         description="The management HTTP API, e.g. http://rabbit:15672; by default the "
@@ -60,6 +71,11 @@ def apply_policies(delivery_limit: int | None = None) -> None:
     settings = _settings()
     limit = delivery_limit or settings.amqp_delivery_limit
     policies = [amqp.consumer_queue_policy(s.name, delivery_limit=limit) for s in consumers()]
+    policies.append(
+        amqp.history_stream_policy(
+            max_age=settings.history_max_age, segment_bytes=settings.history_segment_bytes
+        )
+    )
 
     async def write() -> str:
         return await amqp.apply_policies(
@@ -71,7 +87,8 @@ def apply_policies(delivery_limit: int | None = None) -> None:
     except amqp.ManagementError as exc:
         raise fail(str(exc)) from None
     out.print(
-        f"[green]✓[/green] broker policies in vhost {vhost!r} (delivery limit {limit}): "
+        f"[green]✓[/green] broker policies in vhost {vhost!r} (delivery limit {limit}, "
+        f"events.history max-age {settings.history_max_age}): "
         + ", ".join(p.name for p in policies),
         highlight=False,
     )

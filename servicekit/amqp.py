@@ -284,6 +284,32 @@ def consumer_queue_policy(
     )
 
 
+# events.history's retention (issue 13): a stream cannot delete single messages, so how long
+# personal data published to it stays is bounded by its age-based retention. RabbitMQ drops
+# whole segments only, when it opens a new one: a message goes once the newest message of its
+# segment is older than `max-age` and a later segment has begun. Segments small enough to
+# roll over within hours keep that bound close to `max-age`.
+HISTORY_MAX_AGE = "7D"
+HISTORY_SEGMENT_BYTES = 10_000_000
+MAX_AGE_SYNTAX = re.compile(r"^[1-9][0-9]*(Y|M|D|h|m|s)$")
+
+
+def history_stream_policy(
+    *, max_age: str = HISTORY_MAX_AGE, segment_bytes: int = HISTORY_SEGMENT_BYTES
+) -> QueuePolicy:
+    """events.history's retention by age, and the segment size that lets it act."""
+    if not MAX_AGE_SYNTAX.match(max_age):
+        msg = f"history max-age {max_age!r}: expected a number and one of Y, M, D, h, m, s (7D)"
+        raise ValueError(msg)
+    if segment_bytes < 1:
+        raise ValueError("history segment size must be at least 1 byte")
+    return QueuePolicy(
+        name=f"{POLICY_PREFIX}{HISTORY_STREAM}",
+        pattern=f"^{re.escape(HISTORY_STREAM)}$",
+        definition={"max-age": max_age, "stream-max-segment-size-bytes": segment_bytes},
+    )
+
+
 class ManagementError(Exception):
     """The management HTTP API is unreachable or refused a request; the message says why."""
 
