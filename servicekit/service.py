@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import gc
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,8 +125,13 @@ def _serve_app(name: str, factory: Callable[[], FastAPI], settings: ServiceSetti
 
     from servicekit.logs import configure_logging
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)  # the app's lifespan has started: its heap is built
+            settle_heap()
+
     configure_logging(name, level=settings.log_level, fmt=settings.log_format)
-    uvicorn.run(
+    config = uvicorn.Config(
         factory,
         factory=True,
         host=settings.host,
@@ -132,3 +139,15 @@ def _serve_app(name: str, factory: Callable[[], FastAPI], settings: ServiceSetti
         log_config=None,
         access_log=False,
     )
+    Server(config).run()
+
+
+def settle_heap() -> None:
+    """Move everything built at start (modules, the app, its schemas: some 100,000 objects)
+    out of the garbage collector's reach. A full collection walks every tracked object and
+    holds the GIL throughout: tens of milliseconds per collection with that heap, stalling
+    every request in flight, which is what set GET /users/me's p99 far above hello-world's.
+    Frozen objects are never collected, which is what they are for: they live as long as the
+    process."""
+    gc.collect()
+    gc.freeze()
