@@ -213,6 +213,9 @@ class PersonalKeys:
             open=False,
             name=name,
             timeout=10.0,
+            # A key is read only on a cache miss: checking the connection first (one empty
+            # query) is cheap there, and after a database restart no request meets a dead one.
+            check=ConnectionPool.check_connection,
         )
         self._opened = False
         self._open_lock = threading.Lock()
