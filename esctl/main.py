@@ -12,6 +12,7 @@ from esctl import (
     contracts,
     db,
     dlq,
+    erasure,
     gateway,
     keys,
     projections,
@@ -49,6 +50,7 @@ app.add_typer(gateway.app, name="gateway")
 app.add_typer(projections.app, name="projections")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(erasure.app, name="erasure")
 for command in (run.serve, run.relay, run.consume, run.up):
     app.command()(command)
 app.command()(projections.replay)

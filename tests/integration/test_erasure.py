@@ -394,3 +394,91 @@ async def test_integration_delivers_the_deletion_after_the_persons_queued_delive
     assert "purged" in result.stderr and "Traceback" not in result.stderr
     # Bob's deliveries are untouched and can be.
     assert esctl("webhooks", "redeliver", "--since", "1h", env=env).returncode == 0
+
+
+# The tables `esctl erasure status` reads in the event stores, with the columns it reads
+# (servicekit.shredding and the eventsourcing library make the real ones).
+STORE_DDL = (
+    "CREATE TABLE IF NOT EXISTS personal_keys (subject uuid PRIMARY KEY, wrapped bytea NULL, "
+    "created_at timestamptz NOT NULL DEFAULT now(), erased_at timestamptz NULL)",
+    "CREATE TABLE IF NOT EXISTS auth_events (originator_id uuid NOT NULL, "
+    "originator_version bigint NOT NULL, topic text NOT NULL, state bytea NOT NULL)",
+)
+
+
+def test_erasure_status_says_per_service_done_or_pending(
+    make_database: Callable[[str], str],
+) -> None:
+    names = {
+        "AUTH": "auth",
+        "USER": "users",
+        "REPORTING": "reporting",
+        "NOTIFY": "notify",
+        "INTEGRATION": "integration",
+    }
+    urls = {prefix: make_database(f"status_{name}") for prefix, name in names.items()}
+    for prefix in ("AUTH", "USER"):
+        with psycopg.connect(**connection_kwargs(urls[prefix]), autocommit=True) as conn:
+            for statement in STORE_DDL:
+                conn.execute(statement)
+    init_reporting(ReportingSettings(database_url=urls["REPORTING"]))
+    init_notify(NotifySettings(database_url=urls["NOTIFY"]))
+    init_integration(IntegrationSettings(database_url=urls["INTEGRATION"]))
+    env = {**os.environ, **{f"{p}_DATABASE_URL": url for p, url in urls.items()}}
+    ada = uuid.uuid4()
+
+    bad = esctl("erasure", "status", "not-a-uuid", env=env)
+    assert bad.returncode == 2 and "not a user id" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    down = esctl(
+        "erasure",
+        "status",
+        str(ada),
+        env={**env, "NOTIFY_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/notify"},
+    )
+    assert down.returncode == 2 and "notify_svc's database is unreachable" in down.stderr
+    assert "Traceback" not in down.stderr
+
+    pending = esctl("erasure", "status", str(ada), "--json", env=env)
+    assert pending.returncode == 1, pending.stderr
+    report = json.loads(pending.stdout)
+    assert report["done"] is False
+    assert [s["service"] for s in report["services"]] == [
+        "auth_svc",
+        "user_svc",
+        "reporting_svc",
+        "notify_svc",
+        "integration_svc",
+    ]
+    assert not any(s["done"] for s in report["services"])
+
+    for prefix in ("AUTH", "USER"):
+        with psycopg.connect(**connection_kwargs(urls[prefix]), autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO personal_keys (subject, wrapped, erased_at) VALUES (%s, NULL, now())",
+                (ada,),
+            )
+    for prefix in ("REPORTING", "NOTIFY"):
+        with psycopg.connect(**connection_kwargs(urls[prefix]), autocommit=True) as conn:
+            conn.execute("INSERT INTO erasures (user_id, swept_at) VALUES (%s, now())", (ada,))
+    with psycopg.connect(**connection_kwargs(urls["INTEGRATION"]), autocommit=True) as conn:
+        conn.execute("INSERT INTO erasures (user_id) VALUES (%s)", (ada,))  # not swept yet
+    partly = json.loads(esctl("erasure", "status", str(ada), "--json", env=env).stdout)
+    assert {s["service"]: s["done"] for s in partly["services"]} == {
+        "auth_svc": False,  # the key is destroyed, but no Account.Deleted is stored
+        "user_svc": True,
+        "reporting_svc": True,
+        "notify_svc": True,
+        "integration_svc": False,
+    }
+
+    with psycopg.connect(**connection_kwargs(urls["AUTH"]), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO auth_events VALUES (%s, 7, 'auth_svc.domain:Account.Deleted', '')",
+            (ada,),
+        )
+    with psycopg.connect(**connection_kwargs(urls["INTEGRATION"]), autocommit=True) as conn:
+        conn.execute("UPDATE erasures SET swept_at = now() WHERE user_id = %s", (ada,))
+    done = esctl("erasure", "status", str(ada), env={**env, "COLUMNS": "120"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("done") == 5 and "pending" not in done.stdout
