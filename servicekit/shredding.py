@@ -25,10 +25,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
 from cryptography.exceptions import InvalidTag
@@ -48,6 +48,7 @@ from prometheus_client import Counter
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger("servicekit.shredding")
+T = TypeVar("T")
 
 ENVELOPE = "_pii_"
 KEY_BYTES = 32  # AES-256
@@ -193,7 +194,7 @@ class PersonalKeys:
         connect_kwargs: Mapping[str, Any],
         service_key: bytes,
         *,
-        pool_size: int = 2,
+        pool_size: int = 4,
         cache_seconds: float = KEY_CACHE_SECONDS,
         cache_entries: int = KEY_CACHE_ENTRIES,
         name: str = "personal-keys",
@@ -213,9 +214,6 @@ class PersonalKeys:
             open=False,
             name=name,
             timeout=10.0,
-            # A key is read only on a cache miss: checking the connection first (one empty
-            # query) is cheap there, and after a database restart no request meets a dead one.
-            check=ConnectionPool.check_connection,
         )
         self._opened = False
         self._open_lock = threading.Lock()
@@ -232,17 +230,7 @@ class PersonalKeys:
         entry = self._cached(subject)
         if entry is not None:
             return entry.cipher
-        with self._connection() as conn:
-            if create:
-                conn.execute(
-                    f"INSERT INTO {PERSONAL_KEYS_TABLE} (subject, wrapped) VALUES (%s, %s) "  # noqa: S608
-                    "ON CONFLICT (subject) DO NOTHING",
-                    (subject, self._wrap(subject, secrets.token_bytes(KEY_BYTES))),
-                )
-            row = conn.execute(
-                f"SELECT wrapped FROM {PERSONAL_KEYS_TABLE} WHERE subject = %s",  # noqa: S608
-                (subject,),
-            ).fetchone()
+        row = self._run(self._read_or_create if create else self._read, subject)
         cipher = AESGCM(self._unwrap(subject, bytes(row[0]))) if row and row[0] else None
         if cipher is not None or row is not None:
             self._remember(subject, cipher)
@@ -251,24 +239,59 @@ class PersonalKeys:
     def erase(self, subject: uuid.UUID) -> bool:
         """Destroy the person's key (a tombstone if they had none, so none is made later).
         True when this call destroyed it; False when it was already destroyed."""
-        with self._connection() as conn:
+
+        def destroy(conn: psycopg.Connection[Any], subject: uuid.UUID) -> bool:
             cur = conn.execute(
                 f"INSERT INTO {PERSONAL_KEYS_TABLE} AS k (subject, wrapped, erased_at) "  # noqa: S608
                 "VALUES (%s, NULL, now()) ON CONFLICT (subject) DO UPDATE "
                 "SET wrapped = NULL, erased_at = now() WHERE k.erased_at IS NULL",
                 (subject,),
             )
-            destroyed = bool(cur.rowcount == 1)
+            return bool(cur.rowcount == 1)
+
+        destroyed = self._run(destroy, subject)
         self._remember(subject, None)
         return destroyed
 
     def erased_at(self, subject: uuid.UUID) -> datetime | None:
-        with self._connection() as conn:
+        def read(conn: psycopg.Connection[Any], subject: uuid.UUID) -> datetime | None:
             row = conn.execute(
                 f"SELECT erased_at FROM {PERSONAL_KEYS_TABLE} WHERE subject = %s",  # noqa: S608
                 (subject,),
             ).fetchone()
-        return row[0] if row else None
+            return row[0] if row else None
+
+        return self._run(read, subject)
+
+    def _read(self, conn: psycopg.Connection[Any], subject: uuid.UUID) -> Any:
+        return conn.execute(
+            f"SELECT wrapped FROM {PERSONAL_KEYS_TABLE} WHERE subject = %s",  # noqa: S608
+            (subject,),
+        ).fetchone()
+
+    def _read_or_create(self, conn: psycopg.Connection[Any], subject: uuid.UUID) -> Any:
+        """One round trip: the new key, or the one already there. A row another session is
+        inserting at the same moment is not in this statement's snapshot: then read again."""
+        row = conn.execute(
+            f"WITH made AS (INSERT INTO {PERSONAL_KEYS_TABLE} (subject, wrapped) "  # noqa: S608
+            "VALUES (%s, %s) ON CONFLICT (subject) DO NOTHING RETURNING wrapped) "
+            f"SELECT wrapped FROM made UNION ALL "
+            f"SELECT wrapped FROM {PERSONAL_KEYS_TABLE} WHERE subject = %s LIMIT 1",
+            (subject, self._wrap(subject, secrets.token_bytes(KEY_BYTES)), subject),
+        ).fetchone()
+        return row if row is not None else self._read(conn, subject)
+
+    def _run(
+        self, statement: Callable[[psycopg.Connection[Any], uuid.UUID], T], subject: uuid.UUID
+    ) -> T:
+        """`statement` on a pooled connection; once more on a fresh one if that connection
+        was dead (a database restart: the pool discards a broken connection it gets back)."""
+        try:
+            with self._connection() as conn:
+                return statement(conn, subject)
+        except psycopg.OperationalError:
+            with self._connection() as conn:
+                return statement(conn, subject)
 
     def forget(self, subject: uuid.UUID) -> None:
         """Drop the person's key from memory (another process erased them)."""

@@ -326,3 +326,28 @@ def test_the_api_answers_410_for_a_profile_erased_by_the_consumer(
         assert_problem(client.get("/users/me", headers=headers), 410)
         assert_problem(client.patch("/users/me", json={"bio": "back"}, headers=headers), 410)
         assert_problem(client.get(f"/users/{user_id}", headers=auth(uuid.uuid4())), 404)
+
+
+def test_processes_making_a_persons_key_at_once_all_get_the_same_one(
+    user_settings: UserSettings,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from servicekit.shredding import PersonalKeys, service_key_from
+
+    assert user_settings.personal_data_key
+    service_key = service_key_from(user_settings.personal_data_key)
+    stores = [
+        PersonalKeys(connection_kwargs(user_settings.database_url), service_key) for _ in range(4)
+    ]
+    subject = uuid.uuid4()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            ciphers = list(
+                pool.map(lambda n: stores[n % 4].cipher_for(subject, create=True), range(16))
+            )
+        sealed = ciphers[0].encrypt(bytes(12), b"same key?", None)
+        assert {c.decrypt(bytes(12), sealed, None) for c in ciphers} == {b"same key?"}
+    finally:
+        for store in stores:
+            store.close()
