@@ -251,7 +251,8 @@ class EventSourcedApplication(Application[Any]):
         if personal is None:
             return mapper
         datastore = getattr(self.factory, "datastore", None)
-        if datastore is not None and strtobool(self.env.get("CREATE_TABLE", "y")):
+        creating_tables = datastore is not None and strtobool(self.env.get("CREATE_TABLE", "y"))
+        if creating_tables:
             with psycopg.connect(**self._connect_kwargs(), autocommit=True) as conn:
                 shredding.create_table(conn)
         key = self.env.get(PERSONAL_DATA_KEY)
@@ -265,7 +266,7 @@ class EventSourcedApplication(Application[Any]):
                 if datastore is not None
                 else shredding.MemoryPersonalKeys()
             )
-        elif encrypt:
+        elif encrypt and not creating_tables:  # `esctl db init` needs no key
             log.warning(
                 "%s: no personal data key is set: personal fields are stored unencrypted "
                 "and cannot be erased by destroying a key",
