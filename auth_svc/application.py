@@ -375,6 +375,8 @@ class AuthService(EventSourcedApplication):
         self._verify_ahead(user_id, check)
 
         def delete(account: Account) -> bool:
+            if account.deleted and account.password_hash is None:
+                return False  # erased: its password hash went with its key (410 below)
             if not check(account.password_hash).matches:
                 raise WrongPassword
             if account.deleted:
@@ -616,7 +618,9 @@ class AuthService(EventSourcedApplication):
 
         return retry_conflicts(attempt, app=self.name, what="This account")
 
-    def _verify_ahead(self, account_id: uuid.UUID, check: Callable[[str], PasswordCheck]) -> None:
+    def _verify_ahead(
+        self, account_id: uuid.UUID, check: Callable[[str | None], PasswordCheck]
+    ) -> None:
         """Verify the password against the stored hash before the account's turn.
 
         argon2 costs tens of milliseconds of CPU: done here, concurrent logins to one account
@@ -650,11 +654,11 @@ class AuthService(EventSourcedApplication):
             with contextlib.suppress(KeyError):
                 cache.get(aggregate_id, evict=True)
 
-    def _memoised_check(self, password: str) -> Callable[[str], PasswordCheck]:
+    def _memoised_check(self, password: str) -> Callable[[str | None], PasswordCheck]:
         """Verify once per stored hash, however often a command is retried."""
-        results: dict[str, PasswordCheck] = {}
+        results: dict[str | None, PasswordCheck] = {}
 
-        def check(password_hash: str) -> PasswordCheck:
+        def check(password_hash: str | None) -> PasswordCheck:
             if password_hash not in results:
                 results[password_hash] = self.passwords.verify(password_hash, password)
             return results[password_hash]

@@ -357,7 +357,8 @@ class Account(TracedAggregate):
 
     def __init__(self) -> None:
         self.email = ""
-        self.password_hash = ""
+        # None once erased (auth_svc/personal.py): an erased account has no password.
+        self.password_hash: str | None = ""
         self.display_name: str | None = None
         self.failed_logins = 0
         self.locked_until: datetime | None = None

@@ -34,7 +34,11 @@ class Passwords:
     def hash(self, password: str) -> str:
         return self._hasher.hash(password)
 
-    def verify(self, password_hash: str, password: str) -> PasswordCheck:
+    def verify(self, password_hash: str | None, password: str) -> PasswordCheck:
+        """Whether `password` matches; an erased hash (None) never does, in the same time."""
+        if password_hash is None:
+            self.verify_nothing(password)
+            return PasswordCheck(matches=False)
         try:
             self._hasher.verify(password_hash, password)
         except (VerificationError, InvalidHashError):

@@ -133,7 +133,8 @@ def test_an_erased_account_loads_erased_and_its_registration_is_not_published(
         assert auth.person_erased_at(user_id) is not None
         account: Any = auth.get_account(user_id)  # its str fields now read None
         assert (account.email, account.display_name) == (None, None)
-        assert account.password_hash  # not personal: intact
+        assert account.password_hash is None  # derived from their secret: erased too
+        assert account.verification  # not personal: intact
         # The relay's own process still holds the key for a while (KEY_CACHE_SECONDS): a
         # fresh one, as after that bound, maps from the shredded store.
         relay.app.close()

@@ -84,7 +84,8 @@ def test_personal_fields_are_stored_sealed_and_read_back_in_plain() -> None:
     assert EMAIL not in stored
     assert "Ada L." not in stored
     assert json.loads(stored)["email"].keys() == {ENVELOPE}
-    assert "argon2-hash" in stored  # only the declared fields are sealed
+    assert "argon2-hash" not in stored  # the password hash goes with the person too
+    assert json.loads(stored)["verification_hash"] is None  # only declared fields are sealed
     app.evict(account.id)
     loaded: Account = app.repository.get(account.id)
     assert (loaded.email, loaded.display_name) == (EMAIL, "Ada L.")
@@ -135,7 +136,8 @@ def test_a_snapshot_seals_the_personal_part_of_the_state_and_loads_after_erasure
     # The snapshot's sessions read as {}; the login after it as a session without its origin.
     (family,) = erased.refresh_families.values()
     assert (family["user_agent"], family["client_ip"]) == (None, None)
-    assert erased.password_hash == "argon2-hash"
+    assert erased.password_hash is None  # erased with the person
+    assert erased.failed_logins == 0  # the rest of the state is intact
 
 
 def test_the_registration_keyed_to_its_account_is_erased_and_evicted_with_it() -> None:
