@@ -44,6 +44,7 @@ DEFAULT_STREAM_PORT = 5552
 CREDIT = 64  # chunks in flight: hides the credit round trip of one-message chunks
 CREDIT_BACK = 16  # credit granted back this many chunks at a time (rstream: one a chunk)
 CONNECT_TIMEOUT_SECONDS = 5.0
+SUBSCRIBE_ATTEMPTS = 3  # each on a fresh connection after the first (see NativeHistory)
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,6 @@ class NativeHistory:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, start: Start, *, prefetch: int) -> AsyncIterator[_Subscription]:
-        if self._idle:
-            consumer = self._idle.pop()
-        else:
-            consumer = self.node.consumer()
-            self._all.append(consumer)
-            await asyncio.wait_for(consumer.start(), CONNECT_TIMEOUT_SECONDS)
         subscription = _Subscription(prefetch)
         if start == "first":
             spec = ConsumerOffsetSpecification(OffsetType.FIRST, None)
@@ -113,13 +108,25 @@ class NativeHistory:
             spec = ConsumerOffsetSpecification(OffsetType.LAST, None)
         else:
             spec = ConsumerOffsetSpecification(OffsetType.OFFSET, int(start))
-        subscriber = await consumer.subscribe(
-            HISTORY_STREAM,
-            cast(Any, subscription.on_chunk),
-            decoder=_raw,
-            offset_specification=spec,
-            initial_credit=self.credit,
-        )
+        # A subscription on a kept connection has been seen to go unanswered (rstream's
+        # request timed out) while retention was dropping the stream's first segments: the
+        # connection is then given up and the subscription made again on a fresh one.
+        for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+            consumer = await self._consumer()
+            try:
+                subscriber = await consumer.subscribe(
+                    HISTORY_STREAM,
+                    cast(Any, subscription.on_chunk),
+                    decoder=_raw,
+                    offset_specification=spec,
+                    initial_credit=self.credit,
+                )
+                break
+            except (TimeoutError, OSError):
+                log.warning("subscribing to %s failed (attempt %d)", HISTORY_STREAM, attempt)
+                await self._discard(consumer)
+                if attempt == SUBSCRIBE_ATTEMPTS:
+                    raise
         try:
             yield subscription
         finally:
@@ -129,11 +136,24 @@ class NativeHistory:
                 await consumer.unsubscribe(subscriber)
             except Exception:  # a broken connection: do not reuse it
                 log.debug("unsubscribe failed; closing the connection", exc_info=True)
-                with contextlib.suppress(Exception):
-                    await consumer.close()
-                self._all.remove(consumer)
+                await self._discard(consumer)
             else:
                 self._idle.append(consumer)
+
+    async def _consumer(self) -> Consumer:
+        """A kept connection, or a new one."""
+        if self._idle:
+            return self._idle.pop()
+        consumer = self.node.consumer()
+        self._all.append(consumer)
+        await asyncio.wait_for(consumer.start(), CONNECT_TIMEOUT_SECONDS)
+        return consumer
+
+    async def _discard(self, consumer: Consumer) -> None:
+        with contextlib.suppress(Exception):
+            await consumer.close()
+        if consumer in self._all:
+            self._all.remove(consumer)
 
     async def close(self) -> None:
         for consumer in self._all:
