@@ -113,6 +113,7 @@ class Service(Generic[S]):
             worker = make(settings)
         except CannotStart as exc:
             sys.exit(f"error: {process.name} cannot start: {exc}")
+        settle_heap()
         serve_worker(process.name, worker, settings, port=port)
 
 

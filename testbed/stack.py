@@ -31,6 +31,7 @@ import psycopg
 import registry
 from integration_svc.signing import new_secret
 from servicekit.service import Role
+from servicekit.shredding import new_service_key
 from testbed.cli import ESCTL
 from testbed.effects import (
     MAIL_FROM,
@@ -131,6 +132,10 @@ class Stack:
             "AUTH_ARGON2_TIME_COST": "1",
             "AUTH_ARGON2_MEMORY_KIB": "1024",
             "AUTH_LOCKOUT_THRESHOLD": "1000",
+            # Encryption at rest and keyed address ids, as in production.
+            "AUTH_PERSONAL_DATA_KEY": new_service_key(),
+            "USER_PERSONAL_DATA_KEY": new_service_key(),
+            "AUTH_ADDRESS_ID_KEY": new_service_key(),
             "LOG_FORMAT": "json",
             "LOG_LEVEL": log_level,
         }
