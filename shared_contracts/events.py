@@ -142,8 +142,7 @@ class SessionRevoked(ContractEvent):
     session_id: uuid.UUID
     reason: str = Field(
         description=(
-            "logout, ended, logout_all, reuse, password_changed, password_reset or "
-            "account_deleted"
+            "logout, ended, logout_all, reuse, password_changed, password_reset or account_deleted"
         )
     )
 
