@@ -47,8 +47,7 @@ def read_store(stack: Stack, producer: str) -> list[StoreEvent]:
     as its relay maps them."""
     service = registry.service(producer)
     assert service.relay is not None
-    database = stack.direct_db[stack.databases[producer]]
-    relay = service.relay(service.settings(database_url=database))
+    relay = service.relay(stack.settings_of(producer))
     app, to_contract = relay.app, relay.to_contract
     events: list[StoreEvent] = []
     try:
@@ -105,9 +104,8 @@ class Verdict:
 async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) -> Verdict:
     """Event stores, exchanges and projections agree with what clients were told."""
     from reporting_svc.reports import REPORTS, read_report
-    from servicekit.eventstore import eventsourcing_env
     from testbed.history import expected_reports
-    from user_svc.application import ProfileService
+    from user_svc.main import profile_service
 
     problems: list[str] = []
     auth_events = await asyncio.to_thread(read_store, stack, "auth_svc")
@@ -185,7 +183,7 @@ async def check_everything(stack: Stack, audit: Audit, ledgers: list[Ledger]) ->
             problems.append(f"report {name}: {report.rows[:3]} != expected {expected[name][:3]}")
 
     # 4. user_svc's consumer has seen every registration (its tracked position).
-    profiles = ProfileService(env=eventsourcing_env(stack.direct_db["users"], pool_size=1))
+    profiles = profile_service(stack.settings_of("user_svc"))
     try:
         tracked = profiles.tracked_position("auth_svc")
     finally:
@@ -304,11 +302,10 @@ async def end_to_end_recovery(
 
 
 async def _profile_exists(stack: Stack, user_id: str) -> bool:
-    def created() -> bool:
-        from servicekit.eventstore import eventsourcing_env
-        from user_svc.application import ProfileService
+    from user_svc.main import profile_service
 
-        app = ProfileService(env=eventsourcing_env(stack.direct_db["users"], pool_size=1))
+    def created() -> bool:
+        app = profile_service(stack.settings_of("user_svc"))
         try:
             return app.public_profile(uuid.UUID(user_id)) is not None
         finally:

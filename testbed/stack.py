@@ -173,6 +173,12 @@ class Stack:
         ) as conn:
             endpoints.add(conn, endpoint)
 
+    def settings_of(self, name: str) -> Any:
+        """Service `name`'s settings as its processes have them (its keys included), with its
+        database reached directly: for reading its store beside the stack."""
+        service = registry.service(name)
+        return service.settings(**self._settings_env(service, self.direct_db[self.databases[name]]))
+
     def _settings_env(self, service: Any, database: str) -> dict[str, Any]:
         """The fields of `service`'s settings that the stack's environment sets, with the
         database reached directly."""
