@@ -118,9 +118,17 @@ def esctl_up(
         try:
             deadline = time.monotonic() + ready_timeout + 30
             while "eskit is running" not in out_path.read_text(errors="replace"):
-                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-                assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+                assert proc.poll() is None, _why(out_path, log_path)
+                assert time.monotonic() < deadline, _why(out_path, log_path)
                 time.sleep(0.2)
             yield EsctlUp(env, log_path, proc.pid)
         finally:
             stop_process(proc, timeout=30, sig=signal.SIGINT)  # as Ctrl-C would
+
+
+def _why(out_path: Path, log_path: Path) -> str:
+    """What `esctl up` said, the lines that are not the services' JSON logs (HAProxy's
+    alerts, tracebacks), and the tail of the log."""
+    log = log_path.read_text(errors="replace")
+    plain = [line for line in log.splitlines() if not line.startswith("{")]
+    return "\n".join([out_path.read_text(errors="replace")[-1500:], *plain[-40:], log[-2000:]])
