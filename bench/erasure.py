@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench.harness import Services, auth_and_users, median, report
+from bench.patch_profile import LUA as PATCH_LUA  # one profile PATCH per request, tokens cycled
 from servicekit.shredding import new_service_key
 
 SECONDS = 6
@@ -29,18 +30,6 @@ THREADS = 8
 USERS = 400  # profiles PATCHed in turn: each needs its own key
 ROUNDS = 4
 PASSWORD = "benchmark password"  # noqa: S105 - throwaway accounts in temp databases
-
-LUA = """
-tokens = {%s}
-counter = 0
-request = function()
-  counter = counter + 1
-  local body = '{"bio": "bio ' .. counter .. '"}'
-  return wrk.format("PATCH", "/users/me", {
-    ["Authorization"] = "Bearer " .. tokens[(counter %% #tokens) + 1],
-    ["Content-Type"] = "application/json"}, body)
-end
-"""
 
 
 def stack_env(encrypt: bool) -> dict[str, str]:
@@ -93,7 +82,7 @@ def patch_script(stack: Services, tag: str) -> Path:
             client.get(f"{stack.users}/users/me", headers=headers).raise_for_status()
             tokens.append(token)
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text(LUA % ", ".join(f'"{t}"' for t in tokens))
+    script.write_text(PATCH_LUA % ", ".join(f'"{t}"' for t in tokens))
     return script
 
 

@@ -33,7 +33,16 @@ from shared_contracts.events import AccountDeleted, SessionRevoked
 from shared_contracts.names import AUTH_EVENTS
 from testbed.auth import auth_database
 from tests.support.amqp import subscribed
-from tests.support.api import EMAIL, PASSWORD, assert_problem, bearer, login, register
+from tests.support.api import (
+    EMAIL,
+    PASSWORD,
+    assert_problem,
+    bearer,
+    login,
+    register,
+    service,
+    stored_position,
+)
 
 NEW_PASSWORD = "a brand new secret"
 
@@ -57,15 +66,6 @@ def settings(make_database: Callable[[str], str]) -> AuthSettings:
 def client(settings: AuthSettings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
         yield c
-
-
-def service(client: TestClient) -> AuthService:
-    auth: AuthService = client.app.state.auth_service  # type: ignore[attr-defined]
-    return auth
-
-
-def stored_position(client: TestClient) -> int:
-    return service(client).recorder.max_notification_id() or 0
 
 
 def stored_events(client: TestClient, after: int = 0) -> list[Any]:

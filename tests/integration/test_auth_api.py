@@ -12,13 +12,21 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from auth_svc.application import AuthService
 from auth_svc.contracts import to_contract
 from auth_svc.main import create_app
 from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs
 from testbed.auth import auth_database
-from tests.support.api import EMAIL, PASSWORD, assert_problem, bearer, login, register
+from tests.support.api import (
+    EMAIL,
+    PASSWORD,
+    assert_problem,
+    bearer,
+    login,
+    register,
+    service,
+    stored_position,
+)
 
 JSON_ENDPOINTS = ["/auth/register", "/auth/login", "/auth/refresh", "/auth/logout"]
 
@@ -37,15 +45,6 @@ def settings(make_database: Callable[[str], str]) -> AuthSettings:
 def client(settings: AuthSettings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
         yield c
-
-
-def service(client: TestClient) -> AuthService:
-    auth: AuthService = client.app.state.auth_service  # type: ignore[attr-defined]
-    return auth
-
-
-def stored_position(client: TestClient) -> int:
-    return service(client).recorder.max_notification_id() or 0
 
 
 def without_request_id(body: dict[str, Any]) -> dict[str, Any]:

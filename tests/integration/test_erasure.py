@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -318,16 +318,6 @@ def integration_settings(
     )
     init_integration(settings)
     return settings
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    server = Receiver()
-    port = await server.start()
-    try:
-        yield server, f"http://127.0.0.1:{port}"
-    finally:
-        await server.stop()
 
 
 def webhook_rows(settings: IntegrationSettings, user: uuid.UUID) -> list[tuple[Any, ...]]:

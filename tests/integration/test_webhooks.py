@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -50,16 +50,6 @@ def settings(
     )
     init_db(settings)
     return settings
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    server = Receiver()
-    port = await server.start()
-    try:
-        yield server, f"http://127.0.0.1:{port}"
-    finally:
-        await server.stop()
 
 
 def subscribe(settings: IntegrationSettings, endpoint_id: str, url: str, *events: str) -> str:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
+
+from auth_svc.application import AuthService
 
 EMAIL = "ada@example.com"
 PASSWORD = "correct horse battery"
@@ -38,3 +41,14 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body["status"] == status
     assert {"type", "title", "detail", "request_id"} <= body.keys()
     return body
+
+
+def service(client: TestClient) -> AuthService:
+    """The AuthService behind a TestClient of auth_svc's app."""
+    auth: AuthService = client.app.state.auth_service  # type: ignore[attr-defined]
+    return auth
+
+
+def stored_position(client: TestClient) -> int:
+    """The newest position in that auth_svc's event store (0 when empty)."""
+    return service(client).recorder.max_notification_id() or 0
