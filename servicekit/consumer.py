@@ -407,6 +407,11 @@ class Consumer:
             try:
                 event = validated(envelope)
             except ValidationError as exc:
+                # Parking decides the poison's position: the good events before it in the
+                # batch are handled first, or they would read as duplicates and be lost.
+                if good:
+                    await self._handle(channel, good)
+                    good = []
                 await self._poison(channel, message, envelope, "data failed its schema", exc)
                 continue
             if event is None:

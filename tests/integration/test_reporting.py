@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,12 +15,14 @@ import psycopg
 import pytest
 
 from reporting_svc.projection import ReportingProjection
+from reporting_svc.reports import read_report
 from reporting_svc.settings import ReportingSettings
 from servicekit.eventstore import connection_kwargs
 from servicekit.messages import IncomingEvent, validated
 from servicekit.projection import ProjectionStore
 from shared_contracts.envelope import Envelope
 from testbed.cli import ESCTL
+from testbed.events import envelope, eventually
 from testbed.history import generate, publish
 from testbed.ports import free_port
 from testbed.projections import (
@@ -160,3 +163,27 @@ async def test_an_event_parked_before_its_last_delivery_is_applied_once(
         assert await store.apply_batch(items[:1]) == ["duplicate"]
         assert await store.parked_count() == 0
     await assert_reports_match(settings, history)
+
+
+async def test_a_poison_event_does_not_swallow_the_good_ones_before_it_in_its_batch(
+    settings: ReportingSettings,
+) -> None:
+    """Parking an event that fails its schema decides its position; the good events ahead
+    of it in the same batch are applied first, not taken for duplicates and lost."""
+    users = [uuid.uuid4() for _ in range(3)]
+
+    def signup(n: int, position: int) -> tuple[str, str, bytes]:
+        data = {"email": f"u{n}@example.com", "display_name": f"U{n}"}
+        return envelope(
+            "auth.account.registered", users[n], version=1, position=position, data=data
+        )
+
+    poison = envelope("auth.account.locked", users[0], version=2, position=3)  # no data
+    async with consuming(settings):
+        pass  # the queue, declared and bound
+    await publish(settings.amqp_url, [signup(0, 1), signup(1, 2), poison, signup(2, 4)])
+    async with consuming(settings) as consumer:  # one batch: all four are waiting
+        await eventually(lambda: consumer.status.handled >= 3, what="the signups")
+    assert sum(row[1] for row in read_report(settings.database_url, "signups").rows) == 3
+    async with ProjectionStore(ReportingProjection(), settings.database_url) as store:
+        assert await store.parked_count() == 1
