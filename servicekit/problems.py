@@ -6,6 +6,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import eventsourcing.persistence
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,6 +19,14 @@ from servicekit import context
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("servicekit.http")
+
+# The database lost, restarting or out of connections: the request may succeed a moment later.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,  # psycopg_pool's PoolTimeout included
+    psycopg.InterfaceError,
+    eventsourcing.persistence.OperationalError,  # psycopg's, as the event store re-raises them
+    eventsourcing.persistence.InterfaceError,
+)
 
 
 class Problem(Exception):
@@ -177,6 +187,21 @@ def install_problem_handlers(app: FastAPI) -> None:
         title = _TITLES.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else title
         return problem_response(exc.status_code, title, detail, headers=exc.headers)
+
+    async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning(
+            "database unavailable; answered 503",
+            extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"},
+        )
+        return problem_response(
+            503,
+            _TITLES[503],
+            "The database is unavailable at this moment; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+
+    for error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(error, _database_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

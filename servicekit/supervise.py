@@ -25,18 +25,26 @@ async def supervise(
     log: logging.Logger,
     what: str,
     max_backoff: float,
+    initial_backoff: float = 0.2,
+    healthy_after: float = 5.0,
 ) -> None:
     """Run `attempt` until `stop`; after any failure, report it and retry with backoff.
 
     Workers must outlive lost connections and restarts of the broker or the database;
-    failures outside `expected` are logged with their traceback.
+    failures outside `expected` are logged with their traceback. The backoff doubles with
+    each failure in a row and starts again from `initial_backoff` once an attempt has run
+    `healthy_after` seconds: an outage long past must not slow the recovery from the next.
     """
-    backoff = 0.2
+    loop = asyncio.get_running_loop()
+    backoff = initial_backoff
     while not stop.is_set():
+        started = loop.time()
         try:
             await attempt(stop)
-            backoff = 0.2
+            backoff = initial_backoff
         except Exception as exc:
+            if loop.time() - started >= healthy_after:
+                backoff = initial_backoff
             on_failure(exc)
             log.warning(
                 "%s lost its connection; retrying",
