@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ __all__ = ["BatchHandler", "Consumer", "Outcome", "ProjectionHandler", "one_at_a
 # Failures of the infrastructure, not of the message: retried until they pass.
 INFRASTRUCTURE_ERRORS = TRANSIENT_ERRORS
 BACKLOG_BATCH = 16  # this many messages already queued means a backlog: batches may linger
+# Under steady traffic, at most one batch per this many seconds (servicekit.consumer._fill).
+COALESCE_SECONDS = 0.05
 
 MESSAGES = Counter(
     "consumer_messages_total",
@@ -219,9 +222,12 @@ class Consumer:
         max_backoff_seconds: float = 10.0,
         depth_poll_seconds: float | None = None,
         linger_seconds: float = 0.01,
+        coalesce_seconds: float = COALESCE_SECONDS,
     ) -> None:
         self.service = service
         self.linger = linger_seconds
+        self.coalesce = coalesce_seconds
+        self._last_batch = -math.inf  # loop time the previous batch was taken
         self.depth_poll = depth_poll_seconds
         self.amqp_url = amqp_url
         self.bindings = bindings
@@ -309,12 +315,22 @@ class Consumer:
     ) -> None:
         """Add what is queued to `batch`; in a backlog, also what arrives within `linger`.
 
-        A live message (nothing queued behind it) goes at once: lingering would only add
-        latency. A backlog shows as messages already queued.
+        A live message after a quiet spell (nothing queued behind it, no batch taken within
+        `coalesce`) goes at once. Under steady traffic a batch is taken at most every
+        `coalesce` seconds: each event waits at most that long, and the per-batch cost (a
+        transaction and its round trips) is shared by what arrived meanwhile. A backlog shows
+        as messages already queued.
         """
         drain(batch, inbox, self.batch_size)
+        loop = asyncio.get_running_loop()
+        wait = self._last_batch + self.coalesce - loop.time()
+        if wait > 0 and len(batch) < self.batch_size:
+            # Steady traffic (the previous batch was taken moments ago): what arrives until
+            # `coalesce` after it joins this batch, so one transaction carries several events.
+            await fill(batch, inbox, limit=self.batch_size, linger=wait)
         if len(batch) >= BACKLOG_BATCH:
             await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
+        self._last_batch = loop.time()
 
     async def _poll_depths(
         self, connection: aio_pika.abc.AbstractConnection, stop: asyncio.Event

@@ -210,6 +210,7 @@ class ProjectionWorker:
             prefetch=settings.consumer_prefetch,
             batch_size=settings.consumer_prefetch,
             delivery_limit=settings.consumer_delivery_limit,
+            coalesce_seconds=settings.consumer_coalesce_seconds,
         )
         self.dispatcher = dispatcher
 

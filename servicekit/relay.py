@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,8 +103,10 @@ class Relay:
         idle_wait_seconds: float = 1.0,
         lock_retry_seconds: float = 1.0,
         max_backoff_seconds: float = 10.0,
+        coalesce_seconds: float = 0.05,
     ) -> None:
         self.app = app
+        self.coalesce = coalesce_seconds
         self.producer = producer
         self.exchange_name = exchange
         self.to_contract = to_contract
@@ -183,12 +186,21 @@ class Relay:
                 self.status.last_error = None
                 LEADER.labels(self.producer).set(1)
                 log.info("relay is active", extra={"producer": self.producer, "position": position})
+                loop = asyncio.get_running_loop()
+                published = -math.inf  # loop time of the last publish
                 while not stop.is_set():
                     batch = await asyncio.to_thread(self._next_batch, position)
                     if batch.last_position == position:
                         await self._wait_for_new_events(conn)
+                        wait = published + self.coalesce - loop.time()
+                        if wait > 0:
+                            # Steady writes: what is committed until `coalesce` after the
+                            # last publish goes in one read and one round of confirms.
+                            await sleep_unless_stopped(stop, wait)
+                            await self._wait_for_new_events(conn, received_only=True)
                         continue
                     await self._publish(exchange, batch.messages)
+                    published = loop.time()
                     await conn.execute(
                         f"UPDATE {RELAY_TABLE} SET position = %s, updated_at = now() "  # noqa: S608
                         "WHERE producer = %s",
@@ -302,7 +314,15 @@ class Relay:
             headers[TRACEPARENT] = traceparent
         return span
 
-    async def _wait_for_new_events(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _wait_for_new_events(
+        self, conn: psycopg.AsyncConnection[Any], *, received_only: bool = False
+    ) -> None:
+        """Until a NOTIFY of a commit (or `idle_wait`); `received_only`: take only those
+        already received, without waiting."""
+        if received_only:
+            async for _ in conn.notifies(timeout=0):
+                pass
+            return
         async for _ in conn.notifies(timeout=self.idle_wait, stop_after=1):
             pass
 
