@@ -20,6 +20,7 @@ BENCHMARKS = [
     "bench.peers",  # ../shared/bench/peers/compare.py against esctl up: hello, CRUD peer, eskit
     "bench.users_me",
     "bench.login",
+    "bench.login_cost",  # CPU per login by process: the stack against the CRUD peer
     "bench.forgot",  # known vs unknown addresses: throughput ratio within 0.9-1.1
     "bench.patch_profile",
     "bench.erasure",  # register and PATCH with personal fields encrypted vs plain: >= 0.9
