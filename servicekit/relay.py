@@ -254,8 +254,11 @@ class Relay:
             envelope = envelope_for(event, notification.id, contract)
             traceparent = (getattr(event, "metadata", {}) or {}).get("traceparent")
             batch.messages.append((envelope.event_type, message_for(envelope, traceparent)))
-        latest = self.app.recorder.max_notification_id() or 0
-        BACKLOG.labels(self.producer).set(max(latest - batch.last_position, 0))
+        if len(notifications) < self.batch_size:
+            BACKLOG.labels(self.producer).set(0)  # the read reached the end of the log
+        else:  # a full page: more may wait (a query only when catching up)
+            latest = self.app.recorder.max_notification_id() or 0
+            BACKLOG.labels(self.producer).set(max(latest - batch.last_position, 0))
         return batch
 
     async def _publish(
