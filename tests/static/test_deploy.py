@@ -650,6 +650,20 @@ def test_the_ingress_and_kong_resources_mirror_kong_yml() -> None:
     assert consumer["username"] == kong["consumers"][0]["username"]
 
 
+def test_each_overlays_ingresses_answer_a_host_of_their_own() -> None:
+    """Without a host an Ingress takes every host: dev and prod on one Kong would each route
+    the other's requests (the same paths, two backends)."""
+    hosts = {}
+    for overlay in ("dev", "prod"):
+        rules = [
+            rule for d in rendered(overlay) if d["kind"] == "Ingress" for rule in d["spec"]["rules"]
+        ]
+        assert rules and all(rule.get("host") for rule in rules), overlay
+        hosts[overlay] = {rule["host"] for rule in rules}
+        assert len(hosts[overlay]) == 1, hosts[overlay]  # one API host per overlay
+    assert not hosts["dev"] & hosts["prod"]
+
+
 # Kinds that exist once per cluster: an overlay must not create any but its own Namespace, so
 # that dev and prod (or another application) in one cluster never change each other.
 CLUSTER_SCOPED = {
