@@ -13,20 +13,26 @@ from __future__ import annotations
 import enum
 import functools
 import gc
+import logging
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI
 
+from servicekit.logs import configure_logging
+from servicekit.messages import TRANSIENT_ERRORS
 from servicekit.process import Worker, serve_worker
 from servicekit.projection import Projection
 from servicekit.relay import Relay
 from servicekit.settings import ServiceSettings
 
 S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
+log = logging.getLogger("servicekit.service")
 
 
 class Role(enum.Enum):
@@ -110,11 +116,34 @@ class Service(Generic[S]):
                 return
             make = self.relay if role is Role.RELAY else self.consumer
             assert make is not None
-            worker = make(settings)
+            worker = _built_when_reachable(
+                functools.partial(make, settings), process.name, settings
+            )
         except CannotStart as exc:
             sys.exit(f"error: {process.name} cannot start: {exc}")
         settle_heap()
         serve_worker(process.name, worker, settings, port=port)
+
+
+def _built_when_reachable(
+    make: Callable[[], T], name: str, settings: ServiceSettings, *, max_delay: float = 5.0
+) -> T:
+    """`make()`, again after a pause while the database or the broker is unreachable: a
+    relay's event store connects as it is built, and a process started beside a database
+    that is still starting (or out of connections) waits for it instead of exiting."""
+    configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    delay = 0.5
+    while True:
+        try:
+            return make()
+        except TRANSIENT_ERRORS as exc:
+            log.warning(
+                "%s waits for its database or broker to start",
+                name,
+                extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"},
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 class CannotStart(Exception):
@@ -123,8 +152,6 @@ class CannotStart(Exception):
 
 def _serve_app(name: str, factory: Callable[[], FastAPI], settings: ServiceSettings) -> None:
     import uvicorn
-
-    from servicekit.logs import configure_logging
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import IO, Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -213,3 +217,59 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+def test_a_relay_started_while_its_database_refuses_waits_for_it_instead_of_exiting(
+    make_database: Callable[[str], str], make_vhost: Callable[[], str]
+) -> None:
+    """`esctl relay` beside a database that is still starting (or out of connections): the
+    process stays up, says what it waits for, and becomes ready once the database answers."""
+    from auth_svc.main import init_db
+    from auth_svc.settings import AuthSettings
+    from testbed.cli import ESCTL
+    from testbed.ports import free_port
+    from testbed.proxy import proxied
+
+    database = make_database("relay_waits")
+    init_db(AuthSettings(database_url=database))
+    port = int(connection_kwargs(database)["port"])
+    health = free_port()
+    with proxied(port) as proxy:
+        proxy.cut()  # refused, as a database not yet listening
+        env = {
+            **os.environ,
+            "AUTH_DATABASE_URL": database.replace(f":{port}/", f":{proxy.port}/"),
+            "AMQP_URL": make_vhost(),
+            "AUTH_RELAY_PORT": str(health),
+            "LOG_FORMAT": "json",
+        }
+        with tempfile.TemporaryFile() as log:
+            relay = subprocess.Popen([*ESCTL, "relay", "auth_svc"], env=env, stderr=log)
+            try:
+                deadline = time.monotonic() + 60
+                while b"waits for its database or broker" not in _read(log):
+                    assert relay.poll() is None, _read(log).decode(errors="replace")
+                    assert time.monotonic() < deadline, _read(log).decode(errors="replace")
+                    time.sleep(0.2)
+                time.sleep(1.5)
+                assert relay.poll() is None, _read(log).decode(errors="replace")
+                proxy.restore()
+                while not _ready(f"http://127.0.0.1:{health}/health/ready"):
+                    assert relay.poll() is None, _read(log).decode(errors="replace")
+                    assert time.monotonic() < deadline, _read(log).decode(errors="replace")
+                    time.sleep(0.2)
+            finally:
+                relay.terminate()
+                relay.wait(timeout=15)
+
+
+def _read(log: IO[bytes]) -> bytes:
+    log.seek(0)
+    return log.read()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
