@@ -14,6 +14,7 @@ import enum
 import functools
 import gc
 import logging
+import re
 import socket
 import sys
 import time
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import psycopg
 from fastapi import FastAPI
 
+from servicekit.eventstore import connection_kwargs
 from servicekit.logs import configure_logging
 from servicekit.messages import TRANSIENT_ERRORS
 from servicekit.process import Worker, serve_worker
@@ -120,7 +123,8 @@ class Service(Generic[S]):
                 functools.partial(make, settings), process.name, settings
             )
         except CannotStart as exc:
-            sys.exit(f"error: {process.name} cannot start: {exc}")
+            print(f"error: {process.name} cannot start: {exc}", file=sys.stderr)
+            sys.exit(2)
         settle_heap()
         serve_worker(process.name, worker, settings, port=port)
 
@@ -137,6 +141,8 @@ def _built_when_reachable(
         try:
             return make()
         except TRANSIENT_ERRORS as exc:
+            if (refusal := _permanent(exc) or _database_refusal(settings)) is not None:
+                raise CannotStart(refusal) from None
             log.warning(
                 "%s waits for its database or broker to start",
                 name,
@@ -144,6 +150,43 @@ def _built_when_reachable(
             )
             time.sleep(delay)
             delay = min(delay * 2, max_delay)
+
+
+# The server's answers that waiting will not change: no such database, wrong credentials. A
+# refused connection carries no SQLSTATE (libpq), only the server's message.
+PERMANENT_SQLSTATES = {"3D000", "28P01", "28000"}
+PERMANENT_MESSAGES = (
+    re.compile(r'FATAL: +database ".*" does not exist'),
+    re.compile(r'FATAL: +role ".*" does not exist'),
+    re.compile(r"FATAL: +password authentication failed"),
+    re.compile(r"FATAL: +no pg_hba\.conf entry"),
+)
+
+
+def _permanent(exc: BaseException) -> str | None:
+    """What the database answered, when it refused for good (a wrong URL, not an outage)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if getattr(seen, "sqlstate", None) in PERMANENT_SQLSTATES or any(
+            p.search(text) for p in PERMANENT_MESSAGES
+        ):
+            return f"the database refuses the connection: {text.strip().splitlines()[-1]}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _database_refusal(settings: ServiceSettings) -> str | None:
+    """Why the service's database refuses a direct connection for good, if it does (a pool
+    only says it got no connection in time)."""
+    url = getattr(settings, "database_url", None)
+    if not url:
+        return None
+    try:
+        with psycopg.connect(**connection_kwargs(url, connect_timeout=2)):
+            return None
+    except psycopg.Error as exc:
+        return _permanent(exc)
 
 
 class CannotStart(Exception):

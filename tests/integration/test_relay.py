@@ -15,9 +15,14 @@ import httpx
 import psycopg
 import pytest
 
+from auth_svc.main import init_db
+from auth_svc.settings import AuthSettings
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.relay import Relay, create_relay_table
+from testbed.cli import ESCTL
+from testbed.ports import free_port
 from testbed.producer import Member, MemberApp, to_contract
+from testbed.proxy import proxied
 from tests.support.amqp import subscribed
 
 EXCHANGE = "members.test"
@@ -224,11 +229,6 @@ def test_a_relay_started_while_its_database_refuses_waits_for_it_instead_of_exit
 ) -> None:
     """`esctl relay` beside a database that is still starting (or out of connections): the
     process stays up, says what it waits for, and becomes ready once the database answers."""
-    from auth_svc.main import init_db
-    from auth_svc.settings import AuthSettings
-    from testbed.cli import ESCTL
-    from testbed.ports import free_port
-    from testbed.proxy import proxied
 
     database = make_database("relay_waits")
     init_db(AuthSettings(database_url=database))
@@ -273,3 +273,28 @@ def _ready(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_relay_whose_database_does_not_exist_exits_at_once_saying_so(
+    make_vhost: Callable[[], str],
+) -> None:
+    """Waiting cannot fix a wrong database name: a one-line error and exit code 2."""
+    env = {
+        **os.environ,
+        "AUTH_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/eskit_no_such_database",
+        "AMQP_URL": make_vhost(),
+        "AUTH_RELAY_PORT": str(free_port()),
+    }
+    done = subprocess.run(
+        [*ESCTL, "relay", "auth_svc"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: auth_svc.relay cannot start: the database refuses")
+    assert '"eskit_no_such_database" does not exist' in last
+    assert "Traceback" not in done.stderr
