@@ -384,11 +384,9 @@ class ProjectionStore:
                 (reason[:500], envelope.producer, envelope.position),
             )
             parked = tx.cursor.rowcount > 0
-        if parked:  # a retry after a fix starts counting its crashes afresh
-            await tx.execute(
-                "DELETE FROM {_attempts} WHERE producer = %s AND position = %s",
-                (envelope.producer, envelope.position),
-            )
+        # Its crash count stays: parking comes before the dead letter is published, and if
+        # that publish is lost the broker redelivers the event, which must not then be handled
+        # as if it had never crashed (the state machine found it handled past the limit).
         return parked
 
     async def attempts(self, envelopes: Sequence[Envelope], *, count: bool) -> dict[Any, int]:

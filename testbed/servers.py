@@ -54,11 +54,20 @@ def _bindable(port: int) -> bool:
         return True
 
 
+_handed_out: set[int] = set()
+
+
 def pick_port(low: int = 20000, high: int = 30000) -> int:
-    """A free port outside the ephemeral range and RabbitMQ's CLI ports."""
-    for _ in range(200):
+    """A free port outside the ephemeral range and RabbitMQ's CLI ports, never handed out
+    before by this process: a port picked for a process that has not bound it yet is still
+    free, and a second pick could return it (two consumers of one chaos stack once got the
+    same health port, and one of them never started)."""
+    for _ in range(500):
         port = random.randint(low, high)
-        if port not in _RESERVED and port != 25672 and _bindable(port):
+        if port in _handed_out or port in _RESERVED or port == 25672:
+            continue
+        if _bindable(port):
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no free port in {low}-{high}")
 

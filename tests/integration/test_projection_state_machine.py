@@ -1062,3 +1062,25 @@ def test_an_event_a_replay_cannot_apply_is_parked_even_when_later_ones_share_its
         m.handler_breaks_on(back=3, kills=False)
         m.replay_begins()
         m.replay_reads(k=3)
+
+
+def test_an_event_that_kills_the_process_after_a_handler_failure_is_still_dead_lettered(
+    database: str,
+) -> None:
+    """Found by the state machine in CI. #1 kills the consumer three times and is parked,
+    but the connection is lost before its dead letter is published, so the broker delivers
+    it once more. Parking used to reset its crash count, and it was then handled (and killed
+    the process) a fourth time, past the delivery limit of 2: it must be dead-lettered."""
+    with machine(database, seed=0, count=8) as m:
+        m.consume(k=1, ending="acked")
+        m.publish(n=2)
+        m.consume(k=1, ending="acked")
+        m.handler_breaks_on(back=0, kills=False)
+        m.handler_breaks_on(back=0, kills=False)
+        m.handler_breaks_on(back=0, kills=False)
+        m.handler_breaks_on(back=0, kills=True)
+        m.consume(k=1, ending="acked")
+        m.consume(k=1, ending="acked")
+        m.consume(k=1, ending="acked")
+        m.consume(k=1, ending="connection lost after 0 acks or publishes, unnoticed")
+        m.consume(k=1, ending="acked")
