@@ -36,7 +36,9 @@ def temp_vhost() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
+def process(
+    argv: list[str], env: dict[str, str], ready_url: str
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -51,7 +53,7 @@ def process(argv: list[str], env: dict[str, str], ready_url: str) -> Iterator[No
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{argv} not ready")
             time.sleep(0.2)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -60,14 +62,18 @@ def process(argv: list[str], env: dict[str, str], ready_url: str) -> Iterator[No
             proc.kill()
 
 
-def uvicorn_argv(factory: str, port: int) -> list[str]:
-    """The same server settings for a service and its baseline: 1 worker, uvloop, httptools."""
+def uvicorn_argv(
+    app: str, port: int, *, factory: bool = True, app_dir: str | None = None
+) -> list[str]:
+    """The same server settings for a service and its baseline: 1 worker, uvloop, httptools.
+    `app` is an app factory (`factory`) or an app; `app_dir` where to import it from."""
     return [
         sys.executable,
         "-m",
         "uvicorn",
-        "--factory",
-        factory,
+        *(["--factory"] if factory else []),
+        app,
+        *(["--app-dir", app_dir] if app_dir else []),
         "--port",
         str(port),
         "--loop",

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 import httpx
 from argon2 import PasswordHasher
 
-from bench.harness import process, report, temp_database, temp_vhost
+from bench.harness import process, report, temp_database, temp_vhost, uvicorn_argv
+from bench.login import login_count
 from bench.peers import COMPARE, PRODUCTION
 from testbed.ports import free_port
 from testbed.up import esctl_up
@@ -77,26 +77,7 @@ def measure(
     time.sleep(3)  # the registrations' events settle
     everything = {**processes, "postgresql (all backends)": pids("-u", "postgres")}
     before = {name: sum(map(cpu_seconds, ps)) for name, ps in everything.items()}
-    done = 0
-    lock = threading.Lock()
-    deadline = time.monotonic() + SECONDS
-
-    def work(email: str) -> None:
-        nonlocal done
-        with httpx.Client(timeout=30) as client:
-            while time.monotonic() < deadline:
-                response = client.post(
-                    f"{auth}/auth/login", json={"email": email, "password": PASSWORD}
-                )
-                response.raise_for_status()
-                with lock:
-                    done += 1
-
-    threads = [threading.Thread(target=work, args=(email,)) for email in emails]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    done = login_count(auth, emails, seconds=SECONDS, password=PASSWORD)
     time.sleep(catch_up)
     everything["postgresql (all backends)"] = pids("-u", "postgres")  # backends come and go
     after = {name: sum(map(cpu_seconds, ps)) for name, ps in everything.items()}
@@ -124,28 +105,11 @@ def raw_argon2_cpu_ms(settings_cost: tuple[int, int, int], rounds: int = 50) -> 
 
 def crud_peer(database: Callable[[str], str]) -> dict[str, float | dict[str, float]]:
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "crud_users:app",
-        "--app-dir",
-        str(COMPARE.parent),
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
+    argv = uvicorn_argv("crud_users:app", port, factory=False, app_dir=str(COMPARE.parent))
     env = {"CRUD_DSN": database("crud_cost"), "CRUD_PORT": str(port)}
     base = f"http://127.0.0.1:{port}"
-    with process(argv, env, f"{base}/healthz"):
-        (peer,) = pids("-f", f"crud_users:app --app-dir {COMPARE.parent} --port {port}")
-        return measure(base, {"crud peer": [peer]}, catch_up=0)
+    with process(argv, env, f"{base}/healthz") as peer:
+        return measure(base, {"crud peer": [peer.pid]}, catch_up=0)
 
 
 def main() -> None:

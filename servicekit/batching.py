@@ -7,6 +7,10 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+# Under steady traffic, a consumer takes a batch and a relay publishes at most once per this
+# many seconds: what arrives meanwhile shares the transaction or the round of confirms.
+COALESCE_SECONDS = 0.05
+
 
 def drain(batch: list[T], inbox: asyncio.Queue[T], limit: int) -> None:
     """Move what `inbox` holds into `batch`, until `batch` has `limit` items."""

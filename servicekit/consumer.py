@@ -50,7 +50,7 @@ from pydantic import ValidationError
 
 from servicekit import amqp, context, telemetry
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
-from servicekit.batching import drain, fill
+from servicekit.batching import COALESCE_SECONDS, drain, fill
 from servicekit.messages import (
     TRACEPARENT,
     TRANSIENT_ERRORS,
@@ -73,8 +73,6 @@ __all__ = ["BatchHandler", "Consumer", "Outcome", "ProjectionHandler", "one_at_a
 # Failures of the infrastructure, not of the message: retried until they pass.
 INFRASTRUCTURE_ERRORS = TRANSIENT_ERRORS
 BACKLOG_BATCH = 16  # this many messages already queued means a backlog: batches may linger
-# Under steady traffic, at most one batch per this many seconds (servicekit.consumer._fill).
-COALESCE_SECONDS = 0.05
 
 MESSAGES = Counter(
     "consumer_messages_total",

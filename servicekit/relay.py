@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from servicekit import amqp, messages, telemetry
 from servicekit.amqp import declare_producer_exchange
+from servicekit.batching import COALESCE_SECONDS
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.messages import (
     RUN,
@@ -103,7 +104,7 @@ class Relay:
         idle_wait_seconds: float = 1.0,
         lock_retry_seconds: float = 1.0,
         max_backoff_seconds: float = 10.0,
-        coalesce_seconds: float = 0.05,
+        coalesce_seconds: float = COALESCE_SECONDS,
     ) -> None:
         self.app = app
         self.coalesce = coalesce_seconds

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servicekit.amqp import DEFAULT_HEARTBEAT_SECONDS, amqp_urls, with_heartbeat
+from servicekit.batching import COALESCE_SECONDS
 from servicekit.eventstore import personal_data_env
 
 # Read by every settings class (subclasses inherit it with the rest of `model_config`).
@@ -123,7 +124,7 @@ class ConsumerSettings(ServiceSettings):
     )
     consumer_delivery_limit: int = Field(default=5, ge=2, description=DELIVERY_LIMIT)
     consumer_coalesce_seconds: float = Field(
-        default=0.05,
+        default=COALESCE_SECONDS,
         ge=0,
         le=5,
         description="Under steady traffic, the most often a batch is applied: events arriving "
