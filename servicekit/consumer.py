@@ -50,7 +50,7 @@ from pydantic import ValidationError
 
 from servicekit import amqp, context, telemetry
 from servicekit.amqp import dead_letter_exchange, declare_consumer_queues
-from servicekit.batching import COALESCE_SECONDS, drain, fill
+from servicekit.batching import COALESCE_SECONDS, Coalescing, drain, fill, gather_for
 from servicekit.messages import (
     TRACEPARENT,
     TRANSIENT_ERRORS,
@@ -224,7 +224,7 @@ class Consumer:
     ) -> None:
         self.service = service
         self.linger = linger_seconds
-        self.coalesce = coalesce_seconds
+        self.coalescing = Coalescing(coalesce_seconds, service)
         self._last_batch = -math.inf  # loop time the previous batch was taken
         self.depth_poll = depth_poll_seconds
         self.amqp_url = amqp_url
@@ -314,18 +314,19 @@ class Consumer:
         """Add what is queued to `batch`; in a backlog, also what arrives within `linger`.
 
         A live message after a quiet spell (nothing queued behind it, no batch taken within
-        `coalesce`) goes at once. Under steady traffic a batch is taken at most every
-        `coalesce` seconds: each event waits at most that long, and the per-batch cost (a
+        the coalescing window) goes at once. Under steady traffic a batch is taken at most
+        once per window (`coalesce_seconds`, longer while the host is CPU-bound: see
+        Coalescing): each event waits at most that long, and the per-batch cost (a
         transaction and its round trips) is shared by what arrived meanwhile. A backlog shows
         as messages already queued.
         """
         drain(batch, inbox, self.batch_size)
         loop = asyncio.get_running_loop()
-        wait = self._last_batch + self.coalesce - loop.time()
+        wait = self._last_batch + self.coalescing.seconds() - loop.time()
         if wait > 0 and len(batch) < self.batch_size:
             # Steady traffic (the previous batch was taken moments ago): what arrives until
-            # `coalesce` after it joins this batch, so one transaction carries several events.
-            await fill(batch, inbox, limit=self.batch_size, linger=wait)
+            # the window's end joins this batch, so one transaction carries several events.
+            await gather_for(batch, inbox, limit=self.batch_size, seconds=wait)
         if len(batch) >= BACKLOG_BATCH:
             await fill(batch, inbox, limit=self.batch_size, linger=self.linger)
         self._last_batch = loop.time()

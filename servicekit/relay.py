@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from servicekit import amqp, messages, telemetry
 from servicekit.amqp import declare_producer_exchange
-from servicekit.batching import COALESCE_SECONDS
+from servicekit.batching import COALESCE_SECONDS, Coalescing
 from servicekit.eventstore import connection_kwargs, eventsourcing_env
 from servicekit.messages import (
     RUN,
@@ -107,7 +107,7 @@ class Relay:
         coalesce_seconds: float = COALESCE_SECONDS,
     ) -> None:
         self.app = app
-        self.coalesce = coalesce_seconds
+        self.coalescing = Coalescing(coalesce_seconds, f"{producer} relay")
         self.producer = producer
         self.exchange_name = exchange
         self.to_contract = to_contract
@@ -193,9 +193,9 @@ class Relay:
                     batch = await asyncio.to_thread(self._next_batch, position)
                     if batch.last_position == position:
                         await self._wait_for_new_events(conn)
-                        wait = published + self.coalesce - loop.time()
+                        wait = published + self.coalescing.seconds() - loop.time()
                         if wait > 0:
-                            # Steady writes: what is committed until `coalesce` after the
+                            # Steady writes: what is committed until the window's end after the
                             # last publish goes in one read and one round of confirms.
                             await sleep_unless_stopped(stop, wait)
                             await self._wait_for_new_events(conn, received_only=True)

@@ -127,8 +127,10 @@ class ConsumerSettings(ServiceSettings):
         default=COALESCE_SECONDS,
         ge=0,
         le=5,
-        description="Under steady traffic, the most often a batch is applied: events arriving "
-        "meanwhile share its transaction (each waits at most this long; 0: one at a time).",
+        description="While the host's CPUs are saturated (tasks waited for one over 65% of the "
+        "last second: the kernel's CPU pressure), the most often a batch is applied under steady "
+        "traffic: events arriving meanwhile share its transaction, each waiting at most this "
+        "long. On a quiet host each goes at once. 0: never.",
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from servicekit.batching import Coalescing
 from servicekit.consumer import Consumer, one_at_a_time
 from servicekit.messages import IncomingEvent, Outcome
 from shared_contracts.envelope import Envelope, event_id_for
@@ -174,13 +175,20 @@ class Batches:
         return {}
 
 
+class Saturated(Coalescing):
+    """A host whose CPUs are saturated all along (the signal itself: tests/unit/test_batching)."""
+
+    def seconds(self) -> float:
+        return self.busy_seconds
+
+
 @pytest.mark.parametrize("coalesce", [0.0, 0.2])
 async def test_steady_traffic_is_coalesced_into_batches_and_a_lone_event_goes_at_once(
     amqp_url: str, service: str, coalesce: float
 ) -> None:
-    """Events arriving one by one, 20 ms apart: with coalescing, several share a batch (one
-    transaction); without, each is its own. After a quiet spell, the first event of a new
-    burst is handled alone, at once."""
+    """Events arriving one by one, 20 ms apart, on a saturated host: with coalescing, several
+    share a batch (one transaction); without, each is its own. After a quiet spell, the first
+    event of a new burst is handled alone."""
     batches = Batches()
     consumer = Consumer(
         service=service,
@@ -189,6 +197,7 @@ async def test_steady_traffic_is_coalesced_into_batches_and_a_lone_event_goes_at
         handler=batches,
         coalesce_seconds=coalesce,
     )
+    consumer.coalescing = Saturated(coalesce, service)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
