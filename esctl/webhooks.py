@@ -6,23 +6,26 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import psycopg
 import typer
 from rich.table import Table
 
 from esctl.console import FormatOption, OutputFormat, fail, out
-from integration_svc import deliveries, endpoints
+from integration_svc import bindings, deliveries, endpoints
 from integration_svc.egress import RefusedURL, UnresolvedURL, resolve
 from integration_svc.endpoints import Endpoint, EndpointError
 from integration_svc.main import policy
 from integration_svc.settings import IntegrationSettings
 from integration_svc.signing import mask, new_secret
 from servicekit.eventstore import connection_kwargs
+from servicekit.messages import TRANSIENT_ERRORS
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Outbound webhooks (integration_svc): endpoints and the delivery log.",
@@ -58,6 +61,21 @@ def _database(settings: IntegrationSettings) -> Iterator[psycopg.Connection[Any]
             ) from None
 
 
+def _rebinding(
+    conn: psycopg.Connection[Any], settings: IntegrationSettings, change: Callable[[], T]
+) -> T:
+    """`change`, with integration_svc.q bound to match before it commits (bindings)."""
+    try:
+        return bindings.changing_endpoints(conn, settings.amqp_url, change)
+    except TRANSIENT_ERRORS as exc:
+        if isinstance(exc, psycopg.Error):
+            raise
+        raise fail(
+            f"cannot reach RabbitMQ to bind integration_svc.q ({type(exc).__name__}: {exc}); "
+            "nothing was changed"
+        ) from None
+
+
 @app.command("add")
 def add(
     url: Annotated[str, typer.Argument(help="https:// URL that receives the events.")],
@@ -91,7 +109,7 @@ def add(
         raise fail(str(exc)) from None
     with _database(settings) as conn:
         try:
-            endpoints.add(conn, endpoint)
+            _rebinding(conn, settings, lambda: endpoints.add(conn, endpoint))
         except EndpointError as exc:
             raise fail(str(exc)) from None
     out.print(f"added endpoint {endpoint.id} -> {url} for {', '.join(endpoint.events)}")
@@ -128,9 +146,12 @@ def list_(output: FormatOption = OutputFormat.table) -> None:
 @app.command("remove")
 def remove(endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id.")]) -> None:
     """Remove an endpoint; its pending deliveries are marked failed."""
-    with _database(_settings()) as conn:
+    settings = _settings()
+    with _database(settings) as conn:
         try:
-            source, dropped = endpoints.remove(conn, endpoint_id)
+            source, dropped = _rebinding(
+                conn, settings, lambda: endpoints.remove(conn, endpoint_id)
+            )
         except EndpointError as exc:
             raise fail(str(exc)) from None
     out.print(f"removed endpoint {endpoint_id} ({dropped} pending deliveries failed)")

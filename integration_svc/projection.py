@@ -48,7 +48,10 @@ def body(envelope: Envelope) -> str:
 
 class WebhookProjection(Projection):
     name = "integration_svc"
-    bindings = {AUTH_EVENTS: ["#"], USER_EVENTS: ["#"]}
+    bindings = {AUTH_EVENTS: ["#"], USER_EVENTS: ["#"]}  # what it can handle
+    # What its queue is bound to at declare time; the endpoints' patterns are bound by
+    # integration_svc.bindings.
+    queue_bindings = {AUTH_EVENTS: [AccountDeleted.event_type]}
     tables: dict[str, str] = {}
 
     async def apply(self, tx: Transaction, events: Sequence[IncomingEvent]) -> None:

@@ -221,8 +221,11 @@ class Consumer:
         depth_poll_seconds: float | None = None,
         linger_seconds: float = 0.01,
         coalesce_seconds: float = COALESCE_SECONDS,
+        on_declared: Callable[[AbstractChannel], Awaitable[None]] | None = None,
     ) -> None:
         self.service = service
+        # Run each time the queues are declared, before consuming: bindings kept elsewhere.
+        self.on_declared = on_declared
         self.linger = linger_seconds
         self.coalescing = Coalescing(coalesce_seconds, service)
         self._last_batch = -math.inf  # loop time the previous batch was taken
@@ -269,6 +272,8 @@ class Consumer:
         async with connection:
             channel = await connection.channel()
             queue = await declare_consumer_queues(channel, self.service, self.bindings)
+            if self.on_declared is not None:
+                await self.on_declared(channel)
             await channel.set_qos(prefetch_count=self.prefetch)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             closed = asyncio.Event()

@@ -205,7 +205,7 @@ class ProjectionWorker:
         self.consumer = Consumer(
             service=projection.name,
             amqp_url=settings.amqp_url,
-            bindings=projection.bindings,
+            bindings=projection.queue_bindings or projection.bindings,
             handler=ProjectionHandler(self.store),
             prefetch=settings.consumer_prefetch,
             batch_size=settings.consumer_prefetch,

@@ -125,6 +125,9 @@ class Projection:
 
     name: str  # the consuming service, e.g. "reporting_svc"
     bindings: dict[str, list[str]]  # producer exchange -> routing keys (event types)
+    # What the consumer binds its queue to when it declares it, where that is not
+    # `bindings` (integration_svc binds the rest as its endpoints want).
+    queue_bindings: dict[str, list[str]] | None = None
     tables: dict[str, str]
     indexes: Sequence[str] = ()  # e.g. "CREATE INDEX ON {logins} (day)"
     # Idempotent statements that bring a generation made by an older build up to date, e.g.

@@ -40,6 +40,7 @@ from testbed.events import envelope, eventually, running
 from testbed.history import publish
 from testbed.projections import rebuild
 from testbed.receiver import Receiver
+from tests.support.integration import integration_settings_in
 
 Message = tuple[str, str, bytes]
 ADA_TRACES = ("ada@example.com", "Lovelace", "Countess")
@@ -304,20 +305,14 @@ async def test_reporting_keeps_only_anonymous_counts_of_an_erased_person(
 def integration_settings(
     make_database: Callable[[str], str], make_vhost: Callable[[], str]
 ) -> IntegrationSettings:
-    settings = IntegrationSettings(
-        database_url=make_database("integration_erasure"),
-        amqp_url=make_vhost(),
-        allow_loopback=True,
-        consumer_prefetch=50,
-        retry_initial_seconds=0.2,
-        retry_max_interval_seconds=0.4,
+    return integration_settings_in(
+        make_database,
+        make_vhost,
+        "integration_erasure",
         retry_window_seconds=30.0,
         request_timeout_seconds=2.0,
         breaker_failures=50,
-        dispatch_poll_seconds=0.2,
     )
-    init_integration(settings)
-    return settings
 
 
 def webhook_rows(settings: IntegrationSettings, user: uuid.UUID) -> list[tuple[Any, ...]]:
