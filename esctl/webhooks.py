@@ -67,9 +67,9 @@ def _rebinding(
     """`change`, with integration_svc.q bound to match before it commits (bindings)."""
     try:
         return bindings.changing_endpoints(conn, settings.amqp_url, change)
+    except psycopg.Error:
+        raise  # the database's own errors: `_database` says them
     except TRANSIENT_ERRORS as exc:
-        if isinstance(exc, psycopg.Error):
-            raise
         raise fail(
             f"cannot reach RabbitMQ to bind integration_svc.q ({type(exc).__name__}: {exc}); "
             "nothing was changed"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -38,7 +37,6 @@ from servicekit.amqp import declare_producer_exchange
 from shared_contracts.events import AccountDeleted
 from shared_contracts.names import AUTH_EVENTS, USER_EVENTS, live_queue
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE = "integration_svc"
@@ -102,27 +100,22 @@ async def lock(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(LOCK, (BINDINGS_LOCK,))
 
 
-async def reconcile(conn: psycopg.AsyncConnection[Any], channel: AbstractChannel) -> list[str]:
+async def reconcile(
+    conn: psycopg.AsyncConnection[Any], channel: AbstractChannel, *, unbind: bool = True
+) -> list[str]:
     """Bind the queue to what the endpoints in the table want, unbind the rest, and record
-    it, in the caller's transaction (the consumer's, each time it connects)."""
+    it, in the caller's transaction (the consumer's, each time it connects). With
+    `unbind=False`, in the transaction that changed the endpoints (before it commits): only
+    bind what they now want; a reconciliation after the commit unbinds the rest."""
     await lock(conn)
     patterns = [row[0] for row in await (await conn.execute(PATTERNS)).fetchall()]
     recorded = [row[0] for row in await (await conn.execute(RECORDED)).fetchall()]
-    bind, unbind = plan(patterns, recorded)
-    if await apply_bindings(channel, bind, unbind):
-        await conn.execute(FORGET, (bind,))
+    bind, stale = plan(patterns, recorded)
+    if await apply_bindings(channel, bind, stale if unbind else []):
+        if unbind:
+            await conn.execute(FORGET, (bind,))
         await conn.execute(RECORD, (bind,))
     return bind
-
-
-async def bind_wanted(conn: psycopg.AsyncConnection[Any], channel: AbstractChannel) -> None:
-    """Bind what the endpoints want, in the transaction that changed them (before it
-    commits); `reconcile` after the commit unbinds what they no longer want."""
-    await lock(conn)
-    patterns = [row[0] for row in await (await conn.execute(PATTERNS)).fetchall()]
-    bind, _ = plan(patterns, [])
-    if await apply_bindings(channel, bind, []):
-        await conn.execute(RECORD, (bind,))
 
 
 async def bind_everything(channel: AbstractChannel) -> None:

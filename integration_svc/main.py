@@ -82,8 +82,9 @@ class IntegrationWorker(ProjectionWorker):
         await super().run(stop)
 
     async def _sync_file(self, stop: asyncio.Event) -> None:
-        """The file's endpoints into the table and the queue bound to match, in one
-        transaction (retried until the database and the broker answer)."""
+        """The file's endpoints into the table, the queue bound to them before that commits
+        and unbound from what they no longer want after (retried until the database and the
+        broker answer)."""
         assert self.from_file is not None
         while not stop.is_set():
             try:
@@ -97,7 +98,7 @@ class IntegrationWorker(ProjectionWorker):
                         async with conn.transaction():
                             await bindings.lock(conn)
                             await endpoints.sync_file(conn, self.from_file)
-                            await bindings.bind_wanted(conn, channel)
+                            await bindings.reconcile(conn, channel, unbind=False)
                         async with conn.transaction():
                             await bindings.reconcile(conn, await connection.channel())
                 log.info(

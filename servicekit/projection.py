@@ -277,8 +277,6 @@ class ProjectionStore:
 
     async def apply_batch(self, events: Sequence[IncomingEvent]) -> list[Outcome]:
         """Apply new events to the live generation in one transaction; report each outcome."""
-        # One pipeline: statements whose results are not read go with the next one that is
-        # (the lock with the live generation's read, the writes with the commit).
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(SHARED_LOCK, (self.key,))  # see SHARED_LOCK
             schema = await self.live_schema(conn)
