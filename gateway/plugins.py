@@ -53,7 +53,7 @@ class Rules:
 
 def on_routes(routes: list[str]) -> str:
     """The condition that holds on these routes (the route a request matched is `txn.route`)."""
-    return "{ var(txn.route) -m str " + " ".join(routes) + " }"
+    return "{ var(txn.route) -m str -- " + " ".join(routes) + " }"
 
 
 def render_correlation_id(r: Rules, config: Mapping[str, Any]) -> None:
@@ -82,7 +82,7 @@ def render_cors(r: Rules, config: Mapping[str, Any], on: str) -> None:
     else:
         r.add(
             "http-request set-var(txn.cors_origin) req.hdr(origin)",
-            f"{on} {{ req.hdr(origin) -m str {' '.join(origins)} }}",
+            f"{on} {{ req.hdr(origin) -m str -- {' '.join(origins)} }}",
         )
     preflight = f"{on} METH_OPTIONS {{ req.hdr(access-control-request-method) -m found }}"
     headers = [("Vary", "Origin")]
@@ -174,7 +174,7 @@ def render_jwt(
         key_file = key_dir / f"{hashlib.sha256(kid.encode()).hexdigest()[:24]}.pem"
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.write_text(pem)
-        cred = f"{{ var(txn.jwt_key) -m str {kid} }}"
+        cred = f"{{ var(txn.jwt_key) -m str -- {kid} }}"
         r.add(f"http-request set-var(txn.jwt_cred) int({i})", f"{on} {cred}")
         r.add(
             reply(401, kong_message("Invalid algorithm"), bad),

@@ -125,7 +125,9 @@ def test_every_route_goes_to_an_existing_service_and_a_real_fastapi_route() -> N
 
 
 def test_the_local_gateway_config_is_accepted_by_haproxy(tmp_path: Path) -> None:
-    kong = with_credentials(load_kong(KONG_YML), {"k1": public_key_pem()})
+    # Key ids are random base64url: one beginning with '-' read as an ACL flag (CI failed).
+    keys = {"k1": public_key_pem(), "-45d1A6nhBMfhB6VIcuG": public_key_pem()}
+    kong = with_credentials(load_kong(KONG_YML), keys)
     targets = {"auth_svc.upstream": ["127.0.0.1:1"], "user_svc.upstream": ["127.0.0.1:2"]}
     text = render_haproxy(gateway_model(kong, targets), GatewaySettings(), tmp_path / "keys")
     path = tmp_path / "haproxy.cfg"
