@@ -67,16 +67,21 @@ db-init: $(STAMP) broker-plugins
 	$(BIN)/esctl db init
 
 ## Lint, type-check, check service boundaries, then run every test.
-test: $(STAMP) gateway-tools asyncapi-cli broker-plugins lint typecheck
-	@# The chaos cases run on private servers of their own, beside the rest of the suite.
-	@rm -f .chaos.log; \
-	($(BIN)/pytest -q -p no:cacheprovider tests/chaos > .chaos.log 2>&1; echo $$? > .chaos.rc) & \
-	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/chaos; rest=$$?; wait; \
-	echo "--- tests/chaos"; cat .chaos.log; chaos=$$(cat .chaos.rc); rm -f .chaos.log .chaos.rc; \
-	[ $$rest -eq 0 ] && [ $$chaos -eq 0 ]
+test: $(STAMP) gateway-tools asyncapi-cli broker-plugins image-tools lint typecheck
+	@# The chaos cases run on private servers of their own, beside the rest of the suite;
+	@# then, in the same background stream, the image is built and every process run from it.
+	@rm -f .chaos.log .image.log; \
+	($(BIN)/pytest -q -p no:cacheprovider tests/chaos > .chaos.log 2>&1; echo $$? > .chaos.rc; \
+	 IMAGE_TEST=1 $(BIN)/pytest -q -p no:cacheprovider -m image tests/image -rs > .image.log 2>&1; \
+	 echo $$? > .image.rc) & \
+	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/chaos --ignore=tests/image; rest=$$?; wait; \
+	echo "--- tests/chaos"; cat .chaos.log; chaos=$$(cat .chaos.rc); \
+	echo "--- tests/image"; cat .image.log; image=$$(cat .image.rc); \
+	rm -f .chaos.log .chaos.rc .image.log .image.rc; \
+	[ $$rest -eq 0 ] && [ $$chaos -eq 0 ] && [ $$image -eq 0 ]
 
 ## The image, for real: a stand-in base from Debian, the build, every process run from it.
-test-image: $(STAMP) image-tools
+test-image: $(STAMP) image-tools broker-plugins
 	IMAGE_TEST=1 $(BIN)/pytest -q -p no:cacheprovider -m image tests/image -s
 
 lint: $(STAMP)

@@ -88,9 +88,9 @@ class Built:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     if os.environ.get("IMAGE_TEST") != "1":
-        # A fresh machine spends about 5 minutes on it (Debian packages, the base image, the
-        # build): `make test` would pass CI's 30 minutes. `make test-image` runs it.
-        pytest.skip("the image is built and run by `make test-image` (IMAGE_TEST=1)")
+        # It may start a Docker engine and spends 1 to 5 minutes on a fresh machine (Debian
+        # packages, the base image, the build): `make test` and `make test-image` set it.
+        pytest.skip("the image is built and run by `make test` or `make test-image` (IMAGE_TEST=1)")
     log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
     try:
         with engine(log):
