@@ -10,6 +10,7 @@ URL says otherwise) and its socket keeps TCP keepalives, so a node cut off witho
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
@@ -110,8 +111,57 @@ def keep_alive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
 
 
+class _CorkedWriter:
+    """A StreamWriter whose writes within one turn of the event loop leave in one send.
+
+    aiormq writes each frame on its own, and the transport sends each at once: a relay's
+    round of 15 publishes was 15 `send` calls (measured: 29% of the relay's CPU under
+    login load), and as many segments for the broker to read. Here a write is buffered and
+    flushed by a callback at the end of the loop's current turn (or by `drain`, `close`,
+    `write_eof`), so the frames that turn produced go out together, in order. Everything
+    else is the wrapped writer's.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def writelines(self, data: Sequence[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if not self._writer.is_closing():
+            self._writer.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    async def drain(self) -> None:
+        self._flush()
+        await self._writer.drain()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
 class _KeepAliveTransport(TransportFactory):
-    """aiormq's own TCP or TLS transport, with `keep_alive` on its socket."""
+    """aiormq's own TCP or TLS transport, with `keep_alive` on its socket and corked
+    writes (`_CorkedWriter`)."""
 
     def __init__(self, inner: TransportFactory) -> None:
         self.inner = inner
@@ -121,7 +171,7 @@ class _KeepAliveTransport(TransportFactory):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             keep_alive(sock)
-        return reader, writer
+        return reader, _CorkedWriter(writer)
 
 
 class _Connection(aio_pika.Connection):

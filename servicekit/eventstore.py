@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import uuid
 from datetime import datetime
 from typing import Any, ClassVar
@@ -17,13 +18,16 @@ import psycopg
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
+    ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
     Mapper,
     ProcessRecorder,
     Recording,
+    Subscription,
     Tracking,
 )
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresSubscription
 from eventsourcing.utils import Environment, strtobool
 from prometheus_client import Counter
 from psycopg import sql
@@ -402,3 +406,46 @@ class EventSourcedApplication(Application[Any]):
     def tracked_position(self, producer: str) -> int:
         assert isinstance(self.recorder, ProcessRecorder)
         return self.recorder.max_tracking_id(producer) or 0
+
+
+# How long the notification listener blocks before it looks at its stop flag again.
+LISTEN_WAKE_SECONDS = 0.5
+
+
+class QuietPostgresSubscription(PostgresSubscription):
+    """The library's subscription to the notification log, without its idle spin.
+
+    Its listener thread waits with `notifies(timeout=0.1)`: psycopg rounds what is left of a
+    timeout down to whole milliseconds, so the last millisecond of every 0.1 s is a loop of
+    `poll(fd, 0)` (about 60 calls). That was 6 ms of CPU a second, forever, in each replica
+    of user_svc, the largest idle cost of the stack. Here the thread blocks in `poll` for
+    LISTEN_WAKE_SECONDS (whole milliseconds, no spin), then takes what arrived with a
+    zero timeout. Stopping takes at most that long; a dead connection (POLLERR/POLLHUP)
+    fails the read and stops the subscription, as before.
+    """
+
+    def _listen(self) -> None:
+        try:
+            with self._recorder.datastore.get_connection() as conn:
+                conn.execute(
+                    sql.SQL("LISTEN {0}").format(sql.Identifier(self._recorder.channel_name))
+                )
+                poller = select.poll()
+                poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+                wake_ms = round(LISTEN_WAKE_SECONDS * 1000)
+                while not self._has_been_stopped and not self._thread_error:
+                    # Notifications already read by LISTEN's round trip come first.
+                    for _ in conn.notifies(timeout=0):
+                        self._has_been_notified.set()
+                    poller.poll(wake_ms)
+        except BaseException as e:  # noqa: BLE001 - as the library's listener: kept, then stop
+            if self._thread_error is None:
+                self._thread_error = e
+            self.stop()
+
+
+def subscribe(recorder: ApplicationRecorder, *, gt: int | None = None) -> Subscription[Any]:
+    """`recorder.subscribe(gt=...)`; on PostgreSQL, with a listener that does not spin."""
+    if isinstance(recorder, PostgresApplicationRecorder):
+        return QuietPostgresSubscription(recorder=recorder, gt=gt)
+    return recorder.subscribe(gt=gt)

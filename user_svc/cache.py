@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from servicekit.eventstore import subscribe
 from user_svc.application import ProfileService
 from user_svc.domain import Profile
 from user_svc.views import ProfileView
@@ -196,7 +197,7 @@ class CacheFollower:
         # Everything up to `start` is in the store, so any later load sees it; everything
         # after arrives through the subscription.
         start = self.app.recorder.max_notification_id() or 0
-        subscription = self.app.recorder.subscribe(gt=start)
+        subscription = subscribe(self.app.recorder, gt=start)
         with self._lock:
             if self._stopped.is_set():
                 subscription.stop()

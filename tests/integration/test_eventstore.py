@@ -1,8 +1,10 @@
-"""The event store under a commit whose answer was lost."""
+"""The event store under a commit whose answer was lost, and its quiet subscription."""
 
 from __future__ import annotations
 
 import copy
+import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -10,7 +12,7 @@ import pytest
 from eventsourcing.application import ProcessingEvent
 from eventsourcing.persistence import IntegrityError
 
-from servicekit.eventstore import eventsourcing_env
+from servicekit.eventstore import QuietPostgresSubscription, eventsourcing_env, subscribe
 from user_svc.application import ProfileService
 from user_svc.domain import Profile
 from user_svc.main import init_db
@@ -48,3 +50,35 @@ def test_another_writers_events_at_our_versions_are_still_a_conflict(
     profiles.save(theirs)
     with pytest.raises(IntegrityError):
         profiles.save(ours)
+
+
+def test_the_quiet_subscription_delivers_each_later_append_and_stops(
+    profiles: ProfileService,
+) -> None:
+    """`subscribe` (the profile cache's): its listener blocks on the socket instead of the
+    library's 0.1 s loop, and still wakes the subscription for every commit's NOTIFY."""
+    start = profiles.recorder.max_notification_id() or 0
+    subscription = subscribe(profiles.recorder, gt=start)
+    assert isinstance(subscription, QuietPostgresSubscription)
+    received: list[uuid.UUID] = []
+
+    def follow() -> None:
+        with subscription:
+            for notification in subscription:
+                received.append(notification.originator_id)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    users = [uuid.uuid4() for _ in range(3)]
+    try:
+        for user in users:
+            profiles.save(Profile.create(user, email=f"{user.hex[:8]}@example.com"))
+            time.sleep(0.3)  # separate commits, each with its own NOTIFY
+        deadline = time.monotonic() + 30
+        while len(received) < len(users) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        subscription.stop()
+        follower.join(30)
+    assert received == users
+    assert not follower.is_alive()

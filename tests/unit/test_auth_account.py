@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -465,3 +466,35 @@ def test_the_address_events_after_the_claim_carry_account_ids_only() -> None:
     released, reclaimed = registration.collect_events()[1:]
     for event in (released, reclaimed):
         assert "ada@example.com" not in repr(event.__dict__)
+
+
+def _state(account: Account) -> dict[str, Any]:
+    return {k: v for k, v in vars(account).items() if k != "_pending_events"}
+
+
+def test_the_copy_a_command_works_on_is_as_independent_as_a_deep_copy() -> None:
+    """The repository copies its cached account for each command (`Account.__deepcopy__`,
+    cheaper than the generic walk): whatever the command does to the copy, the cached
+    account is unchanged, and the copy starts equal to a generic deep copy."""
+    cached = new_account()
+    families = [log_in(cached, now=T0 + timedelta(minutes=i)) for i in range(5)]
+    rotate(cached, families[0], "h-rotated")
+    cached.request_verification(token_hash="v-1", expires_at=T0 + DAY, link_sealed=None, now=T0)
+    cached.collect_events()
+    before = copy.deepcopy(_state(cached), {})
+    generic = copy.deepcopy(_state(cached))
+
+    command_copy = copy.deepcopy(cached)
+    assert _state(command_copy) == generic
+    rotate(command_copy, families[0], "h-again", presented_hash="h-rotated")
+    rotate(command_copy, families[1], "h-next")
+    command_copy.log_out(family_id=families[2], presented_hash=f"h-{families[2]}", now=T0)
+    log_in(command_copy)
+    command_copy.record_failed_login(now=T0, threshold=THRESHOLD, lockout_seconds=LOCK_SECONDS)
+
+    assert _state(cached) == before
+    assert cached.refresh_families[str(families[0])]["spent"] == [f"h-{families[0]}"]
+    assert command_copy.refresh_families[str(families[0])]["spent"] == [
+        f"h-{families[0]}",
+        "h-rotated",
+    ]
