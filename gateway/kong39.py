@@ -1,23 +1,53 @@
 """Kong 3.9's declarative schema, as far as eskit uses it or a user would plausibly add to it.
 
-Sources (Kong/kong, the 3.x schema files; read for this table, not written from memory):
-- plugins: `kong/plugins/<name>/schema.lua`: jwt, rate-limiting (with `kong/tools/redis/
-  schema.lua` and its DB-less `policy`), correlation-id, request-size-limiting, cors,
-  prometheus (matched against a copy marked "Based on Kong/kong blob 3.9.1"), key-auth,
-  proxy-cache;
-- entities: `kong/db/schema/entities/{services,routes,upstreams,targets,consumers}.lua`,
-  `kong/db/schema/typedefs.lua` (protocols, ports, timeouts, paths), `kong/plugins/jwt/
-  daos.lua` (jwt_secrets), `kong/db/declarative/` (top-level keys, nesting).
-Taken from Kong's 3.9 documentation rather than re-read at the tag (smaller plugins, checked
-with their documented fields): acl, ip-restriction, bot-detection, request-transformer,
-response-transformer, and the 3.x additions to services/routes/upstreams (tls_verify,
-request_buffering, hash_on_query_arg...). Not in 3.9, on purpose: cors `allow_origin_absent`
-(3.10) and prometheus `wasm_metrics` (3.10). A field Kong adds later is refused until added here.
+Written for this project from Kong's Lua source (Kong/kong, open-source edition; Kong's code is
+not copied here). Which file was read where:
+
+- At Kong/kong 39654d6c246d8d40de2f53bd2d5ebca820e6b1d5, whose `kong/meta.lua` is
+  major=3 minor=9 patch=0 (no suffix) and whose cors schema has no `allow_origin_absent` (3.10):
+  `kong/db/schema/entities/services.lua` and `kong/plugins/cors/schema.lua`.
+- At Kong/kong 1f6d269517cfb8e0221dad0ffc68d95c3344bbbb, whose `kong-3.9.0-0.rockspec` is
+  version 3.9.0-0 (the 3.9 line): `kong/db/schema/entities/routes.lua` (default
+  `router_flavor` traditional_compatible: no `expression`/`priority` fields).
+- Not pinned to a commit: the index of Kong's history that was searched stores each distinct
+  file content once and would not return these at any 3.9 commit, so the newest open-source
+  content found was read and taken as the 3.9 content: each is 3.x by what it contains (markers
+  below), none has a feature of a later release known to this table, and the 3.9.0 and 3.9.1
+  changelogs (changelog/3.9.0/3.9.0.md at e01bf85ce3ce, changelog/3.9.1/3.9.1.md at
+  2b3583ff3694) list no change to them. That they are the exact 3.9 revision is not proven:
+  `kong/plugins/acl/schema.lua` (has `always_use_authenticated_groups`, 3.6; OSS has no
+  `include_consumer_groups`, which is Enterprise), `kong/plugins/ip-restriction/schema.lua`
+  (`status`, `message`, field descriptions: 3.5+), `kong/plugins/bot-detection/schema.lua`
+  (`allow`/`deny` with descriptions: 3.5+), `kong/plugins/request-transformer/schema.lua` and
+  `kong/plugins/response-transformer/schema.lua` (import `kong.tools.http`; response-transformer
+  renames `json`, 3.8), `kong/db/schema/entities/routes_subschemas.lua` (tls_passthrough and
+  the `expressions` flavour adjustments), `kong/db/schema/typedefs.lua` (utf8_name, router_path,
+  tags, ip_or_cidr, path; 3.5+), `kong/constants.lua` (OSS protocols: no ws/wss, those are
+  Enterprise).
+- `kong/db/schema/entities/upstreams.lua`: no 3.x copy could be read; its long-standing checks
+  (name no IP/no port, hash_fallback rules, distinct headers, cookie name) were read at
+  0045b67290032646c1ad56bbd871ad340bf9f476 (pre-1.0) and the 3.x fields (latency,
+  query_arg, uri_capture, host_header, use_srv_name, the grpc health checks) stay as Kong's 3.9
+  documentation lists them.
+- Read earlier for this table, at the tag: jwt, rate-limiting (with `kong/tools/redis/
+  schema.lua` and its DB-less `policy`), correlation-id, request-size-limiting, prometheus
+  (matched against a copy marked "Based on Kong/kong blob 3.9.1"), key-auth, proxy-cache;
+  `kong/db/schema/entities/{targets,consumers}.lua`, `kong/plugins/jwt/daos.lua` (jwt_secrets),
+  `kong/db/declarative/` (top-level keys, nesting).
+
+Not in 3.9, on purpose: cors `allow_origin_absent` (3.10) and prometheus `wasm_metrics` (not
+re-read here: the 3.9.0 changelog does list "Proxy-Wasm metrics" for prometheus, so check it when
+prometheus is next read). A field Kong adds later is refused until added here. Where Kong
+validates with PCRE or its own parsers (regexes, hosts, templates) this table checks what Python
+can check the same way and no more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.schema_rules import (
@@ -29,9 +59,224 @@ from gateway.schema_rules import (
     strings,
 )
 
-# --- typedefs (kong/db/schema/typedefs.lua) ------------------------------------------------
+# --- Kong's entity-check vocabulary, as Kong words it ---------------------------------------
 
-PROTOCOLS = ("http", "https", "tcp", "tls", "tls_passthrough", "udp", "grpc", "grpcs", "ws", "wss")
+
+def _nonempty(value: Any) -> bool:
+    """Kong's `is_nonempty`: null, an empty string and an empty array or map are empty."""
+    return value is not None and value not in ("", [], {})
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def nonempty_one_of(*names: str, prefix: str = "") -> RecordCheck:
+    """Kong's `at_least_one_of`, which counts an empty array as unset (`prefix`: `config.`)."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        if not any(_nonempty(value.get(n)) for n in names):
+            shown = _quoted([prefix + n for n in names])
+            return f"at least one of these fields must be non-empty: {shown}"
+        return None
+
+    return check
+
+
+def only_one_of(*names: str, prefix: str = "") -> RecordCheck:
+    """Kong's `only_one_of`: at most one of the fields is non-empty."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        if sum(_nonempty(value.get(n)) for n in names) > 1:
+            shown = _quoted([prefix + n for n in names])
+            return f"only one of these fields must be non-empty: {shown}"
+        return None
+
+    return check
+
+
+def distinct(*names: str) -> RecordCheck:
+    """Kong's `distinct`: the set fields have different values."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        present = [value[n] for n in names if value.get(n) is not None]
+        if len(present) != len(set(present)):
+            return f"values of these fields must be distinct: {_quoted(names)}"
+        return None
+
+    return check
+
+
+def null_unless(field: str, *, on: str, one_of: tuple[str, ...], default: str) -> RecordCheck:
+    """Kong's `conditional` with `then_match = { eq = null }`: `field` is only set when `on` is
+    one of `one_of`."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        current = value.get(on) or default
+        if current not in one_of and value.get(field) is not None:
+            allowed = " or ".join(f"'{p}'" for p in one_of)
+            return f"{field} can only be set when {on} is {allowed}, not {current!r}"
+        return None
+
+    return check
+
+
+def each(names: Sequence[str], problem: Callable[[str], str | None]) -> RecordCheck:
+    """A Kong `custom_validator` on the string elements of this record's array fields."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        for name in names:
+            for i, item in enumerate(value.get(name) or []):
+                message = problem(item) if isinstance(item, str) else None
+                if message:
+                    return f"{name}[{i}]: {message}"
+        return None
+
+    return check
+
+
+# --- validators Kong's typedefs name (kong/db/schema/typedefs.lua, kong/tools/*) -------------
+
+
+def ip_or_cidr_problem(text: str) -> str | None:
+    """typedefs.ip_or_cidr."""
+    try:
+        if "/" in text:
+            ipaddress.ip_network(text, strict=False)
+        else:
+            ipaddress.ip_address(text)
+    except ValueError:
+        return f"invalid ip or cidr range: '{text}'"
+    return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _split_port(host: str) -> tuple[str, str | None]:
+    """`host[:port]`, `[v6][:port]` or a bare IPv6 address (which has no port)."""
+    if host.startswith("["):
+        inside, _, rest = host[1:].partition("]")
+        return inside, rest[1:] if rest.startswith(":") else None
+    if host.count(":") == 1:
+        name, _, port = host.partition(":")
+        return name, port
+    return host, None
+
+
+def host_without_port_problem(host: str) -> str | None:
+    """typedefs.host: a name or an IP address, without a port."""
+    if _split_port(host)[1] is not None:
+        return "must not have a port"
+    return None
+
+
+def wildcard_host_problem(host: str) -> str | None:
+    """typedefs.wildcard_host (route `snis`)."""
+    if "*" in host:
+        if host.count("*") > 1:
+            return "only one wildcard must be specified"
+        if not (host.startswith("*") or host.endswith("*")):
+            return "wildcard must be leftmost or rightmost character"
+    name, port = _split_port(host.replace("*", "wildcard"))
+    if _is_ip(name):
+        return "must not be an IP"
+    if port is not None:
+        return "must not have a port"
+    return None
+
+
+def route_host_problem(host: str) -> str | None:
+    """typedefs.hosts elements: at most one wildcard, at the leftmost or rightmost label."""
+    if host.count("*") > 1:
+        return "invalid wildcard: must have at most one wildcard"
+    if "*" in host and not (host.startswith("*.") or host.endswith(".*")):
+        return "invalid wildcard: must be placed at leftmost or rightmost label"
+    return None
+
+
+_REGEX_ERRORS = (
+    "missing )",
+    "unbalanced parenthesis",
+    "unterminated character set",
+    "nothing to repeat",
+    "multiple repeat",
+)
+
+
+def regex_problem(pattern: str) -> str | None:
+    """`is_regex` / a `~/` route path: Kong compiles it with PCRE; this refuses only what PCRE
+    refuses as well (unbalanced groups and classes, a quantifier on nothing)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        if any(e in exc.msg for e in _REGEX_ERRORS):
+            return f"invalid regex: '{pattern}' ({exc.msg})"
+    return None
+
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4."""
+    out: list[str] = []
+    while path:
+        if path.startswith(("../", "./")):
+            path = path[path.index("/") + 1 :]
+        elif path.startswith("/./") or path == "/.":
+            path = "/" + path[3:]
+        elif path.startswith("/../") or path == "/..":
+            path = "/" + path[4:]
+            if out:
+                out.pop()
+        elif path in (".", ".."):
+            path = ""
+        else:
+            cut = path.find("/", 1)
+            cut = len(path) if cut == -1 else cut
+            out.append(path[:cut])
+            path = path[cut:]
+    return "".join(out)
+
+
+def _normalized(path: str) -> str:
+    """kong.tools.uri.normalize(path, true): unreserved characters decoded, other escapes in
+    upper case, dot segments removed, slashes merged."""
+
+    def escape(m: re.Match[str]) -> str:
+        char = chr(int(m[1], 16))
+        return char if char in _UNRESERVED else "%" + m[1].upper()
+
+    decoded = re.sub(r"%([0-9A-Fa-f]{2})", escape, path)
+    return re.sub(r"/{2,}", "/", _remove_dot_segments(decoded))
+
+
+def router_path_problem(path: str) -> str | None:
+    """typedefs.router_path beyond its prefix: no empty segment, valid %-escapes, a fixed path
+    in normal form, a regex path that compiles."""
+    if "//" in path:
+        return "must not have empty segments"
+    bad = re.search(r"%(?![0-9A-Fa-f]{2}).{0,2}", path)
+    if bad and re.fullmatch(r"[A-Za-z0-9._~/%:@!$&'()*+,;=\-]*", path.lstrip("~")):
+        return f"invalid url-encoded value: '{bad[0]}'"
+    if path.startswith("~"):
+        return regex_problem(path[1:])
+    normal = _normalized(path)
+    if normal != path:
+        return f"non-normalized path, consider use '{normal}' instead"
+    return None
+
+
+# --- typedefs (kong/db/schema/typedefs.lua, kong/constants.lua) -----------------------------
+
+# constants.PROTOCOLS of the open-source edition (ws and wss are Enterprise only).
+PROTOCOLS = ("grpc", "grpcs", "http", "https", "tcp", "tls", "tls_passthrough", "udp")
 HTTP_PROTOCOLS = ("http", "https")
 HTTP_METHODS = ("GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 JWT_ALGORITHMS = (
@@ -39,47 +284,92 @@ JWT_ALGORITHMS = (
     "PS256", "PS384", "PS512", "EdDSA",
 )  # fmt: skip
 
+# typedefs.name: plain ASCII (plugin instance names, upstream-style names).
 NAME = Field(
     "string", match=r"[A-Za-z0-9.\-_~]+", match_hint="is not a valid name (A-Z a-z 0-9 . - _ ~)"
 )
-TAGS = strings(set_=True)
-ID = Field("string", match=r"[0-9a-fA-F-]{36}", match_hint="is not a UUID")
+# typedefs.utf8_name: service and route names may also carry non-ASCII characters.
+UTF8_NAME = Field(
+    "string",
+    match=r"[A-Za-z0-9.\-_~\u0080-\U0010ffff]+",
+    match_hint=(
+        "is not a valid name: the only accepted ascii characters are alphanumerics or "
+        "., -, _, and ~"
+    ),
+)
+# typedefs.tag: printable ASCII except ',' and '/' (a space is allowed), or non-ASCII.
+TAGS = strings(
+    set_=True,
+    match=r"[ !-+\-.0-~\u0080-\U0010ffff]+",
+    match_hint="is not a valid tag: expected printable ascii (except `,` and `/`) or utf-8",
+)
+UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+ID = Field("string", match=UUID, match_hint="is not a UUID")
 PORT = Field("integer", between=(0, 65535))
 TIMEOUT = Field("integer", between=(1, 2**31 - 2))
 HOST = Field("string", match=r"[A-Za-z0-9.\-_*:\[\]]+", match_hint="is not a valid hostname")
-PATH = Field("string", match=r"/.*", match_hint="should start with: /")
-ROUTE_PATH = Field(
-    "string", match=r"[/~].*", match_hint="should start with: / (fixed path) or ~/ (regex path)"
+# typedefs.path: starts with '/', no empty segment, RFC 3986 characters, valid %-escapes.
+PATH = Field(
+    "string",
+    match=r"(?!.*//)/(?:[A-Za-z0-9._~/:@!$&'()*+,;=\-]|%[0-9A-Fa-f]{2})*",
+    match_hint=(
+        "is not a valid path: it should start with: /, have no empty segments (//) and use "
+        "RFC 3986 characters and valid %-escapes only"
+    ),
 )
-HEADER_NAME = Field("string", match=r"[A-Za-z0-9_\-]+", match_hint="is not a valid header name")
+ROUTE_PATH = Field(
+    "string", match=r"(?:/|~/).*", match_hint="should start with: / (fixed path) or ~/ (regex path)"
+)
+HEADER_NAME = Field(
+    "string",
+    match=r"[A-Za-z0-9_\-]+",
+    match_hint="is not a valid header name (A-Z a-z 0-9 _ -)",
+)
+# utils.validate_cookie_name: an RFC 2616 token.
+COOKIE_NAME = Field(
+    "string", match=r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", match_hint="is not a valid cookie name"
+)
 FOREIGN = Field("any")  # `{id: ...}` or a name: resolved by Kong, not checked here
 TIMESTAMP = Field("integer")
+IP_PORT = record(
+    (nonempty_one_of("ip", "port"),),
+    ip=Field("string"),  # typedefs.ip_or_cidr, checked by the route
+    port=PORT,
+)
 
 # --- entities (kong/db/schema/entities/*.lua) ----------------------------------------------
 
+SERVICE_TLS_FIELDS = ("client_certificate", "tls_verify", "tls_verify_depth", "ca_certificates")
+
 
 def _service_path_only_for_http(value: Mapping[str, Any]) -> str | None:
-    stream = ("tcp", "tls", "tls_passthrough", "udp", "grpc", "grpcs")
+    stream = ("tcp", "tls", "udp", "grpc", "grpcs")  # tls_passthrough may keep a path
     if value.get("protocol") in stream and value.get("path") is not None:
         return f"path must not be set when protocol is {value['protocol']!r}"
     return None
 
 
-def _route_needs_a_matcher(value: Mapping[str, Any]) -> str | None:
-    protocols = value.get("protocols") or list(HTTP_PROTOCOLS)
-    if set(protocols) & set(HTTP_PROTOCOLS) and not any(
-        value.get(k) for k in ("methods", "hosts", "headers", "paths", "snis")
-    ):
-        return "must set one of 'methods', 'hosts', 'headers', 'paths' when 'protocols' is 'http'"
-    return None
+def _service_host(value: Mapping[str, Any]) -> str | None:
+    host = value.get("host")
+    if host is None:
+        return None if value.get("url") else "host: required field missing (or set url)"
+    problem = host_without_port_problem(host)
+    return f"host: {problem}" if problem else None
 
 
 SERVICE = record(
-    (_service_path_only_for_http,),
+    (
+        _service_host,
+        _service_path_only_for_http,
+        *(
+            null_unless(f, on="protocol", one_of=("https", "tls"), default="http")
+            for f in SERVICE_TLS_FIELDS
+        ),
+    ),
     id=ID,
     created_at=TIMESTAMP,
     updated_at=TIMESTAMP,
-    name=NAME,
+    name=UTF8_NAME,
     retries=Field("integer", between=(0, 32767), default=5),
     protocol=Field("string", one_of=PROTOCOLS, default="http"),
     host=HOST,
@@ -93,17 +383,130 @@ SERVICE = record(
     client_certificate=FOREIGN,
     tls_verify=Field("boolean"),
     tls_verify_depth=Field("integer", between=(0, 64)),
-    ca_certificates=strings(),
+    ca_certificates=strings(match=UUID, match_hint="is not a UUID"),
     enabled=Field("boolean", default=True),
 )
 
+# routes.lua: `protocols` is a set with mutually exclusive subsets; routes_subschemas.lua picks
+# the rules by protocol family.
+PROTOCOL_FAMILIES = (
+    ("http", "https"),
+    ("tcp", "tls", "udp"),
+    ("tls_passthrough",),
+    ("grpc", "grpcs"),
+)
+SNI_PROTOCOLS = ("grpcs", "https", "tls", "tls_passthrough")
+
+
+def _route_protocols(value: Mapping[str, Any]) -> list[str]:
+    return list(value.get("protocols") or HTTP_PROTOCOLS)
+
+
+def _route_protocol_families(value: Mapping[str, Any]) -> str | None:
+    protocols = set(_route_protocols(value))
+    used = [f for f in PROTOCOL_FAMILIES if protocols & set(f)]
+    if len(used) > 1:
+        shown = ", ".join("(" + ", ".join(f"'{p}'" for p in f) + ")" for f in PROTOCOL_FAMILIES)
+        return f"protocols: these sets are mutually exclusive: {shown}"
+    return None
+
+
+def _must_set_one_of(value: Mapping[str, Any], names: Sequence[str], when: str) -> str | None:
+    if any(_nonempty(value.get(n)) for n in names):
+        return None
+    return f"must set one of {_quoted(names)} when 'protocols' is {when}"
+
+
+def _cannot_set(value: Mapping[str, Any], names: Sequence[str], when: str) -> str | None:
+    for name in names:
+        if _nonempty(value.get(name)):
+            return f"cannot set '{name}' when 'protocols' is {when}"
+    return None
+
+
+def _route_by_protocol(value: Mapping[str, Any]) -> str | None:
+    """routes_subschemas.lua (traditional_compatible and traditional router flavours)."""
+    protocols = _route_protocols(value)
+    if set(protocols) & set(HTTP_PROTOCOLS):
+        return _cannot_set(value, ("sources", "destinations"), "'http' or 'https'") or (
+            _must_set_one_of(value, ("methods", "hosts", "headers", "paths", "snis"), "'https'")
+            if "https" in protocols
+            else _must_set_one_of(value, ("methods", "hosts", "headers", "paths"), "'http'")
+        )
+    if set(protocols) & {"grpc", "grpcs"}:
+        if value.get("strip_path") is True:
+            return "cannot set 'strip_path' when 'protocols' is 'grpc' or 'grpcs'"
+        return _cannot_set(value, ("methods", "sources", "destinations"), "'grpc' or 'grpcs'") or (
+            _must_set_one_of(value, ("hosts", "headers", "paths", "snis"), "'grpcs'")
+            if "grpcs" in protocols
+            else _must_set_one_of(value, ("hosts", "headers", "paths"), "'grpc'")
+        )
+    stream = "'tcp', 'tls', 'tls_passthrough' or 'udp'"
+    problem = _cannot_set(value, ("methods", "hosts", "paths", "headers"), stream)
+    if problem:
+        return problem
+    if "tls_passthrough" in protocols:
+        if not _nonempty(value.get("snis")):
+            return "must set snis when 'protocols' is 'tls_passthrough'"
+        return None
+    return _must_set_one_of(value, ("sources", "destinations", "snis"), "'tcp', 'tls' or 'udp'")
+
+
+def _route_snis_need_tls(value: Mapping[str, Any]) -> str | None:
+    if _nonempty(value.get("snis")) and not set(_route_protocols(value)) & set(SNI_PROTOCOLS):
+        return (
+            "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls' or "
+            "'tls_passthrough'"
+        )
+    return None
+
+
+def _route_headers_without_host(value: Mapping[str, Any]) -> str | None:
+    for name in value.get("headers") or {}:
+        if name.lower() == "host":
+            return (
+                "headers: cannot contain 'host' header, which must be specified in the "
+                "'hosts' attribute"
+            )
+    return None
+
+
+def _route_elements(value: Mapping[str, Any]) -> str | None:
+    checks = (
+        each(("paths",), router_path_problem),
+        each(("hosts",), route_host_problem),
+        each(("snis",), wildcard_host_problem),
+    )
+    for check in checks:
+        message = check(value)
+        if message:
+            return message
+    for name in ("sources", "destinations"):
+        for i, peer in enumerate(value.get(name) or []):
+            problem = ip_or_cidr_problem(peer["ip"]) if peer.get("ip") is not None else None
+            if problem:
+                return f"{name}[{i}].ip: {problem}"
+    return None
+
+
 ROUTE = record(
-    (_route_needs_a_matcher,),
+    (
+        _route_protocol_families,
+        _route_by_protocol,
+        _route_snis_need_tls,
+        _route_headers_without_host,
+        _route_elements,
+    ),
     id=ID,
     created_at=TIMESTAMP,
     updated_at=TIMESTAMP,
-    name=NAME,
-    protocols=Field("set", len_min=1, elements=Field("string", one_of=PROTOCOLS)),
+    name=UTF8_NAME,
+    protocols=Field(
+        "set",
+        len_min=1,
+        elements=Field("string", one_of=PROTOCOLS),
+        default=list(HTTP_PROTOCOLS),
+    ),
     methods=Field(
         "set",
         elements=Field("string", match=r"[A-Z]+", match_hint="is not an uppercase HTTP method"),
@@ -113,18 +516,18 @@ ROUTE = record(
     headers=Field("map", keys=HEADER_NAME, values=strings()),
     https_redirect_status_code=Field("integer", one_of=(426, 301, 302, 307, 308), default=426),
     regex_priority=Field("integer", default=0),
-    strip_path=Field("boolean", default=True),
+    strip_path=Field("boolean", default=True),  # grpc(s) routes: default false, may not be true
     path_handling=Field("string", one_of=("v0", "v1"), default="v0"),
     preserve_host=Field("boolean", default=False),
     request_buffering=Field("boolean", default=True),
     response_buffering=Field("boolean", default=True),
     snis=strings(set_=True),
-    sources=Field("set", elements=record(ip=Field("string"), port=PORT)),
-    destinations=Field("set", elements=record(ip=Field("string"), port=PORT)),
+    sources=Field("set", elements=IP_PORT),
+    destinations=Field("set", elements=IP_PORT),
     tags=TAGS,
     service=FOREIGN,
-    expression=Field("string"),  # router_flavor = expressions only
-    priority=Field("integer"),
+    # `expression` and `priority` exist only with router_flavor = expressions; eskit's Kong runs
+    # the 3.9 default (traditional_compatible), where they are unknown fields.
 )
 
 HTTP_STATUSES = Field("array", elements=Field("integer", between=(100, 999)))
@@ -146,12 +549,41 @@ TARGET = record(
     weight=Field("integer", between=(0, 65535), default=100),
     tags=TAGS,
 )
+
+
+def _upstream_name(value: Mapping[str, Any]) -> str | None:
+    name = value.get("name")
+    if isinstance(name, str) and _is_ip(name):
+        return f"name: Invalid name ('{name}'); no ip addresses allowed"
+    return None
+
+
+def _hash_fallback(value: Mapping[str, Any]) -> str | None:
+    """The hash_fallback rules of upstreams.lua."""
+    hash_on = value.get("hash_on") or "none"
+    fallback = value.get("hash_fallback") or "none"
+    if hash_on in ("none", "cookie") and fallback != "none":
+        return f"hash_fallback: must be 'none' when hash_on is {hash_on!r}, got {fallback!r}"
+    if hash_on in ("consumer", "ip") and fallback == hash_on:
+        return f"hash_fallback: must not be {hash_on!r} when hash_on is {hash_on!r}"
+    return None
+
+
 UPSTREAM = record(
     (
+        _upstream_name,
         required_if("hash_on", "header", "hash_on_header"),
+        required_if("hash_fallback", "header", "hash_fallback_header"),
         required_if("hash_on", "cookie", "hash_on_cookie"),
+        required_if("hash_fallback", "cookie", "hash_on_cookie"),
         required_if("hash_on", "query_arg", "hash_on_query_arg"),
+        required_if("hash_fallback", "query_arg", "hash_fallback_query_arg"),
         required_if("hash_on", "uri_capture", "hash_on_uri_capture"),
+        required_if("hash_fallback", "uri_capture", "hash_fallback_uri_capture"),
+        _hash_fallback,
+        distinct("hash_on_header", "hash_fallback_header"),
+        distinct("hash_on_query_arg", "hash_fallback_query_arg"),
+        distinct("hash_on_uri_capture", "hash_fallback_uri_capture"),
     ),
     id=ID,
     created_at=TIMESTAMP,
@@ -171,7 +603,7 @@ UPSTREAM = record(
     hash_fallback=UPSTREAM_HASH,
     hash_on_header=HEADER_NAME,
     hash_fallback_header=HEADER_NAME,
-    hash_on_cookie=Field("string"),
+    hash_on_cookie=COOKIE_NAME,
     hash_on_cookie_path=PATH,
     hash_on_query_arg=Field("string"),
     hash_fallback_query_arg=Field("string"),
@@ -422,52 +854,90 @@ PROMETHEUS = record(
     bandwidth_metrics=Field("boolean", default=False),
     upstream_health_metrics=Field("boolean", default=False),
 )
+# acl/schema.lua: `allow` and `deny` are arrays (not sets); exactly one of them is non-empty.
+# `include_consumer_groups` is Enterprise only: Kong OSS refuses it as an unknown field.
 ACL = record(
-    (at_least_one_of("allow", "deny"),),
-    allow=strings(set_=True),
-    deny=strings(set_=True),
+    (
+        only_one_of("allow", "deny", prefix="config."),
+        nonempty_one_of("allow", "deny", prefix="config."),
+    ),
+    allow=strings(),
+    deny=strings(),
     hide_groups_header=Field("boolean", default=False),
-    include_consumer_groups=Field("boolean", default=False),
     always_use_authenticated_groups=Field("boolean", default=False),
 )
+# ip-restriction/schema.lua: arrays of typedefs.ip_or_cidr; both lists may be set.
 IP_RESTRICTION = record(
-    (at_least_one_of("allow", "deny"),),
-    allow=strings(set_=True),
-    deny=strings(set_=True),
+    (
+        nonempty_one_of("allow", "deny", prefix="config."),
+        each(("allow", "deny"), ip_or_cidr_problem),
+    ),
+    allow=strings(),
+    deny=strings(),
     status=Field("number"),
     message=Field("string"),
 )
-BOT_DETECTION = record(allow=strings(set_=True), deny=strings(set_=True))
+# bot-detection/schema.lua: arrays of regexes (`is_regex`), both optional.
+BOT_DETECTION = record(
+    (each(("allow", "deny"), regex_problem),),
+    allow=strings(default=[]),
+    deny=strings(default=[]),
+)
+
+HEADER_NAME_RE = r"[A-Za-z0-9_\-]+"  # kong.tools.http.validate_header_name
+
+
+def _template_problem(entry: str) -> str | None:
+    """request-transformer's check_for_value: `name:value`, the value not empty and a
+    pl.template whose `$(...)` are closed."""
+    match = re.fullmatch(r"([^:]+):*(.*)", entry, flags=re.DOTALL)
+    if not match or not match[2]:
+        return f"key '{match[1] if match else entry}' has no value"
+    if re.search(r"\$\((?![^)]*\))", match[2]):
+        return f"value '{match[2]}' is not in supported format: an unclosed $("
+    return None
 
 
 def _transformations(*, request: bool) -> Field:
-    parts = ("headers", "querystring", "body") if request else ("headers", "json")
-    colon_pairs = strings(match=r"[^:]+:.*", match_hint="is not 'name:value'")
-    names = strings()
-    typed = {
-        "json_types": Field(
-            "array", elements=Field("string", one_of=("boolean", "number", "string"))
-        )
-    }
-    extra: dict[str, Field] = {} if request else typed
-    return record(
-        remove=record(**{p: names for p in parts}),
-        rename=record(**{p: colon_pairs for p in parts}),
-        replace=record(
-            **{p: colon_pairs for p in parts}, **({"uri": Field("string")} if request else extra)
-        ),
-        add=record(**{p: colon_pairs for p in parts}, **extra),
-        append=record(**{p: colon_pairs for p in parts}, **extra),
-        **(
-            {
-                "http_method": Field(
-                    "string", match=r"[A-Z]+", match_hint="is not an uppercase method"
-                )
-            }
-            if request
-            else {}
-        ),
+    """request-transformer/schema.lua and response-transformer/schema.lua."""
+    body = "body" if request else "json"
+    payload = (body, "querystring") if request else (body,)
+    header_names = strings(
+        match=HEADER_NAME_RE + r"(?::.*)?", match_hint="is not a valid header name"
     )
+    header_pairs = strings(
+        match=HEADER_NAME_RE + r":.*",
+        match_hint="is not 'name:value' with a valid header name (A-Z a-z 0-9 _ -)",
+    )
+    header_renames = strings(
+        match=HEADER_NAME_RE + r":+" + HEADER_NAME_RE,
+        match_hint="is not 'name:value' with two valid header names (A-Z a-z 0-9 _ -)",
+    )
+    colon_pairs = strings(match=r"[^:]+:.*", match_hint="is not 'name:value'")
+    # request-transformer checks body and querystring values with check_for_value;
+    # response-transformer's json only needs the colon.
+    value_checks = (each(payload, _template_problem),) if request else ()
+    json_types = Field("array", elements=Field("string", one_of=("boolean", "number", "string")))
+    typed: dict[str, Field] = {} if request else {"json_types": json_types}
+
+    def pairs(headers: Field, **extra: Field) -> Field:
+        return record(value_checks, headers=headers, **{p: colon_pairs for p in payload}, **extra)
+
+    remove = record(
+        headers=header_names if request else strings(), **{p: strings() for p in payload}
+    )
+    fields: dict[str, Field] = {
+        "remove": remove,
+        "rename": pairs(header_renames),
+        "replace": pairs(header_pairs, **({"uri": Field("string")} if request else typed)),
+        "add": pairs(header_pairs, **typed),
+        "append": pairs(header_pairs, **typed),
+    }
+    if request:
+        fields["http_method"] = Field(
+            "string", match=r"[A-Z]+", match_hint="is not an uppercase method"
+        )
+    return record(**fields)
 
 
 PROXY_CACHE = record(

@@ -828,11 +828,20 @@ def pods_of(docs: list[dict[str, Any]], namespace: str) -> dict[str, Peer]:
 KONG = Peer("kong", (("app.kubernetes.io/name", "kong"),))
 PROMETHEUS = Peer("monitoring", (("app.kubernetes.io/name", "prometheus"),))
 KUBE_DNS = Peer("kube-system", (("k8s-app", "kube-dns"),))
+# The peers outside the cluster at the example addresses both overlays set.
 POSTGRES = Peer(ip="10.20.0.5")  # a managed PostgreSQL outside the cluster
-API_SERVER = Peer(ip="10.96.0.1")
+SMTP_RELAY = Peer(ip="10.20.0.25")
+API_SERVER = Peer(ip="10.96.0.1")  # the `kubernetes` Service's ClusterIP
+API_ENDPOINT = Peer(ip="10.0.0.2")  # the API server behind it
 PUBLIC = Peer(ip="93.184.215.14")
 PRIVATE = Peer(ip="10.0.3.7")
 METADATA = Peer(ip="169.254.169.254")
+SHARED_METADATA = Peer(ip="100.100.100.200")  # a cloud metadata service in 100.64.0.0/10
+# The base's placeholders for those peers (RFC 5737): an overlay that keeps one lets nothing
+# through to that peer.
+PLACEHOLDERS = ipaddress.ip_network("192.0.2.0/24")
+# The one egress rule that may go to any address (on 443, private ranges excepted).
+OPEN_EGRESS = {"integration-svc-webhooks"}
 
 
 @pytest.mark.parametrize(("overlay", "namespace"), [("dev", "eskit-dev"), ("prod", "eskit")])
@@ -873,12 +882,14 @@ def test_network_policies_let_through_exactly_the_flows_of_the_architecture(
         assert ok(pod, KUBE_DNS, 53), name
         assert ok(pod, rabbitmq, 5672), name
         assert ok(pod, POSTGRES, 5432), name
+        assert not ok(pod, PUBLIC, 5432), name  # PostgreSQL at its address only
         assert not ok(pod, rabbitmq, 15672), name  # not the management API
         assert not ok(pod, API_SERVER, 443), name
+        assert not ok(pod, API_ENDPOINT, 6443), name
         if name != "integration-svc":
             assert not ok(pod, PUBLIC, 443), name
         if name != "notify-svc":
-            assert not ok(pod, PUBLIC, 587), name
+            assert not ok(pod, SMTP_RELAY, 587), name
     # Prometheus scrapes every process's /metrics port and RabbitMQ's :15692.
     for name in processes:
         assert ok(PROMETHEUS, pods[name], dict(pods[name].ports)["http"]), name
@@ -889,11 +900,43 @@ def test_network_policies_let_through_exactly_the_flows_of_the_architecture(
         assert ok(rabbitmq, rabbitmq, port), port
     assert not ok(pods["reporting-svc"], rabbitmq, 25672)
     assert ok(rabbitmq, API_SERVER, 443)
+    assert ok(rabbitmq, API_ENDPOINT, 6443)
+    assert not ok(rabbitmq, PUBLIC, 443)
     assert not ok(rabbitmq, PUBLIC, 80)
-    # Webhooks to public HTTPS only; mail to SMTP.
+    # Webhooks to public HTTPS only; mail to the SMTP relay only, on its port.
     assert ok(pods["integration-svc"], PUBLIC, 443)
     assert not ok(pods["integration-svc"], PRIVATE, 443)
-    assert not ok(pods["integration-svc"], METADATA, 80)
+    for metadata in (METADATA, SHARED_METADATA):
+        assert not ok(pods["integration-svc"], metadata, 443), metadata
+        assert not ok(pods["integration-svc"], metadata, 80), metadata
+    assert not ok(pods["integration-svc"], API_SERVER, 443)
     assert not ok(pods["integration-svc"], PUBLIC, 22)
+    assert ok(pods["notify-svc"], SMTP_RELAY, 587)
     for port in (25, 465, 587):
-        assert ok(pods["notify-svc"], PUBLIC, port), port
+        assert not ok(pods["notify-svc"], PUBLIC, port), port
+    assert not ok(pods["notify-svc"], SMTP_RELAY, 25)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_no_egress_rule_but_the_webhooks_one_goes_to_any_address(overlay: str) -> None:
+    """Each egress rule names its peers (a rule without `to` allows every destination), none
+    but integration-svc's webhooks allows 0.0.0.0/0 (or ::/0, or any /0), and the overlay has
+    replaced the base's placeholder addresses of the peers outside the cluster."""
+    policies = [d for d in rendered(overlay) if d["kind"] == "NetworkPolicy"]
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        for i, rule in enumerate(policy["spec"].get("egress", [])):
+            where = f"{overlay}: {name} egress[{i}]"
+            assert rule.get("to"), f"{where} has no `to`: it allows every destination"
+            for peer in rule["to"]:
+                if "ipBlock" not in peer:
+                    continue
+                block = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                if name in OPEN_EGRESS:
+                    assert peer["ipBlock"].get("except"), where
+                    assert {p["port"] for p in rule.get("ports", [])} == {443}, where
+                    continue
+                assert block.prefixlen > 0, f"{where} allows {block}"
+                assert not (block.version == 4 and block.overlaps(PLACEHOLDERS)), (
+                    f"{where}: {block} is the base's placeholder; set the address in the overlay"
+                )

@@ -128,6 +128,117 @@ def test_a_plugin_a_user_adds_is_checked_against_its_own_schema(name: str) -> No
     refused(document, f"plugins[{len(document['plugins']) - 1}].{field}", reason)
 
 
+# Rules read from Kong's source for the plugins a user adds (gateway/kong39.py's docstring says
+# which file): (plugin, a config Kong 3.9 refuses, where under the plugin, the reason).
+PLUGIN_RULES: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "acl: allow and deny together": (
+        "acl",
+        {"allow": ["admins"], "deny": ["guests"]},
+        "config",
+        "only one of these fields must be non-empty: 'config.allow', 'config.deny'",
+    ),
+    "acl: an empty allow list is unset": (
+        "acl",
+        {"allow": []},
+        "config",
+        "at least one of these fields must be non-empty: 'config.allow', 'config.deny'",
+    ),
+    "acl: include_consumer_groups is Enterprise only": (
+        "acl",
+        {"allow": ["admins"], "include_consumer_groups": True},
+        "config.include_consumer_groups",
+        "unknown field",
+    ),
+    "ip-restriction: not an IP or CIDR": (
+        "ip-restriction",
+        {"deny": ["10.0.0.0/8", "10.0.0.300"]},
+        "config",
+        "deny[1]: invalid ip or cidr range: '10.0.0.300'",
+    ),
+    "ip-restriction: empty lists are unset": (
+        "ip-restriction",
+        {"allow": [], "deny": []},
+        "config",
+        "at least one of these fields must be non-empty: 'config.allow', 'config.deny'",
+    ),
+    "bot-detection: a regex that does not compile": (
+        "bot-detection",
+        {"allow": ["(curl"]},
+        "config",
+        "allow[0]: invalid regex: '(curl'",
+    ),
+    "request-transformer: a body value is required": (
+        "request-transformer",
+        {"add": {"body": ["debug:"]}},
+        "config.add",
+        "body[0]: key 'debug' has no value",
+    ),
+    "request-transformer: an unclosed template": (
+        "request-transformer",
+        {"replace": {"querystring": ["id:$(headers.x"]}},
+        "config.replace",
+        "is not in supported format",
+    ),
+    "request-transformer: rename needs two header names": (
+        "request-transformer",
+        {"rename": {"headers": ["x-old:"]}},
+        "config.rename.headers[0]",
+        "two valid header names",
+    ),
+    "request-transformer: remove takes header names": (
+        "request-transformer",
+        {"remove": {"headers": ["x old"]}},
+        "config.remove.headers[0]",
+        "is not a valid header name",
+    ),
+    "response-transformer: a header name with a space": (
+        "response-transformer",
+        {"add": {"headers": ["X Frame:DENY"]}},
+        "config.add.headers[0]",
+        "valid header name",
+    ),
+    "response-transformer: json_types": (
+        "response-transformer",
+        {"append": {"json": ["n:1"], "json_types": ["int"]}},
+        "config.append.json_types[0]",
+        "expected one of: boolean, number, string",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLUGIN_RULES))
+def test_a_rule_of_a_plugin_a_user_adds_is_enforced(case: str) -> None:
+    name, config, field, reason = PLUGIN_RULES[case]
+    document = kong()
+    document["plugins"].append({"name": name, "config": config})
+    refused(document, f"plugins[{len(document['plugins']) - 1}].{field}", reason)
+
+
+ACCEPTED_PLUGINS: dict[str, dict[str, Any]] = {
+    # What the same rules let through, as Kong 3.9 does.
+    "acl": {"deny": ["guests", "guests"], "always_use_authenticated_groups": True},
+    "ip-restriction": {"allow": ["192.0.2.1", "2001:db8::/32"], "deny": ["10.0.0.0/8"]},
+    "bot-detection": {"deny": ["^curl/", "(?i)python-requests"]},
+    "request-transformer": {
+        "http_method": "POST",
+        "rename": {"headers": ["x-old:x-new"], "querystring": ["a:b"]},
+        "replace": {"uri": "/v2", "body": ["name:$(headers.x-name)"]},
+        "append": {"headers": ["x-empty:"]},
+    },
+    "response-transformer": {
+        "rename": {"json": ["old:new"], "headers": ["x-old:x-new"]},
+        "add": {"json": ["flag:true"], "json_types": ["boolean"]},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED_PLUGINS))
+def test_what_kong_39_accepts_in_those_plugins_is_accepted(name: str) -> None:
+    document = kong()
+    document["plugins"].append({"name": name, "config": ACCEPTED_PLUGINS[name]})
+    assert validate(document) == []
+
+
 def test_every_tabled_plugin_has_a_case_here() -> None:
     assert set(plugin_configs(dbless=True)) == set(USED_PLUGINS) | set(OTHER_PLUGINS)
 
@@ -156,7 +267,9 @@ CASES: dict[str, tuple[Callable[[Kong], Any], str, str]] = {
     "route without paths, hosts or methods": (
         lambda k: _add_route(k, name="nowhere", strip_path=False),
         "services[0].routes[",
-        "must set one of 'methods', 'hosts', 'headers', 'paths'",
+        # the default protocols are http and https: Kong words it for https
+        "must set one of 'methods', 'hosts', 'headers', 'paths', 'snis' when 'protocols' is "
+        "'https'",
     ),
     "route path without a slash": (
         lambda k: _add_route(k, name="slashless", paths=["auth/x"]),
@@ -166,12 +279,127 @@ CASES: dict[str, tuple[Callable[[Kong], Any], str, str]] = {
     "service with a bad protocol": (
         lambda k: k["services"][0].update(protocol="htp"),
         "services[0].protocol",
-        "expected one of: http, https",
+        "expected one of: grpc, grpcs, http, https",
     ),
     "service with a port out of range": (
         lambda k: k["services"][1].update(port=70000),
         "services[1].port",
         "between 0 and 65535",
+    ),
+    "service protocol ws (Enterprise only)": (
+        lambda k: k["services"][0].update(protocol="ws"),
+        "services[0].protocol",
+        "expected one of: grpc, grpcs, http, https, tcp, tls, tls_passthrough, udp",
+    ),
+    "service host with a port": (
+        lambda k: k["services"][0].update(host="auth_svc:8101"),
+        "services[0]",
+        "host: must not have a port",
+    ),
+    "service without host or url": (
+        lambda k: k["services"][0].pop("host"),
+        "services[0]",
+        "host: required field missing",
+    ),
+    "service tls_verify on plain http": (
+        lambda k: k["services"][0].update(tls_verify=True),
+        "services[0]",
+        "tls_verify can only be set when protocol is 'https' or 'tls'",
+    ),
+    "service ca_certificates not UUIDs": (
+        lambda k: k["services"][0].update(protocol="https", ca_certificates=["my-ca"]),
+        "services[0].ca_certificates[0]",
+        "is not a UUID",
+    ),
+    "service path with an empty segment": (
+        lambda k: k["services"][0].update(path="/api//v1"),
+        "services[0].path",
+        "have no empty segments",
+    ),
+    "service tag with a comma": (
+        lambda k: k["services"][0].update(tags=["team,a"]),
+        "services[0].tags[0]",
+        "is not a valid tag",
+    ),
+    "route expression outside the expressions flavour": (
+        lambda k: k["services"][0]["routes"][0].update(expression='http.path == "/x"'),
+        "services[0].routes[0].expression",
+        "unknown field",
+    ),
+    "route mixing http and tcp": (
+        lambda k: k["services"][0]["routes"][0].update(protocols=["http", "tcp"]),
+        "services[0].routes[0]",
+        "protocols: these sets are mutually exclusive",
+    ),
+    "http route with sources": (
+        lambda k: k["services"][0]["routes"][0].update(sources=[{"ip": "10.0.0.1"}]),
+        "services[0].routes[0]",
+        "cannot set 'sources' when 'protocols' is 'http' or 'https'",
+    ),
+    "plain http route with snis": (
+        lambda k: k["services"][0]["routes"][0].update(protocols=["http"], snis=["a.test"]),
+        "services[0].routes[0]",
+        "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls' or 'tls_passthrough'",
+    ),
+    "route matching on a host header": (
+        lambda k: k["services"][0]["routes"][0].update(headers={"Host": ["a.test"]}),
+        "services[0].routes[0]",
+        "cannot contain 'host' header",
+    ),
+    "route path not normalized": (
+        lambda k: k["services"][0]["routes"][0].update(paths=["/auth/../users"]),
+        "services[0].routes[0]",
+        "non-normalized path, consider use '/users' instead",
+    ),
+    "route regex path without its slash": (
+        lambda k: k["services"][0]["routes"][0].update(paths=["~auth"]),
+        "services[0].routes[0].paths[0]",
+        "should start with: / (fixed path) or ~/ (regex path)",
+    ),
+    "route host with two wildcards": (
+        lambda k: k["services"][0]["routes"][0].update(hosts=["*.example.*"]),
+        "services[0].routes[0]",
+        "hosts[0]: invalid wildcard: must have at most one wildcard",
+    ),
+    "grpc route stripping its path": (
+        lambda k: k["services"][0]["routes"][0].update(protocols=["grpc"], strip_path=True),
+        "services[0].routes[0]",
+        "cannot set 'strip_path' when 'protocols' is 'grpc' or 'grpcs'",
+    ),
+    "tcp route with paths": (
+        lambda k: k["services"][0]["routes"][0].update(protocols=["tcp"]),
+        "services[0].routes[0]",
+        "cannot set 'paths' when 'protocols' is 'tcp', 'tls', 'tls_passthrough' or 'udp'",
+    ),
+    "upstream named by an IP address": (
+        lambda k: k["upstreams"][0].update(name="10.0.0.1"),
+        "upstreams[0]",
+        "Invalid name ('10.0.0.1'); no ip addresses allowed",
+    ),
+    "upstream fallback without hashing": (
+        lambda k: k["upstreams"][0].update(hash_fallback="ip"),
+        "upstreams[0]",
+        "hash_fallback: must be 'none' when hash_on is 'none'",
+    ),
+    "upstream fallback header without its name": (
+        lambda k: k["upstreams"][0].update(hash_on="ip", hash_fallback="header"),
+        "upstreams[0]",
+        "hash_fallback_header is required when hash_fallback is 'header'",
+    ),
+    "upstream hashing on the same header twice": (
+        lambda k: k["upstreams"][0].update(
+            hash_on="header",
+            hash_on_header="x-user",
+            hash_fallback="header",
+            hash_fallback_header="x-user",
+        ),
+        "upstreams[0]",
+        "values of these fields must be distinct: 'hash_on_header', 'hash_fallback_header'",
+    ),
+    "upstream cookie name with a space": (
+        lambda k: k["upstreams"][0].update(hash_on="cookie", hash_on_cookie="session id"),
+        "upstreams[0].hash_on_cookie",
+        "is not a valid cookie name",
     ),
     "unknown service field": (
         lambda k: k["services"][0].update(timeout=5),
