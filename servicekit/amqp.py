@@ -117,7 +117,7 @@ class _CorkedWriter:
     aiormq writes each frame on its own, and the transport sends each at once: a relay's
     round of 15 publishes was 15 `send` calls (measured: 29% of the relay's CPU under
     login load), and as many segments for the broker to read. Here a write is buffered and
-    flushed by a callback at the end of the loop's current turn (or by `drain`, `close`,
+    flushed by a callback at the end of the loop's current turn (or by `close` and
     `write_eof`), so the frames that turn produced go out together, in order. Everything
     else is the wrapped writer's.
     """
@@ -144,7 +144,9 @@ class _CorkedWriter:
             self._writer.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     async def drain(self) -> None:
-        self._flush()
+        # Flow control only, as StreamWriter's: wait while the transport is paused. What is
+        # pending leaves at the end of this turn with whatever else the turn writes (aiormq
+        # drains after every publish: flushing here would send each on its own again).
         await self._writer.drain()
 
     def write_eof(self) -> None:

@@ -19,9 +19,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import psycopg
 from eventsourcing.application import Application
 from eventsourcing.persistence import Notification
@@ -200,7 +201,7 @@ class Relay:
                             await sleep_unless_stopped(stop, wait)
                             await self._wait_for_new_events(conn, received_only=True)
                         continue
-                    await self._publish(exchange, batch.messages)
+                    await self._publish(channel, exchange, batch.messages)
                     published = loop.time()
                     await conn.execute(
                         f"UPDATE {RELAY_TABLE} SET position = %s, updated_at = now() "  # noqa: S608
@@ -263,7 +264,10 @@ class Relay:
         return batch
 
     async def _publish(
-        self, exchange: aio_pika.abc.AbstractExchange, messages: list[tuple[str, aio_pika.Message]]
+        self,
+        channel: aio_pika.abc.AbstractChannel,
+        exchange: aio_pika.abc.AbstractExchange,
+        messages: list[tuple[str, aio_pika.Message]],
     ) -> None:
         if not messages:
             return
@@ -271,9 +275,22 @@ class Relay:
         started = time.perf_counter()
         try:
             # Publishes are written to the channel in call order; confirms are awaited together.
+            # Through the aiormq channel with wait=False: aio-pika's publish holds the channel's
+            # lock until its frame has been written, one event-loop turn per message, so each
+            # left in a send of its own. Queued together, the batch leaves in one
+            # (servicekit.amqp's corked writer); each confirm is still awaited.
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             await asyncio.gather(
                 *(
-                    exchange.publish(message, routing_key=key, mandatory=False, timeout=30)
+                    underlay.basic_publish(
+                        message.body,
+                        exchange=exchange.name,
+                        routing_key=key,
+                        properties=message.properties,
+                        mandatory=False,
+                        timeout=30,
+                        wait=False,
+                    )
                     for key, message in messages
                 )
             )

@@ -50,11 +50,21 @@ async def test_writes_within_one_turn_leave_together_in_order() -> None:
     assert inner.sent[-1] == b"heartbeat"
 
 
-async def test_drain_close_and_eof_send_what_is_pending_first() -> None:
+async def test_drain_waits_for_the_transport_only_and_the_turn_still_sends_once() -> None:
+    """aiormq drains after every publish: a drain that flushed would send each on its own."""
+    writer, inner = corked()
+    for frame in (b"publish-1", b"publish-2"):
+        writer.write(frame)
+        await writer.drain()
+    assert (inner.sent, inner.drained) == ([], 2)
+    await asyncio.sleep(0)
+    assert inner.sent == [b"publish-1publish-2"]
+
+
+async def test_close_and_eof_send_what_is_pending_first() -> None:
     writer, inner = corked()
     writer.write(b"a")
-    await writer.drain()
-    assert (inner.sent, inner.drained) == ([b"a"], 1)
+    await asyncio.sleep(0)
     writer.writelines([b"b", b"c"])
     writer.write_eof()
     assert inner.sent == [b"a", b"bc", b"<eof>"]
