@@ -41,6 +41,12 @@ class AuthSettings(PersonalDataStoreSettings):
         default=19456, ge=8, description="argon2id memory per hash in KiB (OWASP: 19456)."
     )
     argon2_parallelism: int = Field(default=1, ge=1, description="argon2id lanes.")
+    argon2_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="argon2id hashes run at once in a process; more wait their turn. Unset: "
+        "the CPUs the process may use (its affinity, and a cgroup CPU quota if it has one).",
+    )
     lockout_threshold: int = Field(
         default=5, ge=1, description="Consecutive failed logins that lock an account."
     )
