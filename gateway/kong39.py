@@ -47,93 +47,23 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.schema_rules import (
     Field,
     RecordCheck,
     at_least_one_of,
+    distinct,
+    each,
+    nonempty,
+    null_unless,
+    only_one_of,
+    quoted,
     record,
     required_if,
     strings,
 )
-
-# --- Kong's entity-check vocabulary, as Kong words it ---------------------------------------
-
-
-def _nonempty(value: Any) -> bool:
-    """Kong's `is_nonempty`: null, an empty string and an empty array or map are empty."""
-    return value is not None and value not in ("", [], {})
-
-
-def _quoted(names: Sequence[str]) -> str:
-    return ", ".join(f"'{n}'" for n in names)
-
-
-def nonempty_one_of(*names: str, prefix: str = "") -> RecordCheck:
-    """Kong's `at_least_one_of`, which counts an empty array as unset (`prefix`: `config.`)."""
-
-    def check(value: Mapping[str, Any]) -> str | None:
-        if not any(_nonempty(value.get(n)) for n in names):
-            shown = _quoted([prefix + n for n in names])
-            return f"at least one of these fields must be non-empty: {shown}"
-        return None
-
-    return check
-
-
-def only_one_of(*names: str, prefix: str = "") -> RecordCheck:
-    """Kong's `only_one_of`: at most one of the fields is non-empty."""
-
-    def check(value: Mapping[str, Any]) -> str | None:
-        if sum(_nonempty(value.get(n)) for n in names) > 1:
-            shown = _quoted([prefix + n for n in names])
-            return f"only one of these fields must be non-empty: {shown}"
-        return None
-
-    return check
-
-
-def distinct(*names: str) -> RecordCheck:
-    """Kong's `distinct`: the set fields have different values."""
-
-    def check(value: Mapping[str, Any]) -> str | None:
-        present = [value[n] for n in names if value.get(n) is not None]
-        if len(present) != len(set(present)):
-            return f"values of these fields must be distinct: {_quoted(names)}"
-        return None
-
-    return check
-
-
-def null_unless(field: str, *, on: str, one_of: tuple[str, ...], default: str) -> RecordCheck:
-    """Kong's `conditional` with `then_match = { eq = null }`: `field` is only set when `on` is
-    one of `one_of`."""
-
-    def check(value: Mapping[str, Any]) -> str | None:
-        current = value.get(on) or default
-        if current not in one_of and value.get(field) is not None:
-            allowed = " or ".join(f"'{p}'" for p in one_of)
-            return f"{field} can only be set when {on} is {allowed}, not {current!r}"
-        return None
-
-    return check
-
-
-def each(names: Sequence[str], problem: Callable[[str], str | None]) -> RecordCheck:
-    """A Kong `custom_validator` on the string elements of this record's array fields."""
-
-    def check(value: Mapping[str, Any]) -> str | None:
-        for name in names:
-            for i, item in enumerate(value.get(name) or []):
-                message = problem(item) if isinstance(item, str) else None
-                if message:
-                    return f"{name}[{i}]: {message}"
-        return None
-
-    return check
-
 
 # --- validators Kong's typedefs name (kong/db/schema/typedefs.lua, kong/tools/*) -------------
 
@@ -332,7 +262,7 @@ COOKIE_NAME = Field(
 FOREIGN = Field("any")  # `{id: ...}` or a name: resolved by Kong, not checked here
 TIMESTAMP = Field("integer")
 IP_PORT = record(
-    (nonempty_one_of("ip", "port"),),
+    (at_least_one_of("ip", "port"),),
     ip=Field("string"),  # typedefs.ip_or_cidr, checked by the route
     port=PORT,
 )
@@ -412,14 +342,14 @@ def _route_protocol_families(value: Mapping[str, Any]) -> str | None:
 
 
 def _must_set_one_of(value: Mapping[str, Any], names: Sequence[str], when: str) -> str | None:
-    if any(_nonempty(value.get(n)) for n in names):
+    if any(nonempty(value.get(n)) for n in names):
         return None
-    return f"must set one of {_quoted(names)} when 'protocols' is {when}"
+    return f"must set one of {quoted(names)} when 'protocols' is {when}"
 
 
 def _cannot_set(value: Mapping[str, Any], names: Sequence[str], when: str) -> str | None:
     for name in names:
-        if _nonempty(value.get(name)):
+        if nonempty(value.get(name)):
             return f"cannot set '{name}' when 'protocols' is {when}"
     return None
 
@@ -446,14 +376,14 @@ def _route_by_protocol(value: Mapping[str, Any]) -> str | None:
     if problem:
         return problem
     if "tls_passthrough" in protocols:
-        if not _nonempty(value.get("snis")):
+        if not nonempty(value.get("snis")):
             return "must set snis when 'protocols' is 'tls_passthrough'"
         return None
     return _must_set_one_of(value, ("sources", "destinations", "snis"), "'tcp', 'tls' or 'udp'")
 
 
 def _route_snis_need_tls(value: Mapping[str, Any]) -> str | None:
-    if _nonempty(value.get("snis")) and not set(_route_protocols(value)) & set(SNI_PROTOCOLS):
+    if nonempty(value.get("snis")) and not set(_route_protocols(value)) & set(SNI_PROTOCOLS):
         return (
             "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls' or "
             "'tls_passthrough'"
@@ -859,7 +789,7 @@ PROMETHEUS = record(
 ACL = record(
     (
         only_one_of("allow", "deny", prefix="config."),
-        nonempty_one_of("allow", "deny", prefix="config."),
+        at_least_one_of("allow", "deny", prefix="config."),
     ),
     allow=strings(),
     deny=strings(),
@@ -869,7 +799,7 @@ ACL = record(
 # ip-restriction/schema.lua: arrays of typedefs.ip_or_cidr; both lists may be set.
 IP_RESTRICTION = record(
     (
-        nonempty_one_of("allow", "deny", prefix="config."),
+        at_least_one_of("allow", "deny", prefix="config."),
         each(("allow", "deny"), ip_or_cidr_problem),
     ),
     allow=strings(),

@@ -58,10 +58,75 @@ def strings(
     return Field(kind, required=required, default=default, elements=Field("string", **element))
 
 
-def at_least_one_of(*names: str) -> RecordCheck:
+def nonempty(value: Any) -> bool:
+    """Kong's `is_nonempty`: null, an empty string and an empty array or map are empty."""
+    return value is not None and value not in ("", [], {})
+
+
+def quoted(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def at_least_one_of(*names: str, prefix: str = "") -> RecordCheck:
+    """Kong's `at_least_one_of`: an empty string, array or map counts as unset (`prefix`, e.g.
+    `config.`, goes before each name in the message, as Kong prints it)."""
+
     def check(value: Mapping[str, Any]) -> str | None:
-        if all(value.get(n) is None for n in names):
-            return "at least one of these fields must be non-empty: " + ", ".join(names)
+        if not any(nonempty(value.get(n)) for n in names):
+            shown = quoted([prefix + n for n in names])
+            return f"at least one of these fields must be non-empty: {shown}"
+        return None
+
+    return check
+
+
+def only_one_of(*names: str, prefix: str = "") -> RecordCheck:
+    """Kong's `only_one_of`: at most one of the fields is non-empty."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        if sum(nonempty(value.get(n)) for n in names) > 1:
+            shown = quoted([prefix + n for n in names])
+            return f"only one of these fields must be non-empty: {shown}"
+        return None
+
+    return check
+
+
+def distinct(*names: str) -> RecordCheck:
+    """Kong's `distinct`: the set fields have different values."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        present = [value[n] for n in names if value.get(n) is not None]
+        if len(present) != len(set(present)):
+            return f"values of these fields must be distinct: {quoted(names)}"
+        return None
+
+    return check
+
+
+def null_unless(name: str, *, on: str, one_of: tuple[str, ...], default: str) -> RecordCheck:
+    """Kong's `conditional` with `then_match = { eq = null }`: `name` is only set when `on` is
+    one of `one_of`."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        current = value.get(on) or default
+        if current not in one_of and value.get(name) is not None:
+            allowed = " or ".join(f"'{p}'" for p in one_of)
+            return f"{name} can only be set when {on} is {allowed}, not {current!r}"
+        return None
+
+    return check
+
+
+def each(names: Sequence[str], problem: Callable[[str], str | None]) -> RecordCheck:
+    """A Kong `custom_validator` on the string elements of this record's array fields."""
+
+    def check(value: Mapping[str, Any]) -> str | None:
+        for name in names:
+            for i, item in enumerate(value.get(name) or []):
+                message = problem(item) if isinstance(item, str) else None
+                if message:
+                    return f"{name}[{i}]: {message}"
         return None
 
     return check

@@ -182,7 +182,7 @@ class Relay:
             connection = await amqp.connect(self.amqp_url)
             async with connection:
                 channel = await connection.channel(publisher_confirms=True)
-                exchange = await declare_producer_exchange(channel, self.exchange_name)
+                await declare_producer_exchange(channel, self.exchange_name)
                 position = await self._load_position(conn)
                 self.status.role = "leader"
                 self.status.last_error = None
@@ -201,7 +201,7 @@ class Relay:
                             await sleep_unless_stopped(stop, wait)
                             await self._wait_for_new_events(conn, received_only=True)
                         continue
-                    await self._publish(channel, exchange, batch.messages)
+                    await self._publish(channel, batch.messages)
                     published = loop.time()
                     await conn.execute(
                         f"UPDATE {RELAY_TABLE} SET position = %s, updated_at = now() "  # noqa: S608
@@ -266,7 +266,6 @@ class Relay:
     async def _publish(
         self,
         channel: aio_pika.abc.AbstractChannel,
-        exchange: aio_pika.abc.AbstractExchange,
         messages: list[tuple[str, aio_pika.Message]],
     ) -> None:
         if not messages:
@@ -284,7 +283,7 @@ class Relay:
                 *(
                     underlay.basic_publish(
                         message.body,
-                        exchange=exchange.name,
+                        exchange=self.exchange_name,
                         routing_key=key,
                         properties=message.properties,
                         mandatory=False,

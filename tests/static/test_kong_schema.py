@@ -439,7 +439,7 @@ CASES: dict[str, tuple[Callable[[Kong], Any], str, str]] = {
     "consumer without username or custom_id": (
         lambda k: k["consumers"].append({"tags": ["x"]}),
         "consumers[1]",
-        "at least one of these fields must be non-empty: username, custom_id",
+        "at least one of these fields must be non-empty: 'username', 'custom_id'",
     ),
     "cluster policy in DB-less mode": (
         lambda k: with_config(k, "rate-limiting", policy="cluster"),
@@ -454,7 +454,7 @@ CASES: dict[str, tuple[Callable[[Kong], Any], str, str]] = {
     "rate limit without a window": (
         lambda k: plugin_at(k, "rate-limiting")[1].update(config={"limit_by": "ip"}),
         "",
-        "at least one of these fields must be non-empty: second, minute",
+        "at least one of these fields must be non-empty: 'second', 'minute'",
     ),
     "rate limit by header without its name": (
         lambda k: with_config(k, "rate-limiting", limit_by="header"),
