@@ -128,16 +128,19 @@ def registered(stack: TracedStack) -> Registered:
     assert r.headers["x-request-id"] == request_id
 
     def complete(spans: list[SpanRecord]) -> bool:
+        # The spans the tests read, by name: a consumer's `append` child ends, and may be
+        # exported, before its `process` span does, so a service's first span is not enough.
         server = [s for s in spans if s.attributes.get("http.request_id") == request_id]
         if not server:
             return False
-        services = {s.service for s in trace_of(spans, server[0].trace_id)}
+        named = {(s.service, s.name) for s in trace_of(spans, server[0].trace_id)}
         return {
-            "auth_svc.relay",
-            "user_svc.consumer",
-            "user_svc.relay",
-            "reporting_svc.consumer",
-        } <= services
+            ("auth_svc.relay", "publish auth.events"),
+            ("user_svc.consumer", "user_svc process"),
+            ("user_svc.consumer", "append users"),
+            ("user_svc.relay", "publish user.events"),
+            ("reporting_svc.consumer", "reporting_svc process"),
+        } <= named
 
     spans = stack.receiver.wait_for(complete, timeout=30)
     server = next(s for s in spans if s.attributes.get("http.request_id") == request_id)
